@@ -1,0 +1,293 @@
+"""``anoclip-export``: V-V visual tower to ONNX, prompt embeddings to safetensors, one artifact folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from anoclip.runtime.artifacts import (
+    MANIFEST, PROMPTS, VISUAL, VISUAL_QKV, ClassPrompts, Manifest, PromptBank, check_prompts_belong,
+    read_manifest, read_prompts, sha256_file, verify_files, write_manifest, write_prompts,
+)
+from anoclip.runtime.cli import configure_logging, run_guarded
+from anoclip.runtime.errors import AnoclipError, ArtifactError
+
+from .model import DEFAULT_BACKBONE, LoadedModel, load_model, register_model_config
+from .prompts import DOMAINS, PromptRecipe, class_embeddings, encode_sentences
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExportOptions:
+    backbone: str
+    pretrained: str | None
+    out: Path
+    classes: list[str]
+    domains: dict[str, str]
+    opset: int
+    dynamic_batch: bool
+    vv_blocks: int | None
+    qkv_tokens: str
+    force: bool
+    check: bool
+    atol: float
+    text_batch: int
+    seed: int
+
+
+def parse_classes(classes: str | None, classes_file: str | None) -> tuple[list[str], dict[str, str]]:
+    """Class names from ``a,b,c`` and from a file of ``name`` or ``name = domain`` lines."""
+    names: list[str] = []
+    domains: dict[str, str] = {}
+    if classes:
+        names += [c.strip() for c in classes.split(",") if c.strip()]
+    if classes_file:
+        path = Path(classes_file)
+        if not path.is_file():
+            raise AnoclipError(f"classes file {path} does not exist")
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            name, _, domain = (part.strip() for part in line.partition("="))
+            if not name:
+                raise AnoclipError(f"{path}:{number}: empty class name; write `name` or `name = object|texture|phrases`")
+            names.append(name)
+            if domain:
+                domains[name] = domain
+    seen = set()
+    unique = [n for n in names if not (n in seen or seen.add(n))]
+    return unique, domains
+
+
+def parse_domains(values: tuple[str, ...]) -> dict[str, str]:
+    domains = {}
+    for value in values:
+        name, sep, domain = value.partition("=")
+        if not sep or not name.strip() or not domain.strip():
+            raise AnoclipError(f"--domain '{value}': write CLASS=object, CLASS=texture or CLASS='phrase one|phrase two'")
+        domains[name.strip()] = domain.strip()
+    return domains
+
+
+def _existing_visual_ok(opts: ExportOptions, loaded: LoadedModel) -> Manifest | None:
+    """The manifest of ``opts.out`` when its visual models can be kept as they are."""
+    if not (opts.out / MANIFEST).is_file():
+        return None
+    manifest = read_manifest(opts.out)
+    if (manifest.backbone, manifest.pretrained) != (loaded.backbone, loaded.pretrained):
+        if not opts.force:
+            raise ArtifactError(
+                f"{opts.out} holds an export of {manifest.backbone} / {manifest.pretrained}, not "
+                f"{loaded.backbone} / {loaded.pretrained}; choose another --out or pass --force to replace it"
+            )
+        return None
+    if opts.force:
+        return None
+    wanted = _wanted_models(opts)
+    for name, (patch_outputs, vv_blocks) in wanted.items():
+        entry = manifest.models.get(name)
+        if entry is None or entry.opset != opts.opset or (entry.inputs["image"][0] == -1) != opts.dynamic_batch:
+            return None
+        if name == VISUAL and (entry.vv_blocks != (vv_blocks or manifest.layers) or ("qkv_patch_embeds" in entry.outputs) != (patch_outputs == "both")):
+            return None
+    try:
+        verify_files(opts.out, manifest, [manifest.models[n].file for n in wanted])
+    except ArtifactError:
+        return None
+    return manifest
+
+
+def _wanted_models(opts: ExportOptions) -> dict[str, tuple[str, int | None]]:
+    vv_blocks = opts.vv_blocks
+    wanted = {VISUAL: ("both" if opts.qkv_tokens == "add" else "vv", vv_blocks)}
+    if opts.qkv_tokens == "model":
+        wanted[VISUAL_QKV] = ("qkv", None)
+    return wanted
+
+
+def _export_visual(opts: ExportOptions, loaded: LoadedModel, staging: Path, progress) -> dict:
+    from .onnx_export import check_parity, export_onnx
+    from .vv import VVVisual
+
+    entries = {}
+    for name, (patch_outputs, vv_blocks) in _wanted_models(opts).items():
+        module = VVVisual(loaded.model.visual, vv_blocks=vv_blocks, patch_outputs=patch_outputs)
+        progress(f"tracing {name}.onnx (opset {opts.opset}, {'dynamic' if opts.dynamic_batch else 'static'} batch)")
+        t0 = time.perf_counter()
+        entry = export_onnx(module, staging / f"{name}.onnx", opset=opts.opset, dynamic_batch=opts.dynamic_batch)
+        log.info("traced %s.onnx in %.1f s", name, time.perf_counter() - t0)
+        if opts.check:
+            progress(f"checking {name}.onnx against PyTorch")
+            report = check_parity(module, staging / entry.file, atol=opts.atol)
+            for line in report.lines():
+                click.echo(f"  {name} {line}")
+            if not report.ok:
+                raise AnoclipError(
+                    f"{name}.onnx differs from the PyTorch reference by more than {opts.atol:g}; nothing was written "
+                    "(try another --opset, or report the backbone and versions)"
+                )
+        entries[name] = (entry, module.geometry)
+    return entries
+
+
+def _encode_classes(opts: ExportOptions, loaded: LoadedModel, bank: PromptBank) -> None:
+    from tqdm import tqdm
+
+    for name in opts.classes:
+        domain = opts.domains.get(name)
+        recipe = PromptRecipe.for_class(name, domain)
+        normal, abnormal = recipe.sentences()
+        with tqdm(total=len(normal) + len(abnormal), desc=f"prompts {name}", unit="sent", file=sys.stderr,
+                  disable=None) as bar:
+            raw_normal = encode_sentences(loaded.encode_text, normal, opts.text_batch, bar)
+            raw_abnormal = encode_sentences(loaded.encode_text, abnormal, opts.text_batch, bar)
+        text, prompts = class_embeddings(raw_normal, raw_abnormal)
+        meta = recipe.as_metadata()
+        meta["sentences_per_state"] = len(normal)
+        bank.classes[name] = ClassPrompts(name, text, prompts, meta)
+
+
+def run_export(opts: ExportOptions, argv: list[str]) -> Manifest:
+    import open_clip
+    import torch
+
+    def progress(message: str) -> None:
+        click.echo(f"[anoclip-export] {message}", err=True)
+
+    progress(f"creating {opts.backbone} with weights '{opts.pretrained or 'default'}'")
+    torch.manual_seed(opts.seed)  # random weights (`--pretrained none`) repeat from run to run
+    loaded = load_model(opts.backbone, opts.pretrained)
+    if loaded.random_weights:
+        click.secho("WARNING: random weights (--pretrained none): maps and scores carry no meaning; use this only "
+                    "to test the pipeline", fg="yellow", err=True)
+    opts.out.mkdir(parents=True, exist_ok=True)
+    manifest = _existing_visual_ok(opts, loaded)
+    bank = PromptBank({}, loaded.backbone, loaded.pretrained, 0)
+    if manifest is not None and (opts.out / PROMPTS).is_file():
+        existing = read_prompts(opts.out / PROMPTS)
+        check_prompts_belong(manifest, existing, str(opts.out))
+        bank = existing
+    if manifest is None and not opts.classes:
+        raise AnoclipError("no classes given; pass --classes a,b,c or --classes-file FILE")
+    with tempfile.TemporaryDirectory(prefix=".staging-", dir=opts.out) as staging_dir:
+        staging = Path(staging_dir)
+        if manifest is None:
+            entries = _export_visual(opts, loaded, staging, progress)
+            geometry = next(iter(entries.values()))[1]
+            manifest = Manifest(
+                backbone=loaded.backbone, pretrained=loaded.pretrained, random_weights=loaded.random_weights,
+                image_size=geometry.image_size, mean=loaded.mean, std=loaded.std, grid=geometry.grid,
+                embed_dim=geometry.embed_dim, width=geometry.width, layers=geometry.layers, heads=geometry.heads,
+                models={name: entry for name, (entry, _) in entries.items()},
+            )
+            bank = PromptBank({}, loaded.backbone, loaded.pretrained, geometry.embed_dim)
+        else:
+            progress(f"visual model in {opts.out} is up to date; adding prompts only")
+        bank.embed_dim = manifest.embed_dim
+        if opts.classes:
+            _encode_classes(opts, loaded, bank)
+        write_prompts(staging / PROMPTS, bank, {"open_clip_version": open_clip.__version__})
+        # Move into place; the manifest goes last, so a folder whose files do not match it never loads.
+        files = {}
+        for path in sorted(staging.iterdir()):
+            files[path.name] = sha256_file(path)
+            shutil.move(str(path), opts.out / path.name)
+    import onnx
+    import onnxruntime
+
+    manifest.files.update(files)
+    manifest.versions = {"anoclip": _version(), "open_clip": open_clip.__version__, "torch": torch.__version__,
+                         "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    manifest.command = " ".join(shlex.quote(a) for a in argv)
+    manifest.created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    write_manifest(opts.out, manifest)
+    return manifest
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("anoclip")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+@click.command("export", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True,
+              help="open_clip ViT model name (every dimension is read from the model).")
+@click.option("--pretrained", default=None,
+              help="open_clip pretrained tag (default: laion400m_e32 for ViT-B-16-plus-240, else the first tag), "
+                   "a local checkpoint file (state dict .pt/.pth/.bin or .safetensors), or 'none' for random weights.")
+@click.option("--model-config", type=click.Path(dir_okay=False), default=None,
+              help="Register an open_clip JSON model config; use its file stem as --backbone.")
+@click.option("--classes", default=None, help="Comma-separated class names or phrases, e.g. bottle,metal_nut,carpet.")
+@click.option("--classes-file", type=click.Path(dir_okay=False), default=None,
+              help="File with one class per line: `name` or `name = object|texture|phrase one|phrase two`.")
+@click.option("--domain", "domain_opts", multiple=True, metavar="CLASS=DOMAIN",
+              help="Per-class domain: object, texture, or your own '|'-separated phrases replacing 'photo'. "
+                   "Default: texture for carpet, grid, leather, tile, wood; object otherwise. Repeatable.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Artifact folder (default: artifacts/<backbone>-<pretrained>). Adding classes to an existing "
+                   "folder keeps its visual model.")
+@click.option("--opset", default=17, show_default=True, type=click.IntRange(17, 21), help="ONNX opset.")
+@click.option("--dynamic-batch", is_flag=True, help="Export with a dynamic batch axis (default: static batch 1).")
+@click.option("--vv-blocks", type=click.IntRange(min=1), default=None,
+              help="Rewrite only the last K blocks with V-V attention (default: all; 1 = the last-layer ablation).")
+@click.option("--qkv-tokens", type=click.Choice(["none", "add", "model"]), default="none", show_default=True,
+              help="Plain-CLIP QKV patch tokens (the Table 3/7 baseline): 'add' adds an output qkv_patch_embeds to "
+                   "visual.onnx; 'model' also writes visual_qkv.onnx whose patch_embeds are the QKV tokens.")
+@click.option("--force", is_flag=True, help="Re-export the visual model even when the folder's one is up to date.")
+@click.option("--check/--no-check", default=True, show_default=True,
+              help="Check ONNX Runtime (CPU) against the PyTorch reference after export.")
+@click.option("--atol", default=1e-4, show_default=True, type=float, help="Largest allowed abs difference in the check.")
+@click.option("--text-batch", default=128, show_default=True, type=click.IntRange(min=1),
+              help="Sentences per text-encoder batch.")
+@click.option("--seed", default=0, show_default=True, help="Seed for random weights (--pretrained none).")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON when done.")
+def export_command(backbone, pretrained, model_config, classes, classes_file, domain_opts, out, opset, dynamic_batch,
+                   vv_blocks, qkv_tokens, force, check, atol, text_batch, seed, as_json):
+    """Export an open_clip ViT with the V-V path to ONNX and bake the prompt embeddings of CLASSES.
+
+    Writes OUT/manifest.json, OUT/visual.onnx and OUT/prompts.safetensors. Run it again with new
+    --classes to add classes to an existing folder; the visual model is then kept.
+    """
+    configure_logging()
+    if model_config:
+        backbone = register_model_config(model_config)
+    names, file_domains = parse_classes(classes, classes_file)
+    domains = {**file_domains, **parse_domains(domain_opts)}
+    for name, domain in domains.items():
+        if domain not in DOMAINS and not domain.replace("|", "").strip():
+            raise AnoclipError(f"domain for {name} is empty")
+    if out:
+        folder = Path(out)
+    else:
+        from .model import resolve_pretrained
+
+        tag = resolve_pretrained(backbone, pretrained)
+        folder = Path("artifacts") / f"{backbone}-{Path(tag).stem}"
+    opts = ExportOptions(backbone, pretrained, folder, names, domains, opset, dynamic_batch, vv_blocks,
+                         qkv_tokens, force, check, atol, text_batch, seed)
+    manifest = run_export(opts, ["anoclip-export", *sys.argv[1:]])
+    bank = read_prompts(folder / PROMPTS)
+    if as_json:
+        click.echo(manifest.to_json())
+    else:
+        click.echo(f"wrote {folder}: {', '.join(sorted(manifest.files))}")
+        click.echo(f"classes: {', '.join(sorted(bank.classes))}")
+
+
+def main() -> None:
+    run_guarded(export_command)

@@ -1,0 +1,160 @@
+"""Creating the open_clip model: backbone names, pretrained tags, local checkpoints, random weights."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from anoclip.runtime.errors import AnoclipError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BACKBONE = "ViT-B-16-plus-240"
+DEFAULT_PRETRAINED = {DEFAULT_BACKBONE: "laion400m_e32"}
+RANDOM = "none"
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    backbone: str
+    pretrained: str  # tag, "file:<name>@<sha256 prefix>" for a local checkpoint, or "none"
+    random_weights: bool
+    tokenizer: object
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @torch.no_grad()
+    def encode_text(self, sentences: list[str]) -> np.ndarray:
+        tokens = self.tokenizer(sentences)
+        return self.model.encode_text(tokens).float().cpu().numpy()
+
+
+def register_model_config(path: str | os.PathLike) -> str:
+    """Register an open_clip JSON model config; its file stem becomes the backbone name."""
+    import open_clip
+
+    path = Path(path)
+    if not path.is_file():
+        raise AnoclipError(f"model config {path} does not exist; pass an open_clip JSON model config file")
+    try:
+        json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise AnoclipError(f"model config {path} is not valid JSON ({exc})") from exc
+    open_clip.add_model_config(path)
+    return path.stem
+
+
+def _check_backbone(backbone: str) -> None:
+    import open_clip
+
+    names = open_clip.list_models()
+    if backbone not in names:
+        vits = [n for n in names if n.startswith("ViT-")][:12]
+        raise AnoclipError(
+            f"unknown backbone '{backbone}'; use an open_clip model name such as {', '.join(vits)} "
+            "(`python -c \"import open_clip; print(open_clip.list_models())\"` lists all)"
+        )
+
+
+def resolve_pretrained(backbone: str, pretrained: str | None) -> str:
+    """Default tag for the backbone when none is given."""
+    import open_clip
+
+    if pretrained:
+        return pretrained
+    if backbone in DEFAULT_PRETRAINED:
+        return DEFAULT_PRETRAINED[backbone]
+    tags = open_clip.list_pretrained_tags_by_model(backbone)
+    if not tags:
+        raise AnoclipError(f"backbone '{backbone}' has no pretrained weights in open_clip; pass --pretrained FILE or none")
+    return tags[0]
+
+
+def _is_offline_error(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__}: {exc}".lower()
+    needles = ("connection", "offline", "resolve", "network", "timed out", "timeout", "urlopen",
+               "max retries", "name or service", "localentrynotfound", "cannot find the requested files")
+    return any(n in text for n in needles)
+
+
+def load_model(backbone: str = DEFAULT_BACKBONE, pretrained: str | None = None, cache_dir: str | None = None) -> LoadedModel:
+    """Create the open_clip model in eval mode on the CPU.
+
+    ``pretrained``: an open_clip tag (downloaded through open_clip), a local checkpoint file
+    (``.pt``/``.pth``/``.bin`` state dict or ``.safetensors``, read without unpickling arbitrary
+    objects), or ``none`` for random weights.
+    """
+    import open_clip
+
+    _check_backbone(backbone)
+    pretrained = resolve_pretrained(backbone, pretrained)
+    random_weights = pretrained.lower() == RANDOM
+    label = pretrained
+    try:
+        if random_weights:
+            log.warning("RANDOM WEIGHTS: %s is initialised at random; maps and scores will carry no meaning", backbone)
+            model = open_clip.create_model(backbone, pretrained=None)
+            label = RANDOM
+        elif os.path.isfile(pretrained):
+            from anoclip.runtime.artifacts import sha256_file
+
+            model = open_clip.create_model(backbone, pretrained=None)
+            _load_checkpoint(model, pretrained)
+            label = f"file:{Path(pretrained).name}@{sha256_file(pretrained)[:12]}"
+        else:
+            tags = open_clip.list_pretrained_tags_by_model(backbone)
+            if pretrained not in tags:
+                looks_like_path = any(ch in pretrained for ch in "/\\.")
+                what = "no such checkpoint file" if looks_like_path else "not a pretrained tag of this backbone"
+                raise AnoclipError(
+                    f"--pretrained '{pretrained}': {what}; tags for {backbone}: {', '.join(tags) or 'none'}; "
+                    "or pass a local checkpoint file, or `none` for random weights"
+                )
+            model = open_clip.create_model(backbone, pretrained=pretrained, cache_dir=cache_dir)
+    except AnoclipError:
+        raise
+    except Exception as exc:
+        if _is_offline_error(exc):
+            raise AnoclipError(
+                f"cannot download the '{pretrained}' weights of {backbone} (no network?); download them where "
+                "there is a network and pass the file with --pretrained /path/to/checkpoint, or run the pipeline on "
+                "random weights with --pretrained none"
+            ) from exc
+        raise AnoclipError(f"cannot create {backbone} with weights '{pretrained}': {exc}") from exc
+    model.eval()
+    visual = model.visual
+    cfg = getattr(visual, "preprocess_cfg", {}) or {}
+    mean = tuple(float(v) for v in (cfg.get("mean") or getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN))
+    std = tuple(float(v) for v in (cfg.get("std") or getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD))
+    tokenizer = open_clip.get_tokenizer(backbone)
+    return LoadedModel(model, backbone, label, random_weights, tokenizer, mean, std)
+
+
+def _load_checkpoint(model: torch.nn.Module, path: str) -> None:
+    import open_clip
+
+    try:
+        state = open_clip.load_state_dict(path, weights_only=True) if hasattr(open_clip, "load_state_dict") \
+            else open_clip.factory.load_state_dict(path, weights_only=True)
+    except Exception as exc:
+        raise AnoclipError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0]}") from exc
+    try:
+        incompatible = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise AnoclipError(
+            f"checkpoint {path} does not fit the backbone (shape mismatch: {str(exc).splitlines()[-1].strip()}); "
+            "pass the --backbone it was trained with"
+        ) from exc
+    missing = [k for k in incompatible.missing_keys if k.startswith(("visual.", "token_embedding", "transformer."))]
+    if missing:
+        raise AnoclipError(
+            f"checkpoint {path} lacks {len(missing)} weights of the backbone (first: {missing[0]}); "
+            "pass the --backbone it was trained with"
+        )

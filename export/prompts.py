@@ -1,0 +1,129 @@
+"""Domain-aware contrastive-state prompts (SPEC section 3) and their text embeddings."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+NORMAL_STATES = (
+    "normal {}", "flawless {}", "perfect {}", "unblemished {}",
+    "{} without flaw", "{} without defect", "{} without damage",
+)
+ABNORMAL_STATES = (
+    "damaged {}", "abnormal {}", "imperfect {}", "blemished {}",
+    "{} with flaw", "{} with defect", "{} with damage",
+)
+BASE_TEMPLATES = (
+    "a cropped photo of the {}", "a cropped photo of a {}", "a close-up photo of a {}",
+    "a close-up photo of the {}", "a bright photo of a {}", "a bright photo of the {}",
+    "a dark photo of the {}", "a dark photo of a {}", "a jpeg corrupted photo of a {}",
+    "a jpeg corrupted photo of the {}", "a blurry photo of the {}", "a blurry photo of a {}",
+    "a photo of a {}", "a photo of the {}", "a photo of a small {}", "a photo of the small {}",
+    "a photo of a large {}", "a photo of the large {}", "a photo of the {} for visual inspection",
+    "a photo of a {} for visual inspection", "a photo of the {} for anomaly detection",
+    "a photo of a {} for anomaly detection",
+)
+DOMAINS = {
+    "object": ("industrial photo", "industrial image", "manufacturing image"),
+    "texture": ("industrial photo", "textural photo", "surface picture"),
+}
+MVTEC_TEXTURES = frozenset({"carpet", "grid", "leather", "tile", "wood"})
+CLASS_PHRASES = {"macaroni1": "macaroni", "macaroni2": "macaroni"}
+
+
+def class_phrase(name: str) -> str:
+    """The phrase a class name stands for in the prompts (names are used as given)."""
+    return CLASS_PHRASES.get(name, name)
+
+
+def default_domain(name: str) -> str:
+    return "texture" if name in MVTEC_TEXTURES else "object"
+
+
+def domain_phrases(domain: str | Sequence[str]) -> tuple[str, ...]:
+    """'object', 'texture', or the user's own phrases (a sequence, or a '|'-separated string)."""
+    if isinstance(domain, str):
+        if domain in DOMAINS:
+            return DOMAINS[domain]
+        phrases = tuple(p.strip() for p in domain.split("|") if p.strip())
+    else:
+        phrases = tuple(p.strip() for p in domain if p.strip())
+    if not phrases:
+        raise ValueError(f"domain {domain!r} names no phrase; use object, texture or 'phrase one|phrase two'")
+    return phrases
+
+
+def domain_template(template: str, phrase: str) -> str:
+    """Replace the word 'photo' by ``phrase``; the article right before it becomes 'an' before a vowel."""
+    words = template.split(" ")
+    index = words.index("photo")
+    words[index : index + 1] = phrase.split(" ")
+    if index > 0 and words[index - 1] == "a" and phrase[:1].lower() in "aeiou":
+        words[index - 1] = "an"
+    return " ".join(words)
+
+
+def domain_templates(phrases: Iterable[str]) -> list[str]:
+    return [domain_template(t, p) for p in phrases for t in BASE_TEMPLATES]
+
+
+@dataclass(frozen=True)
+class PromptRecipe:
+    """Everything that determines a class's sentences."""
+
+    name: str
+    phrase: str
+    domain: str
+    domain_phrases: tuple[str, ...]
+
+    @classmethod
+    def for_class(cls, name: str, domain: str | Sequence[str] | None = None, phrase: str | None = None) -> "PromptRecipe":
+        domain = default_domain(name) if domain is None else domain
+        label = domain if isinstance(domain, str) and domain in DOMAINS else "custom"
+        return cls(name, phrase or class_phrase(name), label, domain_phrases(domain))
+
+    def sentences(self) -> tuple[list[str], list[str]]:
+        """(normal, abnormal) sentences, template-major, no trailing period."""
+        templates = domain_templates(self.domain_phrases)
+        normal = [t.format(s.format(self.phrase)) for t in templates for s in NORMAL_STATES]
+        abnormal = [t.format(s.format(self.phrase)) for t in templates for s in ABNORMAL_STATES]
+        return normal, abnormal
+
+    def as_metadata(self) -> dict:
+        return {
+            "class_phrase": self.phrase,
+            "domain": self.domain,
+            "domain_phrases": list(self.domain_phrases),
+            "templates": "BASE_TEMPLATES with 'photo' replaced by each domain phrase, phrase-major",
+            "sentence": "template.format(state.format(class_phrase)), template-major, states in order",
+            "normal_states": list(NORMAL_STATES),
+            "abnormal_states": list(ABNORMAL_STATES),
+            "base_templates": list(BASE_TEMPLATES),
+        }
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def class_embeddings(raw_normal: np.ndarray, raw_abnormal: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Raw sentence embeddings -> (text_features [2,D] = t+, t-; prompt_features T [2N,D])."""
+    text = np.stack([_normalise(raw_normal.mean(axis=0)), _normalise(raw_abnormal.mean(axis=0))])
+    prompts = _normalise(np.concatenate([raw_normal, raw_abnormal]))
+    return text.astype(np.float32), prompts.astype(np.float32)
+
+
+def encode_sentences(encode: Callable[[list[str]], np.ndarray], sentences: list[str], batch_size: int = 128,
+                     progress=None) -> np.ndarray:
+    """Encode sentences in batches with ``encode`` (list of str -> [n, D] raw embeddings)."""
+    parts = []
+    for start in range(0, len(sentences), batch_size):
+        parts.append(encode(sentences[start : start + batch_size]))
+        if progress is not None:
+            progress.update(min(batch_size, len(sentences) - start))
+    return np.concatenate(parts).astype(np.float64)

@@ -1,0 +1,186 @@
+"""The ``anoclip`` command group. Stages installed beside the runtime add their own subcommands
+through the ``anoclip.commands`` entry-point group (``export`` from the export extra, ...)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import click
+import numpy as np
+
+from .errors import AnoclipError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+EXIT_SOME_FAILED = 3
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """Warnings from every library; info (or debug with ``verbose``) from anoclip itself."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("anoclip").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def run_guarded(command: click.Command) -> None:
+    """Run a click command; a user error ends as one line on stderr and a nonzero exit."""
+    try:
+        command.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except AnoclipError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    else:
+        sys.exit(0)
+
+
+class PluginGroup(click.Group):
+    """A group whose extra commands come from installed entry points, loaded only when used."""
+
+    def _plugins(self) -> dict:
+        return {ep.name: ep for ep in entry_points(group="anoclip.commands")}
+
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(self._plugins()))
+
+    def get_command(self, ctx, name):
+        command = super().get_command(ctx, name)
+        if command is not None:
+            return command
+        plugin = self._plugins().get(name)
+        if plugin is None:
+            return None
+        try:
+            return plugin.load()
+        except ImportError as exc:
+            missing = exc.name or str(exc)
+
+            @click.command(name, help=f"(unavailable: needs {missing})")
+            def unavailable():
+                raise AnoclipError(f"`anoclip {name}` needs {missing}; install it with `pip install 'anoclip[{name}]'`")
+
+            return unavailable
+
+
+@click.group(cls=PluginGroup, context_settings={"help_option_names": ["-h", "--help"]})
+def cli():
+    """AnoCLIP zero-shot anomaly localisation: export, predict, benchmark."""
+
+
+def discover_images(paths: tuple[str, ...]) -> list[tuple[Path, str]]:
+    """(file, output key) for every image file given or found under a given folder."""
+    found: list[tuple[Path, str]] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            for file in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+                key = str(file.relative_to(path).with_suffix("")).replace(os.sep, "__")
+                found.append((file, f"{path.name}__{key}" if len(paths) > 1 else key))
+        else:
+            found.append((path, path.stem))
+    keys: dict[str, int] = {}
+    unique = []
+    for file, key in found:
+        count = keys.get(key, 0)
+        keys[key] = count + 1
+        unique.append((file, key if count == 0 else f"{key}_{count}"))
+    return unique
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+@cli.command("predict")
+@click.option("--artifacts", "artifacts_dir", required=True, type=click.Path(file_okay=False),
+              help="Artifact folder written by anoclip-export.")
+@click.option("--class", "cls", required=True, help="Class name baked into the prompt weights (e.g. bottle).")
+@click.option("--out", "out_dir", default="anoclip-out", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for overlays (<name>_overlay.png), raw maps (<name>_map.npy) and results.jsonl.")
+@click.option("--backend", default="auto", show_default=True,
+              type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]),
+              help="onnxruntime execution provider; auto prefers TensorRT, then CUDA, then CPU.")
+@click.option("--model", default="visual", show_default=True, type=click.Choice(["visual", "visual_qkv"]),
+              help="visual: AnoCLIP V-V tokens; visual_qkv: the plain-CLIP baseline (if exported).")
+@click.option("--tiling", default="auto", show_default=True, type=click.Choice(["auto", "never", "always"]),
+              help="Cut frames far from square (aspect > 1.2) into overlapping square tiles.")
+@click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(0, 1), help="Heat-map opacity.")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads for onnxruntime.")
+@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the artifacts at load.")
+@click.option("--json", "as_json", is_flag=True, help="Also print each result line to stdout.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.argument("paths", nargs=-1, required=True)
+def predict_command(artifacts_dir, cls, out_dir, backend, model, tiling, alpha, threads, no_verify, as_json,
+                    verbose, paths):
+    """Score images (files or folders of images) and write anomaly maps.
+
+    Per image: OUT/<name>_overlay.png (heat map over the image, colour range = the map's own
+    min..max), OUT/<name>_map.npy (float32 map at the image's resolution, raw p_abnormal) and one
+    line in OUT/results.jsonl. Unreadable images are reported and skipped; the exit code is then 3.
+    """
+    from tqdm import tqdm
+
+    from .artifacts import atomic_write_bytes
+    from .detector import Detector
+    from .overlay import encode_png, overlay
+    from .preprocess import read_image
+
+    configure_logging(verbose)
+    detector = Detector.load(artifacts_dir, backend=backend, model=model, tiling=tiling, verify=not no_verify,
+                             threads=threads)
+    detector.class_prompts(cls)  # unknown class: fail before touching any image
+    images = discover_images(paths)
+    if not images:
+        raise AnoclipError(f"no images found in {', '.join(paths)} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    with open(out / "results.jsonl", "w") as results, tqdm(images, desc="predict", unit="img", file=sys.stderr,
+                                                            disable=None) as bar:
+        for path, key in bar:
+            try:
+                rgb = read_image(path)
+                result = detector.predict(rgb, cls)
+            except AnoclipError as exc:
+                failed += 1
+                log.error("skipped %s: %s", path, exc)
+                continue
+            overlay_path, map_path = out / f"{key}_overlay.png", out / f"{key}_map.npy"
+            atomic_write_bytes(overlay_path, encode_png(overlay(rgb, result.anomaly_map_full, alpha)))
+            atomic_write_bytes(map_path, _npy_bytes(result.anomaly_map_full.astype(np.float32)))
+            record = {
+                "image": str(path), "class": cls, "score": result.score,
+                "map_max": float(result.anomaly_map_full.max()), "map_mean": float(result.anomaly_map_full.mean()),
+                "overlay": str(overlay_path), "map": str(map_path), "tiles": result.tiles,
+                "timings_ms": {k: round(v, 3) for k, v in result.timings.items()},
+            }
+            line = json.dumps(record) + "\n"
+            results.write(line)
+            results.flush()
+            if as_json:
+                click.echo(line, nl=False)
+    ok = len(images) - failed
+    click.echo(f"{ok} of {len(images)} images scored; results in {out / 'results.jsonl'}", err=True)
+    if failed:
+        click.echo(f"{failed} image(s) could not be read and were skipped", err=True)
+        sys.exit(EXIT_SOME_FAILED)
+
+
+def main() -> None:
+    run_guarded(cli)

@@ -1,0 +1,163 @@
+"""The public API: ``Detector.load(artifacts)`` then ``predict(image, cls)``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from .artifacts import VISUAL, Artifacts, ClassPrompts, load_artifacts
+from .backends import Backend, create_backend
+from .preprocess import TileLayout, as_rgb_uint8, merge_tiles, preprocess, read_image
+from .scoring import abnormal_probability, anomaly_map, gaussian_smooth, patch_grid, upsample_bilinear
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Result:
+    """What ``Detector.predict`` returns for one image.
+
+    score: image-level p_abnormal of the global token (mean over tiles).
+    anomaly_map: per-pixel p_abnormal at model resolution ([H, W] of the model input; for a tiled
+        frame, the resized frame the tiles were cut from).
+    anomaly_map_full: the same map at the image's own resolution.
+    patch_probabilities: per-patch p_abnormal before smoothing, [tiles, M].
+    timings: milliseconds per stage (preprocess, model, scoring, tta when used); in a batched call
+        the model time is the batch's time divided by the number of images.
+    """
+
+    score: float
+    anomaly_map: np.ndarray
+    anomaly_map_full: np.ndarray
+    patch_probabilities: np.ndarray
+    cls: str
+    image_size: tuple[int, int]
+    tiles: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Detector:
+    """Zero-shot anomaly detector over an exported artifact folder (no PyTorch needed).
+
+    Build it with :meth:`load`. ``predict`` takes an RGB image ([H, W, 3] uint8, or a path) and a
+    class name present in the prompt weights.
+    """
+
+    def __init__(self, artifacts: Artifacts, backend: Backend, tiling: str = "auto",
+                 smoothing_sigma: float = 0.0, tta=None):
+        self.artifacts = artifacts
+        self.backend = backend
+        self.tiling = tiling
+        self.smoothing_sigma = smoothing_sigma
+        self.tta = tta  # None, or a TTA configuration used by default in predict
+        self._adapters: dict[str, object] = {}
+        manifest = artifacts.manifest
+        self.input_size = tuple(manifest.image_size)
+        self.grid = tuple(manifest.grid)
+        self.mean, self.std = manifest.mean, manifest.std
+
+    @classmethod
+    def load(cls, artifacts_dir: str | os.PathLike, backend: str = "auto", tta=False, *, model: str = VISUAL,
+             tiling: str = "auto", smoothing_sigma: float = 0.0, verify: bool = True,
+             threads: int | None = None) -> "Detector":
+        """Load an artifact folder.
+
+        Args:
+            artifacts_dir: folder written by ``anoclip-export``.
+            backend: ``auto`` (TensorRT -> CUDA -> CPU execution providers), ``cpu``, ``cuda``, ``tensorrt``.
+            tta: False, True (default TTA settings) or a TTA configuration: AnoCLIP+ maps.
+            model: ``visual`` (V-V tokens) or ``visual_qkv`` (the plain-CLIP baseline, when exported).
+            tiling: ``auto`` (tile frames whose aspect ratio exceeds 1.2), ``never`` or ``always``.
+            smoothing_sigma: optional Gaussian smoothing of the map in model pixels (0 = off, as published).
+            verify: check file hashes against the manifest.
+            threads: CPU threads for onnxruntime (default: its own choice).
+        """
+        artifacts = load_artifacts(artifacts_dir, verify=verify, models=[model])
+        engine = create_backend(artifacts.model_path(model), backend, threads=threads)
+        return cls(artifacts, engine, tiling=tiling, smoothing_sigma=smoothing_sigma, tta=_tta_config(tta))
+
+    @property
+    def classes(self) -> list[str]:
+        return sorted(self.artifacts.prompts.classes)
+
+    def class_prompts(self, cls: str) -> ClassPrompts:
+        return self.artifacts.prompts.get(cls)
+
+    # ------------------------------------------------------------------------------------------
+
+    def predict(self, image, cls: str, tta=None) -> Result:
+        """Score one image (array or path) for class ``cls``."""
+        return self.predict_batch([image], cls, tta=tta)[0]
+
+    def predict_batch(self, images: Sequence, cls: str, tta=None) -> list[Result]:
+        """Score several images of one class, running all their tiles through the model together."""
+        prompts = self.class_prompts(cls)
+        tta_config = self.tta if tta is None else _tta_config(tta)
+        t0 = time.perf_counter()
+        batches, layouts, sizes = [], [], []
+        for image in images:
+            rgb = read_image(image) if isinstance(image, (str, os.PathLike)) else as_rgb_uint8(image)
+            batch, layout = preprocess(rgb, self.input_size, self.mean, self.std, self.tiling)
+            batches.append(batch)
+            layouts.append(layout)
+            sizes.append(rgb.shape[:2])
+        t1 = time.perf_counter()
+        image_embeds, patch_embeds = self.backend.run(np.concatenate(batches))
+        t2 = time.perf_counter()
+        n = max(len(images), 1)
+        results, start = [], 0
+        for layout, size in zip(layouts, sizes):
+            count = len(layout.offsets)
+            stop = start + count
+            t3 = time.perf_counter()
+            patches = patch_embeds[start:stop]
+            tta_ms = 0.0
+            if tta_config is not None:
+                patches = self._adapt(cls, prompts, patches, tta_config)
+                tta_ms = (time.perf_counter() - t3) * 1e3
+            result = self._score(image_embeds[start:stop], patches, prompts, layout, size, cls)
+            result.timings = {
+                "preprocess": (t1 - t0) * 1e3 / n,
+                "model": (t2 - t1) * 1e3 / n,
+                "scoring": (time.perf_counter() - t3) * 1e3 - tta_ms,
+            }
+            if tta_config is not None:
+                result.timings["tta"] = tta_ms
+            results.append(result)
+            start = stop
+        return results
+
+    def _score(self, image_embeds: np.ndarray, patch_embeds: np.ndarray, prompts: ClassPrompts,
+               layout: TileLayout, size: tuple[int, int], cls: str) -> Result:
+        text = prompts.text_features
+        score = float(np.mean(abnormal_probability(image_embeds, text)))
+        probs = abnormal_probability(patch_embeds, text)  # [tiles, M]
+        grids = patch_grid(probs, self.grid)
+        tile_maps = upsample_bilinear(grids, self.input_size)
+        model_map = merge_tiles(tile_maps, layout)
+        if len(layout.offsets) == 1 and layout.resized == layout.tile:
+            full = upsample_bilinear(grids[0], size)
+        else:
+            import cv2
+
+            full = cv2.resize(model_map, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+        if self.smoothing_sigma > 0:
+            model_map = gaussian_smooth(model_map, self.smoothing_sigma)
+            scale = size[0] / model_map.shape[0]
+            full = gaussian_smooth(full, self.smoothing_sigma * scale)
+        return Result(score=score, anomaly_map=model_map, anomaly_map_full=full, patch_probabilities=probs,
+                      cls=cls, image_size=(int(size[0]), int(size[1])), tiles=len(layout.offsets))
+
+    def _adapt(self, cls: str, prompts: ClassPrompts, patches: np.ndarray, config) -> np.ndarray:
+        raise NotImplementedError
+
+
+def _tta_config(tta):
+    if tta is False or tta is None:
+        return None
+    raise NotImplementedError

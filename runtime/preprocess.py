@@ -1,0 +1,178 @@
+"""Image preprocessing (SPEC section 1) in numpy, matching PIL's antialiased bilinear resize.
+
+The reference pipeline resizes the RGB image straight to the model's input size with PIL's
+bilinear filter (antialiased when shrinking), scales to [0, 1] and normalises with the model's
+mean and std. ``resize_bilinear`` reproduces PIL's separable resampling: the same triangle-filter
+coefficients, the same 22-bit fixed-point arithmetic and the same horizontal-then-vertical order,
+so uint8 images come out identical to ``PIL.Image.resize(..., BILINEAR)``.
+
+Frames far from square are cut into overlapping square tiles after resizing the short side
+(``tile_layout``); the maps of the tiles are merged back by ``merge_tiles``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from .errors import ImageError
+
+_PRECISION_BITS = 32 - 8 - 2
+
+
+@lru_cache(maxsize=64)
+def _coefficients(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Triangle-filter taps as PIL computes them: (start index, float weights, fixed-point weights)."""
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support = 1.0 * filterscale
+    ksize = int(math.ceil(support)) * 2 + 1
+    starts = np.zeros(out_size, dtype=np.int64)
+    weights = np.zeros((out_size, ksize), dtype=np.float64)
+    for xx in range(out_size):
+        center = (xx + 0.5) * scale
+        xmin = max(int(center - support + 0.5), 0)  # int() truncates toward zero like C
+        xmax = min(int(center + support + 0.5), in_size) - xmin
+        x = np.arange(xmax, dtype=np.float64)
+        w = np.clip(1.0 - np.abs((x + xmin - center + 0.5) / filterscale), 0.0, None)
+        total = w.sum()
+        if total != 0.0:
+            w = w / total
+        starts[xx] = xmin
+        weights[xx, :xmax] = w
+    scaled = weights * (1 << _PRECISION_BITS)
+    fixed = np.where(scaled < 0, np.trunc(scaled - 0.5), np.trunc(scaled + 0.5)).astype(np.int64)
+    return starts, weights, fixed
+
+
+def _resample_axis(image: np.ndarray, out_size: int, axis: int) -> np.ndarray:
+    """Resample ``image`` ([H, W, C]) along ``axis`` (0 or 1) to ``out_size`` samples."""
+    in_size = image.shape[axis]
+    starts, weights, fixed = _coefficients(in_size, out_size)
+    ksize = weights.shape[1]
+    index = np.minimum(starts[:, None] + np.arange(ksize)[None, :], in_size - 1)  # [out, k]
+    moved = np.moveaxis(image, axis, 0)  # [in, other, C]
+    exact = image.dtype == np.uint8
+    # One multiply-add per filter tap keeps memory at the output's size; uint8 images use PIL's
+    # fixed-point weights (the sum stays below 2**31, so int32 is exact).
+    taps = fixed.astype(np.int32) if exact else weights.astype(np.float32)
+    acc = np.full((out_size,) + moved.shape[1:], (1 << (_PRECISION_BITS - 1)) if exact else 0, np.int32 if exact else np.float32)
+    for j in range(ksize):
+        acc += moved[index[:, j]] * taps[:, j].reshape(-1, *([1] * (moved.ndim - 1)))
+    out = np.clip(acc >> _PRECISION_BITS, 0, 255).astype(np.uint8) if exact else acc
+    return np.moveaxis(out, 0, axis)
+
+
+def resize_bilinear(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize an [H, W, C] image to ``size`` = (height, width) like PIL's BILINEAR resize."""
+    height, width = size
+    out = image
+    if out.shape[1] != width:
+        out = _resample_axis(out, width, axis=1)
+    if out.shape[0] != height:
+        out = _resample_axis(out, height, axis=0)
+    return out
+
+
+def normalise(image: np.ndarray, mean, std) -> np.ndarray:
+    """[H, W, 3] uint8 (or float in [0, 1]) -> [3, H, W] float32 normalised."""
+    x = image.astype(np.float32)
+    if image.dtype == np.uint8:
+        x /= 255.0
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def as_rgb_uint8(image: np.ndarray) -> np.ndarray:
+    """Accept grey, RGB or RGBA arrays and return [H, W, 3] uint8 RGB."""
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] not in (3, 4) or image.shape[0] == 0 or image.shape[1] == 0:
+        raise ImageError(f"image has shape {image.shape}; expected [H, W], [H, W, 3] or [H, W, 4]")
+    image = image[:, :, :3]
+    if image.dtype != np.uint8:
+        if np.issubdtype(image.dtype, np.floating):
+            image = np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+        else:
+            raise ImageError(f"image dtype {image.dtype} is not supported; pass uint8 or float in [0, 1]")
+    return image
+
+
+def read_image(path) -> np.ndarray:
+    """Read an image file as [H, W, 3] uint8 RGB."""
+    import cv2
+
+    if not os.path.isfile(path):
+        raise ImageError(f"cannot read {path}: no such file")
+    try:
+        data = np.fromfile(str(path), dtype=np.uint8)
+    except OSError as exc:
+        raise ImageError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if image is None:
+        raise ImageError(f"cannot decode {path}: not an image OpenCV can read (png, jpg, bmp, tiff, webp)")
+    return image[:, :, ::-1].copy()
+
+
+@dataclass(frozen=True)
+class TileLayout:
+    """How a frame is cut: resized size and the left/top offsets of each square tile."""
+
+    resized: tuple[int, int]  # (height, width) after resizing the short side to the tile size
+    offsets: tuple[tuple[int, int], ...]  # (top, left) of each tile
+    tile: tuple[int, int]
+
+
+def tile_layout(height: int, width: int, tile: tuple[int, int], mode: str = "auto", max_aspect: float = 1.2) -> TileLayout:
+    """Decide whether and how to tile a frame.
+
+    ``mode``: ``"never"`` squashes the whole frame into one tile (SPEC default for MVTec);
+    ``"always"`` resizes the short side to the tile and covers the long side with as many evenly
+    spaced, overlapping tiles as needed; ``"auto"`` tiles when the aspect ratio exceeds
+    ``max_aspect``.
+    """
+    th, tw = tile
+    aspect = max(height, width) / min(height, width)
+    if mode not in ("auto", "never", "always"):
+        raise ValueError(f"tiling mode must be auto, never or always, got {mode!r}")
+    if mode == "never" or (mode == "auto" and aspect <= max_aspect):
+        return TileLayout((th, tw), ((0, 0),), tile)
+    if width >= height:
+        new_h, new_w = th, max(tw, int(round(width * th / height)))
+        count = math.ceil(new_w / tw)
+        lefts = np.linspace(0, new_w - tw, count).round().astype(int) if count > 1 else np.array([0])
+        offsets = tuple((0, int(x)) for x in lefts)
+    else:
+        new_w, new_h = tw, max(th, int(round(height * tw / width)))
+        count = math.ceil(new_h / th)
+        tops = np.linspace(0, new_h - th, count).round().astype(int) if count > 1 else np.array([0])
+        offsets = tuple((int(y), 0) for y in tops)
+    return TileLayout((new_h, new_w), offsets, tile)
+
+
+def preprocess(image: np.ndarray, size: tuple[int, int], mean, std, tiling: str = "never") -> tuple[np.ndarray, TileLayout]:
+    """Image -> ([tiles, 3, H, W] float32 batch, layout)."""
+    rgb = as_rgb_uint8(image)
+    layout = tile_layout(rgb.shape[0], rgb.shape[1], size, tiling)
+    resized = resize_bilinear(rgb, layout.resized)
+    th, tw = size
+    tiles = [normalise(resized[y : y + th, x : x + tw], mean, std) for y, x in layout.offsets]
+    return np.stack(tiles), layout
+
+
+def merge_tiles(maps: np.ndarray, layout: TileLayout) -> np.ndarray:
+    """Merge per-tile maps [tiles, th, tw] into one map over the resized frame (overlaps averaged)."""
+    if len(layout.offsets) == 1 and layout.resized == layout.tile:
+        return maps[0]
+    total = np.zeros(layout.resized, dtype=np.float64)
+    count = np.zeros(layout.resized, dtype=np.float64)
+    th, tw = layout.tile
+    for tile_map, (y, x) in zip(maps, layout.offsets):
+        total[y : y + th, x : x + tw] += tile_map
+        count[y : y + th, x : x + tw] += 1.0
+    return (total / np.maximum(count, 1.0)).astype(maps.dtype)
