@@ -30,10 +30,27 @@ class LoadedModel:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
+    _short_context_checked: bool | None = None
+
     @torch.no_grad()
     def encode_text(self, sentences: list[str]) -> np.ndarray:
+        """Raw (unnormalised) ``encode_text`` embeddings of ``sentences``.
+
+        With a causal text tower pooled at the end-of-text token, tokens after the longest
+        sentence's end cannot change any output, so the batch runs on a context cut to that length.
+        The first call checks this against the full-context ``encode_text`` and falls back to it
+        when the two disagree (towers that do not fit that description).
+        """
         tokens = self.tokenizer(sentences)
-        return self.model.encode_text(tokens).float().cpu().numpy()
+        if self._short_context_checked is None:
+            full = self.model.encode_text(tokens[:8])
+            short = _short_context_encode(self.model, tokens[:8])
+            self._short_context_checked = short is not None and bool(torch.allclose(short, full, atol=1e-5, rtol=1e-4))
+            log.debug("short-context text encoding %s", "on" if self._short_context_checked else "off")
+        out = _short_context_encode(self.model, tokens) if self._short_context_checked else None
+        if out is None:
+            out = self.model.encode_text(tokens)
+        return out.float().cpu().numpy()
 
 
 def register_model_config(path: str | os.PathLike) -> str:
@@ -158,3 +175,20 @@ def _load_checkpoint(model: torch.nn.Module, path: str) -> None:
             f"checkpoint {path} lacks {len(missing)} weights of the backbone (first: {missing[0]}); "
             "pass the --backbone it was trained with"
         )
+
+
+def _short_context_encode(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor | None:
+    """``encode_text`` on the context cut after the last end-of-text token; None where it does not apply."""
+    needed = ("token_embedding", "positional_embedding", "transformer", "attn_mask", "ln_final", "text_projection")
+    if not all(getattr(model, name, None) is not None for name in needed):
+        return None
+    if getattr(model, "text_pool_type", None) != "argmax":
+        return None
+    length = int(tokens.argmax(dim=-1).max()) + 1
+    tokens = tokens[:, :length]
+    x = model.token_embedding(tokens) + model.positional_embedding[:length]
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.ln_final(x)
+    x = x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)]
+    projection = model.text_projection
+    return projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection

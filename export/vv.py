@@ -113,7 +113,7 @@ class VVVisual(nn.Module):
         vv_blocks: rewrite only the last ``vv_blocks`` blocks (``None``: all of them; 1 is the
             paper's "V-V attention (last layer)" ablation).
         patch_outputs: ``"vv"`` returns (image_embeds, patch_embeds); ``"qkv"`` returns
-            (image_embeds, qkv_patch_embeds), the plain-CLIP baseline ``ln_post(Z[:,1:]) @ proj``;
+            (image_embeds, patch_embeds = the QKV tokens), the plain-CLIP baseline ``ln_post(Z[:,1:]) @ proj``;
             ``"both"`` returns all three.
 
     Patch outputs are not normalised; the image embedding is the standard CLS token through
@@ -143,12 +143,10 @@ class VVVisual(nn.Module):
 
     @property
     def output_names(self) -> list[str]:
-        names = ["image_embeds"]
-        if self.patch_outputs in ("vv", "both"):
-            names.append("patch_embeds")
-        if self.patch_outputs in ("qkv", "both"):
-            names.append("qkv_patch_embeds")
-        return names
+        """Graph output names: the main patch output is always ``patch_embeds`` (V-V tokens, or the
+        QKV tokens for the plain-CLIP model); with ``both``, the QKV tokens follow as ``qkv_patch_embeds``."""
+        return {"vv": ["image_embeds", "patch_embeds"], "qkv": ["image_embeds", "patch_embeds"],
+                "both": ["image_embeds", "patch_embeds", "qkv_patch_embeds"]}[self.patch_outputs]
 
     def _embed(self, image: torch.Tensor) -> torch.Tensor:
         x = self.conv1(image)

@@ -1,0 +1,57 @@
+"""Shared fixtures: a tiny open_clip ViT with random weights, exported once per test session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+DATA = Path(__file__).parent / "data"
+TINY_CONFIG = DATA / "anoclip-tiny-vit.json"
+TINY_BACKBONE = "anoclip-tiny-vit"
+TINY_CLASSES = ("bottle", "carpet")
+
+
+def _export_cli(args: list[str]):
+    from click.testing import CliRunner
+
+    from anoclip.export.cli import export_command
+
+    return CliRunner().invoke(export_command, args, catch_exceptions=False)
+
+
+@pytest.fixture(scope="session")
+def export_cli():
+    """Invoke ``anoclip-export`` in-process with the given arguments."""
+    pytest.importorskip("open_clip")
+    return _export_cli
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tmp_path_factory, export_cli) -> Path:
+    """Artifacts of the tiny ViT (random weights, seed 0) with the QKV baseline model, classes bottle and carpet."""
+    out = tmp_path_factory.mktemp("tiny-artifacts")
+    result = export_cli(["--model-config", str(TINY_CONFIG), "--pretrained", "none", "--classes",
+                         ",".join(TINY_CLASSES), "--qkv-tokens", "model", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """The same tiny open_clip model the tiny artifacts were exported from (seed 0)."""
+    torch = pytest.importorskip("torch")
+    from anoclip.export.model import load_model, register_model_config
+
+    register_model_config(TINY_CONFIG)
+    torch.manual_seed(0)
+    return load_model(TINY_BACKBONE, "none")
+
+
+@pytest.fixture
+def rgb_image() -> np.ndarray:
+    rng = np.random.default_rng(7)
+    return rng.integers(0, 256, (97, 131, 3), dtype=np.uint8)
