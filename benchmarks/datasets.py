@@ -1,0 +1,646 @@
+"""MVTec AD / VisA folder layouts: loaders for the real datasets and license-clean synthetic sets.
+
+Loaders (test split only, SPEC section 6):
+
+* MVTec AD: ``<root>/<class>/test/<defect>/*.png``, ``<root>/<class>/test/good/*.png``,
+  ``<root>/<class>/ground_truth/<defect>/<name>_mask.png``.
+* VisA: ``<root>/split_csv/1cls.csv`` with columns object, split, label, image, mask (label
+  ``normal`` / ``anomaly``; paths relative to ``<root>``; mask empty for normal images).
+
+Synthetic sets (:func:`make_mvtec_like`, :func:`make_visa_like`) are drawn procedurally from a
+seed: textures (carpet-, wood-, grid-, tile-, leather-like noise patterns) and simple objects
+(disc, rounded board, capsule) with pasted scratches, spots and holes whose masks are exactly the
+changed pixels. They exist for tests, demos and the README quickstart, not for accuracy claims.
+
+Command line::
+
+    python -m anoclip.benchmarks.datasets make --layout mvtec --out samples/mvtec
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import click
+import cv2
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFECT_KINDS",
+    "MVTEC_CLASSES",
+    "MVTEC_TEXTURES",
+    "VISA_CLASSES",
+    "Sample",
+    "list_classes",
+    "load_mvtec",
+    "load_visa",
+    "make_mvtec_like",
+    "make_visa_like",
+    "read_image",
+    "read_mask",
+    "resize_bilinear_pil",
+]
+
+MVTEC_CLASSES: tuple[str, ...] = (
+    "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill",
+    "screw", "tile", "toothbrush", "transistor", "wood", "zipper",
+)
+MVTEC_TEXTURES: tuple[str, ...] = ("carpet", "grid", "leather", "tile", "wood")
+VISA_CLASSES: tuple[str, ...] = (
+    "candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2", "pcb1",
+    "pcb2", "pcb3", "pcb4", "pipe_fryum",
+)
+DEFECT_KINDS: tuple[str, ...] = ("scratch", "spot", "hole")
+
+VISA_CSV = Path("split_csv") / "1cls.csv"
+VISA_COLUMNS: tuple[str, ...] = ("object", "split", "label", "image", "mask")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+DATASETS = ("mvtec", "visa")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One test image: label 0 normal / 1 anomalous; mask_path None for normal images."""
+
+    image_path: Path
+    mask_path: Path | None
+    label: int
+    defect: str
+    cls: str
+
+
+# --------------------------------------------------------------------------------------------
+# Reading images and masks
+# --------------------------------------------------------------------------------------------
+
+_PIL_PRECISION_BITS = 32 - 8 - 2
+
+
+@lru_cache(maxsize=32)
+def _pil_bilinear_coefficients(in_size: int, out_size: int) -> np.ndarray:
+    """[out, in] fixed-point weights of Pillow's antialiased bilinear resampling (8-bit path)."""
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support = 1.0 * filterscale
+    inv = 1.0 / filterscale
+    coeffs = np.zeros((out_size, in_size), dtype=np.float64)
+    one = float(1 << _PIL_PRECISION_BITS)
+    for xx in range(out_size):
+        center = (xx + 0.5) * scale
+        xmin = max(int(center - support + 0.5), 0)
+        xmax = min(int(center + support + 0.5), in_size)
+        weights = []
+        total = 0.0
+        for x in range(xmin, xmax):
+            t = abs((x - center + 0.5) * inv)
+            w = 1.0 - t if t < 1.0 else 0.0
+            weights.append(w)
+            total += w  # sequential sum, as Pillow accumulates
+        for i, w in enumerate(weights):
+            if total != 0.0:
+                w /= total
+            fixed = int(0.5 + w * one) if w >= 0 else int(-0.5 + w * one)  # C cast truncates
+            coeffs[xx, xmin + i] = float(fixed)
+    return coeffs
+
+
+def _pil_pass(img: np.ndarray, coeffs: np.ndarray) -> np.ndarray:
+    # Integer-valued float64 products and sums stay exact (far below 2**53).
+    acc = img.astype(np.float64) @ coeffs.T + float(1 << (_PIL_PRECISION_BITS - 1))
+    return np.clip(np.floor(acc / float(1 << _PIL_PRECISION_BITS)), 0, 255).astype(np.uint8)
+
+
+def resize_bilinear_pil(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize a 2-D uint8 image to ``size`` = (width, height) exactly as Pillow's
+    ``Image.resize(size, Image.BILINEAR)`` does for mode "L" (antialiased when shrinking,
+    fixed-point arithmetic, horizontal pass first). This is what torchvision's ``Resize`` does to
+    the authors' PIL masks, without needing Pillow here."""
+    if img.ndim != 2 or img.dtype != np.uint8:
+        raise ValueError(f"expected a 2-D uint8 image, got {img.dtype} {img.shape}")
+    width, height = size
+    out = img
+    if width != img.shape[1]:
+        out = _pil_pass(out, _pil_bilinear_coefficients(img.shape[1], width))
+    if height != img.shape[0]:
+        out = _pil_pass(out.T, _pil_bilinear_coefficients(img.shape[0], height)).T
+    return np.ascontiguousarray(out) if out is not img else img.copy()
+
+
+def _as_wh(size: int | tuple[int, int]) -> tuple[int, int]:
+    if isinstance(size, (int, np.integer)):
+        return int(size), int(size)
+    width, height = size
+    return int(width), int(height)
+
+
+def read_mask(path: str | Path | None, size: int | tuple[int, int] | None = None) -> np.ndarray:
+    """Ground-truth mask as a bool array of shape (height, width).
+
+    Any nonzero pixel is anomalous (VisA masks are not 0/255). With ``size`` (an int for a square,
+    or (width, height) as PIL and OpenCV take it) the 0/255 mask is resized bilinearly exactly as
+    Pillow does, scaled to [0, 1] and thresholded at > 0.5 (SPEC section 6). ``path`` None gives
+    an all-False mask of ``size``.
+    """
+    if path is None:
+        if size is None:
+            raise ValueError("read_mask(None) needs a size for the all-normal mask")
+        width, height = _as_wh(size)
+        return np.zeros((height, width), dtype=bool)
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"mask file {path} not found: check the dataset folder is complete")
+    raw = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if raw is None:
+        raise ValueError(f"mask file {path} could not be decoded: replace it with a valid PNG")
+    binary = np.where(raw > 0, np.uint8(255), np.uint8(0))
+    if size is None:
+        return binary > 0
+    width, height = _as_wh(size)
+    resized = resize_bilinear_pil(binary, (width, height))
+    return resized.astype(np.float32) / 255.0 > 0.5
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """RGB uint8 image [H, W, 3]."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file {path} not found: check the dataset folder is "
+                                f"complete")
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ValueError(f"image file {path} could not be decoded: replace it or remove it")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+# --------------------------------------------------------------------------------------------
+# Loaders
+# --------------------------------------------------------------------------------------------
+
+
+def _check_root(root: str | Path, dataset: str) -> Path:
+    root = Path(root)
+    if not root.is_dir():
+        hint = ("the folder holding bottle/, cable/, ..." if dataset == "mvtec"
+                else "the folder holding split_csv/1cls.csv and candle/, pcb1/, ...")
+        raise FileNotFoundError(f"{dataset} root {root} does not exist: pass {hint}")
+    return root
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _mvtec_classes(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if (p / "test").is_dir())
+
+
+def load_mvtec(root: str | Path, cls: str) -> list[Sample]:
+    """Test samples of one MVTec AD class: good images first, then each defect folder in name
+    order, images in name order."""
+    root = _check_root(root, "mvtec")
+    test_dir = root / cls / "test"
+    if not test_dir.is_dir():
+        available = ", ".join(_mvtec_classes(root)) or "none"
+        raise FileNotFoundError(f"class {cls!r} has no test folder {test_dir} (classes found: "
+                                f"{available}): pass one of these or point the root elsewhere")
+    defects = sorted(p.name for p in test_dir.iterdir() if p.is_dir())
+    defects.sort(key=lambda d: d != "good")
+    samples: list[Sample] = []
+    for defect in defects:
+        for image in _images_in(test_dir / defect):
+            if defect == "good":
+                samples.append(Sample(image, None, 0, defect, cls))
+                continue
+            mask = root / cls / "ground_truth" / defect / f"{image.stem}_mask.png"
+            if not mask.is_file():
+                raise FileNotFoundError(f"mask {mask} for {image} is missing: restore the "
+                                        f"ground_truth folder of {cls!r} from the dataset archive")
+            samples.append(Sample(image, mask, 1, defect, cls))
+    if not samples:
+        raise FileNotFoundError(f"no test images under {test_dir}: the class folder is empty or "
+                                f"incomplete; re-extract it")
+    return samples
+
+
+def _read_visa_csv(root: Path) -> list[dict[str, str]]:
+    path = root / VISA_CSV
+    if not path.is_file():
+        raise FileNotFoundError(f"VisA split file {path} not found: use the VisA root that holds "
+                                f"split_csv/1cls.csv (VisA's 1cls split)")
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        missing = [c for c in VISA_COLUMNS if c not in columns]
+        if missing:
+            raise ValueError(f"malformed {path}: missing column(s) {', '.join(missing)}; expected "
+                             f"header {','.join(VISA_COLUMNS)}")
+        rows = []
+        for line, row in enumerate(reader, start=2):
+            row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+            if row["label"] not in ("normal", "anomaly"):
+                raise ValueError(f"malformed {path} line {line}: label {row['label']!r} is neither "
+                                 f"'normal' nor 'anomaly'; fix that row")
+            if not row["object"] or not row["image"]:
+                raise ValueError(f"malformed {path} line {line}: empty object or image; fix that "
+                                 f"row")
+            if row["label"] == "anomaly" and row["split"] == "test" and not row["mask"]:
+                raise ValueError(f"malformed {path} line {line}: anomaly without a mask path; "
+                                 f"fix that row")
+            rows.append(row)
+    return rows
+
+
+def load_visa(root: str | Path, cls: str) -> list[Sample]:
+    """Test samples of one VisA class, in the order of ``split_csv/1cls.csv``. VisA names no
+    defect types: ``defect`` is ``normal`` or ``anomaly``."""
+    root = _check_root(root, "visa")
+    rows = _read_visa_csv(root)
+    objects = sorted({r["object"] for r in rows})
+    if cls not in objects:
+        raise ValueError(f"class {cls!r} is not in {root / VISA_CSV} (classes: "
+                         f"{', '.join(objects) or 'none'}): pass one of these")
+    samples: list[Sample] = []
+    for row in rows:
+        if row["object"] != cls or row["split"] != "test":
+            continue
+        image = root / row["image"]
+        if not image.is_file():
+            raise FileNotFoundError(f"image {image} listed in {root / VISA_CSV} is missing: "
+                                    f"re-extract the {cls!r} folder")
+        label = 1 if row["label"] == "anomaly" else 0
+        mask = root / row["mask"] if label and row["mask"] else None
+        samples.append(Sample(image, mask, label, row["label"], cls))
+    if not samples:
+        raise ValueError(f"class {cls!r} has no test rows in {root / VISA_CSV}: check the split")
+    return samples
+
+
+def list_classes(root: str | Path, dataset: str) -> list[str]:
+    """Class names found under ``root`` for ``dataset`` ('mvtec' or 'visa'), sorted."""
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}: use one of {', '.join(DATASETS)}")
+    root = _check_root(root, dataset)
+    if dataset == "mvtec":
+        classes = _mvtec_classes(root)
+        if not classes:
+            raise FileNotFoundError(f"no class folders with a test/ folder under {root}: pass the "
+                                    f"MVTec AD root (the folder holding bottle/, cable/, ...)")
+        return classes
+    return sorted({r["object"] for r in _read_visa_csv(root)})
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic images
+# --------------------------------------------------------------------------------------------
+
+
+def _rng(seed: int, *parts: str | int) -> np.random.Generator:
+    words = [int(seed)] + [zlib.crc32(p.encode()) if isinstance(p, str) else int(p) for p in parts]
+    return np.random.default_rng(words)
+
+
+def _smooth_noise(rng: np.random.Generator, h: int, w: int, cell: float) -> np.ndarray:
+    """Value noise in about [-1, 1]: a random grid, bicubically enlarged."""
+    gh, gw = max(2, int(h / cell) + 2), max(2, int(w / cell) + 2)
+    grid = rng.uniform(-1.0, 1.0, size=(gh, gw)).astype(np.float32)
+    return cv2.resize(grid, (w, h), interpolation=cv2.INTER_CUBIC)
+
+
+def _colorize(v: np.ndarray, c0: Sequence[float], c1: Sequence[float]) -> np.ndarray:
+    t = np.clip(v, 0.0, 1.0)[..., None]
+    return (1.0 - t) * np.asarray(c0, np.float32) + t * np.asarray(c1, np.float32)
+
+
+def _tex_carpet(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    period = rng.uniform(5.0, 8.0)
+    weave = 0.5 + 0.25 * np.sin(2 * np.pi * xx / period) * np.sin(2 * np.pi * yy / period)
+    v = weave + 0.15 * _smooth_noise(rng, h, w, h / 6) + 0.08 * rng.standard_normal((h, w))
+    hue = rng.uniform(0.0, 1.0)
+    return _colorize(v, (0.25 + 0.2 * hue, 0.2, 0.3 - 0.1 * hue), (0.8, 0.65 + 0.2 * hue, 0.5))
+
+
+def _tex_wood(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    period = rng.uniform(h / 12, h / 7)
+    warp = 10.0 * _smooth_noise(rng, h, w, h / 3)
+    v = 0.5 + 0.35 * np.sin(2 * np.pi * (xx + warp + 0.05 * yy) / period)
+    v += 0.05 * rng.standard_normal((h, w))
+    return _colorize(v, (0.45, 0.28, 0.14), (0.78, 0.58, 0.36))
+
+
+def _tex_grid(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    pitch = rng.uniform(h / 14, h / 9)
+    wobble = 2.0 * _smooth_noise(rng, h, w, h / 4)
+    gx = np.abs(((xx + wobble) % pitch) - pitch / 2) < pitch * 0.12
+    gy = np.abs(((yy - wobble) % pitch) - pitch / 2) < pitch * 0.12
+    v = 0.2 + 0.6 * (gx | gy) + 0.05 * rng.standard_normal((h, w))
+    return _colorize(v, (0.1, 0.1, 0.1), (0.75, 0.75, 0.72))
+
+
+def _tex_tile(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    blobs = _smooth_noise(rng, h, w, h / 20) > 0.35
+    v = 0.55 + 0.1 * _smooth_noise(rng, h, w, h / 5) - 0.3 * blobs
+    v += 0.04 * rng.standard_normal((h, w))
+    return _colorize(v, (0.3, 0.3, 0.35), (0.85, 0.85, 0.88))
+
+
+def _tex_leather(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    v = 0.5 + 0.2 * _smooth_noise(rng, h, w, h / 10) + 0.1 * _smooth_noise(rng, h, w, h / 40)
+    creases = np.abs(_smooth_noise(rng, h, w, h / 16)) < 0.04
+    v = v - 0.15 * creases + 0.03 * rng.standard_normal((h, w))
+    return _colorize(v, (0.25, 0.12, 0.07), (0.6, 0.35, 0.2))
+
+
+_TEXTURES: dict[str, Callable[[np.random.Generator, int, int], np.ndarray]] = {
+    "carpet": _tex_carpet, "wood": _tex_wood, "grid": _tex_grid, "tile": _tex_tile,
+    "leather": _tex_leather,
+}
+
+
+def _object_image(rng: np.random.Generator, kind: int, h: int, w: int) -> tuple[np.ndarray,
+                                                                                np.ndarray]:
+    """An object on a plain background; returns (rgb float [0,1], object mask uint8)."""
+    bg = _colorize(0.5 + 0.1 * _smooth_noise(rng, h, w, min(h, w) / 3), (0.05, 0.05, 0.06),
+                   (0.3, 0.3, 0.32))
+    obj: np.ndarray = np.zeros((h, w), np.uint8)
+    s = min(h, w)
+    cx = int(w / 2 + rng.uniform(-0.04, 0.04) * s)
+    cy = int(h / 2 + rng.uniform(-0.04, 0.04) * s)
+    angle = float(rng.uniform(0, 180))
+    if kind == 0:  # disc with rings, a bottle seen from above
+        radius = int(s * rng.uniform(0.33, 0.37))
+        cv2.circle(obj, (cx, cy), radius, 255, -1)
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        r = np.hypot(xx - cx, yy - cy) / max(radius, 1)
+        v = 0.55 + 0.25 * np.cos(r * 9.0) * (r < 0.8)
+        body = _colorize(v, (0.15, 0.3, 0.2), (0.55, 0.75, 0.6))
+    elif kind == 1:  # rounded board, a circuit board
+        half = (int(s * 0.38), int(s * 0.28))
+        box = cv2.boxPoints(((cx, cy), (2 * half[0], 2 * half[1]), angle)).astype(np.int32)
+        cv2.fillConvexPoly(obj, box, 255)
+        obj = cv2.dilate(obj, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (9, 9)))
+        v = 0.5 + 0.1 * _smooth_noise(rng, h, w, s / 8)
+        body = _colorize(v, (0.05, 0.3, 0.12), (0.2, 0.55, 0.3))
+        for _ in range(6):  # pads
+            px = int(cx + rng.uniform(-0.25, 0.25) * s)
+            py = int(cy + rng.uniform(-0.15, 0.15) * s)
+            cv2.rectangle(body, (px - 4, py - 3), (px + 4, py + 3), (0.85, 0.75, 0.3), -1)
+    else:  # capsule / candle: an ellipse with a highlight
+        axes = (int(s * 0.38), int(s * 0.2))
+        cv2.ellipse(obj, (cx, cy), axes, angle, 0, 360, 255, -1)
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        v = 0.7 - 0.3 * np.hypot(xx - cx, yy - cy) / s + 0.05 * _smooth_noise(rng, h, w, s / 6)
+        body = _colorize(v, (0.6, 0.5, 0.35), (0.98, 0.95, 0.88))
+    inside = (obj > 0)[..., None]
+    rgb = np.where(inside, body, bg) + 0.015 * rng.standard_normal((h, w, 3)).astype(np.float32)
+    return rgb, obj
+
+
+# Object shape per known class name (0 disc, 1 board, 2 capsule); other names by hash.
+_OBJECT_KINDS: dict[str, int] = {
+    "bottle": 0, "hazelnut": 0, "metal_nut": 0, "cashew": 0, "fryum": 0, "pipe_fryum": 0,
+    "cable": 0, "transistor": 1, "pcb1": 1, "pcb2": 1, "pcb3": 1, "pcb4": 1, "chewinggum": 1,
+    "capsule": 2, "capsules": 2, "pill": 2, "candle": 2, "screw": 2, "toothbrush": 2,
+    "zipper": 2, "macaroni1": 2, "macaroni2": 2,
+}
+
+
+def _normal_image(cls: str, rng: np.random.Generator, h: int, w: int,
+                  texture: bool) -> tuple[np.ndarray, np.ndarray]:
+    if texture:
+        names = list(_TEXTURES)
+        gen = _TEXTURES.get(cls, _TEXTURES[names[zlib.crc32(cls.encode()) % len(names)]])
+        return gen(rng, h, w), np.full((h, w), 255, np.uint8)
+    kind = _OBJECT_KINDS.get(cls, zlib.crc32(cls.encode()) % 3)
+    return _object_image(rng, kind, h, w)
+
+
+def _draw_defect(rng: np.random.Generator, rgb: np.ndarray, region: np.ndarray,
+                 kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """Paint one defect inside ``region``; returns (image, mask) with mask = changed pixels."""
+    h, w = region.shape
+    s = min(h, w)
+    ys, xs = np.nonzero(cv2.erode(region, np.ones((9, 9), np.uint8)))
+    if ys.size == 0:
+        ys, xs = np.nonzero(region)
+    for _ in range(20):
+        mask = np.zeros((h, w), np.uint8)
+        i = int(rng.integers(ys.size))
+        cx, cy = int(xs[i]), int(ys[i])
+        if kind == "scratch":
+            pts = [(cx, cy)]
+            heading = rng.uniform(0, 2 * np.pi)
+            for _ in range(int(rng.integers(2, 5))):
+                heading += rng.uniform(-0.6, 0.6)
+                step = rng.uniform(0.06, 0.14) * s
+                pts.append((int(pts[-1][0] + step * np.cos(heading)),
+                            int(pts[-1][1] + step * np.sin(heading))))
+            cv2.polylines(mask, [np.array(pts, np.int32)], False, 255,
+                          thickness=int(rng.integers(2, 5)), lineType=cv2.LINE_8)
+            color = np.array((0.95, 0.95, 0.92) if rng.random() < 0.5 else (0.05, 0.04, 0.04),
+                             np.float32)
+            alpha = 0.85
+        elif kind == "spot":
+            axes = (max(2, int(rng.uniform(0.03, 0.08) * s)),
+                    max(2, int(rng.uniform(0.03, 0.08) * s)))
+            cv2.ellipse(mask, (cx, cy), axes, float(rng.uniform(0, 180)), 0, 360, 255, -1,
+                        lineType=cv2.LINE_8)
+            color = np.array((0.55, 0.25, 0.05), np.float32) + rng.uniform(-0.1, 0.1, 3).astype(
+                np.float32)
+            alpha = 0.75
+        elif kind == "hole":
+            cv2.circle(mask, (cx, cy), max(2, int(rng.uniform(0.025, 0.06) * s)), 255, -1,
+                       lineType=cv2.LINE_8)
+            color = np.array((0.02, 0.02, 0.02), np.float32)
+            alpha = 0.95
+        else:
+            raise ValueError(f"unknown defect kind {kind!r}: use one of {', '.join(DEFECT_KINDS)}")
+        if mask.any():
+            break
+    m = (mask > 0)[..., None]
+    out = np.where(m, (1 - alpha) * rgb + alpha * color, rgb)
+    return out, np.where(mask > 0, np.uint8(255), np.uint8(0))
+
+
+def _to_uint8_bgr(rgb: np.ndarray) -> np.ndarray:
+    u8 = np.clip(np.round(rgb * 255.0), 0, 255).astype(np.uint8)
+    return cv2.cvtColor(u8, cv2.COLOR_RGB2BGR)
+
+
+def _write(path: Path, img: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    params = [cv2.IMWRITE_JPEG_QUALITY, 95] if path.suffix.lower() in (".jpg", ".jpeg") else []
+    if not cv2.imwrite(str(path), img, params):
+        raise OSError(f"could not write {path}: check the output folder is writable")
+
+
+def _is_texture(cls: str) -> bool:
+    return cls in MVTEC_TEXTURES
+
+
+def _synth_sample(cls: str, seed: int, split: str, index: int, h: int, w: int,
+                  defect: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(clean BGR image, image with the defect, mask 0/255) - the same image when defect is None."""
+    rng = _rng(seed, cls, split, index, defect or "good")
+    rgb, region = _normal_image(cls, rng, h, w, _is_texture(cls))
+    clean = _to_uint8_bgr(rgb)
+    if defect is None:
+        return clean, clean, None
+    rgb, mask = _draw_defect(rng, rgb, region, defect)
+    return clean, _to_uint8_bgr(rgb), mask
+
+
+def _synth_normal(cls: str, seed: int, split: str, index: int, h: int, w: int) -> np.ndarray:
+    return _synth_sample(cls, seed, split, index, h, w, None)[1]
+
+
+def _synth_defect(cls: str, seed: int, index: int, h: int, w: int,
+                  defect: str) -> tuple[np.ndarray, np.ndarray]:
+    _, image, mask = _synth_sample(cls, seed, "test", index, h, w, defect)
+    assert mask is not None
+    return image, mask
+
+
+def make_mvtec_like(root: str | Path, classes: Sequence[str] = ("carpet", "bottle"),
+                    n_good: int = 3, n_defect: int = 3, size: int = 256, seed: int = 0) -> Path:
+    """Write a synthetic set in the MVTec AD layout and return its root.
+
+    Per class: ``n_good`` images in train/good and again in test/good, and ``n_defect`` defect
+    images spread over the folders scratch, spot, hole (in turn), each with its
+    ground_truth/<defect>/<name>_mask.png (0/255). MVTec texture names get textures, every other
+    name an object. The same arguments always give the same files.
+    """
+    root = Path(root)
+    for cls in classes:
+        base = root / cls
+        for i in range(n_good):
+            _write(base / "train" / "good" / f"{i:03d}.png",
+                   _synth_normal(cls, seed, "train", i, size, size))
+            _write(base / "test" / "good" / f"{i:03d}.png",
+                   _synth_normal(cls, seed, "test", i, size, size))
+        counts = {k: 0 for k in DEFECT_KINDS}
+        for i in range(n_defect):
+            kind = DEFECT_KINDS[i % len(DEFECT_KINDS)]
+            j = counts[kind]
+            counts[kind] += 1
+            img, mask = _synth_defect(cls, seed, i, size, size, kind)
+            _write(base / "test" / kind / f"{j:03d}.png", img)
+            _write(base / "ground_truth" / kind / f"{j:03d}_mask.png", mask)
+    logger.info("wrote an MVTec-like set with %d classes to %s", len(classes), root)
+    return root
+
+
+def make_visa_like(root: str | Path, classes: Sequence[str] = ("candle", "pcb1"),
+                   n_normal: int = 3, n_anomaly: int = 3, size: tuple[int, int] = (320, 240),
+                   seed: int = 0) -> Path:
+    """Write a synthetic set in the VisA layout (``size`` = (width, height)) and return its root.
+
+    Per class: 2 * ``n_normal`` normal JPGs (the first half listed as train, the second as test)
+    and ``n_anomaly`` anomalous JPGs with masks (0/255 PNG), plus ``split_csv/1cls.csv``.
+    """
+    root = Path(root)
+    width, height = _as_wh(size)
+    rows: list[dict[str, str]] = []
+    for cls in classes:
+        data = root / cls / "Data"
+        for i in range(2 * n_normal):
+            split = "train" if i < n_normal else "test"
+            rel = Path(cls) / "Data" / "Images" / "Normal" / f"{i:04d}.JPG"
+            _write(root / rel, _synth_normal(cls, seed, split, i, height, width))
+            rows.append({"object": cls, "split": split, "label": "normal",
+                         "image": rel.as_posix(), "mask": ""})
+        for i in range(n_anomaly):
+            kind = DEFECT_KINDS[i % len(DEFECT_KINDS)]
+            img, mask = _synth_defect(cls, seed, i, height, width, kind)
+            rel = Path(cls) / "Data" / "Images" / "Anomaly" / f"{i:03d}.JPG"
+            rel_mask = Path(cls) / "Data" / "Masks" / "Anomaly" / f"{i:03d}.png"
+            _write(root / rel, img)
+            _write(root / rel_mask, mask)
+            rows.append({"object": cls, "split": "test", "label": "anomaly",
+                         "image": rel.as_posix(), "mask": rel_mask.as_posix()})
+        logger.debug("wrote %s", data)
+    csv_path = root / VISA_CSV
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    with csv_path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(VISA_COLUMNS))
+        writer.writeheader()
+        writer.writerows(rows)
+    logger.info("wrote a VisA-like set with %d classes to %s", len(classes), root)
+    return root
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def _parse_size(text: str | None) -> tuple[int, int] | None:
+    """'N' -> (N, N); 'WxH' -> (W, H); None stays None (the layout's default)."""
+    if text is None:
+        return None
+    try:
+        parts = [int(v) for v in text.lower().split("x")]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not N or WxH", param_hint="--size") from None
+    if len(parts) == 1:
+        return parts[0], parts[0]
+    if len(parts) == 2:
+        return parts[0], parts[1]
+    raise click.BadParameter(f"{text!r} is not N or WxH", param_hint="--size")
+
+
+@click.group()
+def main() -> None:
+    """Dataset tools for the AnoCLIP benchmarks."""
+
+
+@main.command("make")
+@click.option("--layout", type=click.Choice(DATASETS), required=True,
+              help="Folder layout to write: 'mvtec' (MVTec AD) or 'visa' (VisA with 1cls.csv).")
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Root folder to write the set into (created if missing).")
+@click.option("--classes", default=None,
+              help="Comma-separated class names. Default: carpet,bottle (mvtec) or candle,pcb1 "
+                   "(visa). MVTec texture names get textures, other names objects.")
+@click.option("--n-normal", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Normal images per class and split (train and test each).")
+@click.option("--n-anomalous", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Anomalous test images per class (scratch, spot, hole in turn).")
+@click.option("--size", default=None,
+              help="Image size: N (square) or WxH. Default: 256 (mvtec), 320x240 (visa).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed; the same seed always writes the same images.")
+def make_command(layout: str, out: Path, classes: str | None, n_normal: int, n_anomalous: int,
+                 size: str | None, seed: int) -> None:
+    """Write a small license-clean synthetic set (procedural images with exact masks)."""
+    names = tuple(c.strip() for c in classes.split(",") if c.strip()) if classes else None
+    parsed = _parse_size(size)
+    try:
+        if layout == "mvtec":
+            if parsed is not None and parsed[0] != parsed[1]:
+                raise click.BadParameter("MVTec-like images are square: give one number",
+                                         param_hint="--size")
+            root = make_mvtec_like(out, names or ("carpet", "bottle"), n_good=n_normal,
+                                   n_defect=n_anomalous, size=parsed[0] if parsed else 256,
+                                   seed=seed)
+        else:
+            root = make_visa_like(out, names or ("candle", "pcb1"), n_normal=n_normal,
+                                  n_anomaly=n_anomalous, size=parsed or (320, 240), seed=seed)
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    found = list_classes(root, layout)
+    click.echo(f"wrote a {layout} layout with classes {', '.join(found)} to {root}")
+
+
+if __name__ == "__main__":
+    main()
