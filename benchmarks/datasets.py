@@ -24,12 +24,13 @@ import logging
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import click
 import cv2
 import numpy as np
+
+from anoclip.runtime.preprocess import resize_bilinear
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,6 @@ __all__ = [
     "make_visa_like",
     "read_image",
     "read_mask",
-    "resize_bilinear_pil",
 ]
 
 MVTEC_CLASSES: tuple[str, ...] = (
@@ -81,59 +81,6 @@ class Sample:
 # Reading images and masks
 # --------------------------------------------------------------------------------------------
 
-_PIL_PRECISION_BITS = 32 - 8 - 2
-
-
-@lru_cache(maxsize=32)
-def _pil_bilinear_coefficients(in_size: int, out_size: int) -> np.ndarray:
-    """[out, in] fixed-point weights of Pillow's antialiased bilinear resampling (8-bit path)."""
-    scale = in_size / out_size
-    filterscale = max(scale, 1.0)
-    support = 1.0 * filterscale
-    inv = 1.0 / filterscale
-    coeffs = np.zeros((out_size, in_size), dtype=np.float64)
-    one = float(1 << _PIL_PRECISION_BITS)
-    for xx in range(out_size):
-        center = (xx + 0.5) * scale
-        xmin = max(int(center - support + 0.5), 0)
-        xmax = min(int(center + support + 0.5), in_size)
-        weights = []
-        total = 0.0
-        for x in range(xmin, xmax):
-            t = abs((x - center + 0.5) * inv)
-            w = 1.0 - t if t < 1.0 else 0.0
-            weights.append(w)
-            total += w  # sequential sum, as Pillow accumulates
-        for i, w in enumerate(weights):
-            if total != 0.0:
-                w /= total
-            fixed = int(0.5 + w * one) if w >= 0 else int(-0.5 + w * one)  # C cast truncates
-            coeffs[xx, xmin + i] = float(fixed)
-    return coeffs
-
-
-def _pil_pass(img: np.ndarray, coeffs: np.ndarray) -> np.ndarray:
-    # Integer-valued float64 products and sums stay exact (far below 2**53).
-    acc = img.astype(np.float64) @ coeffs.T + float(1 << (_PIL_PRECISION_BITS - 1))
-    return np.clip(np.floor(acc / float(1 << _PIL_PRECISION_BITS)), 0, 255).astype(np.uint8)
-
-
-def resize_bilinear_pil(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize a 2-D uint8 image to ``size`` = (width, height) exactly as Pillow's
-    ``Image.resize(size, Image.BILINEAR)`` does for mode "L" (antialiased when shrinking,
-    fixed-point arithmetic, horizontal pass first). This is what torchvision's ``Resize`` does to
-    the authors' PIL masks, without needing Pillow here."""
-    if img.ndim != 2 or img.dtype != np.uint8:
-        raise ValueError(f"expected a 2-D uint8 image, got {img.dtype} {img.shape}")
-    width, height = size
-    out = img
-    if width != img.shape[1]:
-        out = _pil_pass(out, _pil_bilinear_coefficients(img.shape[1], width))
-    if height != img.shape[0]:
-        out = _pil_pass(out.T, _pil_bilinear_coefficients(img.shape[0], height)).T
-    return np.ascontiguousarray(out) if out is not img else img.copy()
-
-
 def _as_wh(size: int | tuple[int, int]) -> tuple[int, int]:
     if isinstance(size, (int, np.integer)):
         return int(size), int(size)
@@ -164,7 +111,9 @@ def read_mask(path: str | Path | None, size: int | tuple[int, int] | None = None
     if size is None:
         return binary > 0
     width, height = _as_wh(size)
-    resized = resize_bilinear_pil(binary, (width, height))
+    # The runtime's resize reproduces Pillow's BILINEAR resize bit for bit on uint8 images, which
+    # is what torchvision's Resize does to the authors' PIL masks.
+    resized = resize_bilinear(binary[..., None], (height, width))[..., 0]
     return resized.astype(np.float32) / 255.0 > 0.5
 
 

@@ -99,14 +99,23 @@ def test_read_mask_any_nonzero_is_anomalous(tmp_path: Path) -> None:
 @pytest.mark.parametrize("src,dst", [((700, 700), (240, 240)), ((1500, 1000), (360, 240)),
                                      ((50, 40), (240, 240)), ((300, 200), (240, 240)),
                                      ((17, 5), (3, 9))])
-def test_resize_matches_pillow_bilinear(src: tuple[int, int], dst: tuple[int, int]) -> None:
+def test_read_mask_matches_the_pillow_pipeline(tmp_path: Path, src: tuple[int, int],
+                                               dst: tuple[int, int]) -> None:
+    """Binarise, 0/255, Pillow BILINEAR resize, / 255, > 0.5: the authors' mask path."""
     image_mod = pytest.importorskip("PIL.Image")
     rng = np.random.default_rng(0)
     w, h = src
-    for img in (rng.integers(0, 256, (h, w), dtype=np.uint8),
-                np.where(rng.random((h, w)) < 0.3, 255, 0).astype(np.uint8)):
-        ref = np.asarray(image_mod.fromarray(img, "L").resize(dst, image_mod.BILINEAR))
-        np.testing.assert_array_equal(D.resize_bilinear_pil(img, dst), ref)
+    canvas = np.zeros((h, w), np.uint8)
+    for _ in range(6):
+        center = (int(rng.integers(w)), int(rng.integers(h)))
+        axes = (int(rng.integers(1, max(2, w // 4))), int(rng.integers(1, max(2, h // 4))))
+        cv2.ellipse(canvas, center, axes, float(rng.uniform(0, 180)), 0, 360, 7, -1)
+    canvas[rng.random((h, w)) < 0.02] = 3  # speckles: many pixels near the 0.5 cut
+    path = tmp_path / "mask.png"
+    cv2.imwrite(str(path), canvas)
+    pil = image_mod.fromarray(np.where(canvas > 0, 255, 0).astype(np.uint8), "L")
+    ref = np.asarray(pil.resize(dst, image_mod.BILINEAR)).astype(np.float32) / 255.0 > 0.5
+    np.testing.assert_array_equal(D.read_mask(path, dst), ref)
 
 
 def test_missing_root_and_class_errors(mvtec_root: Path, visa_root: Path, tmp_path: Path) -> None:
