@@ -69,7 +69,8 @@ class PluginGroup(click.Group):
         except ImportError as exc:
             missing = exc.name or str(exc)
 
-            @click.command(name, help=f"(unavailable: needs {missing})")
+            @click.command(name, help=f"(unavailable: needs {missing})", add_help_option=False,
+                           context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
             def unavailable():
                 raise AnoclipError(f"`anoclip {name}` needs {missing}; install it with `pip install 'anoclip[{name}]'`")
 

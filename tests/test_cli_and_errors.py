@@ -1,0 +1,256 @@
+"""The CLIs end to end on the tiny architecture, and every user error as one clear line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from anoclip.runtime.artifacts import (
+    PROMPTS, ClassPrompts, PromptBank, load_artifacts, read_manifest, read_prompts, sha256_file, write_manifest,
+    write_prompts,
+)
+from anoclip.runtime.detector import Detector
+from anoclip.runtime.errors import AnoclipError, ArtifactError, ImageError, UnknownClassError
+
+from conftest import TINY_CONFIG
+
+
+def run_cli(*args: str, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "from anoclip.runtime.cli import main; main()", *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def copy_artifacts(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def one_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# predict
+
+
+def write_images(folder: Path) -> list[Path]:
+    import cv2
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for name, shape in (("square.png", (64, 64)), ("wide.jpg", (60, 200))):
+        path = folder / name
+        cv2.imwrite(str(path), rng.integers(0, 256, (*shape, 3), dtype=np.uint8))
+        paths.append(path)
+    return paths
+
+
+def test_predict_writes_overlays_maps_and_jsonl(tiny_artifacts, tmp_path):
+    images = write_images(tmp_path / "imgs")
+    out = tmp_path / "out"
+    proc = run_cli("predict", "--artifacts", str(tiny_artifacts), "--class", "bottle", "--out", str(out),
+                   str(tmp_path / "imgs"))
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [Path(r["image"]).name for r in lines] == sorted(p.name for p in images)
+    for record in lines:
+        amap = np.load(record["map"])
+        assert amap.dtype == np.float32
+        assert 0.0 < record["score"] < 1.0
+        assert Path(record["overlay"]).is_file()
+        assert set(record["timings_ms"]) == {"preprocess", "model", "scoring"}
+    wide = next(r for r in lines if r["image"].endswith("wide.jpg"))
+    assert np.load(wide["map"]).shape == (60, 200) and wide["tiles"] == 4  # 48 x 160 after resizing: 4 tiles of 48
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_predict_skips_unreadable_images_and_says_so(tiny_artifacts, tmp_path):
+    good = write_images(tmp_path / "imgs")[0]
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    proc = run_cli("predict", "--artifacts", str(tiny_artifacts), "--class", "carpet", "--out", str(tmp_path / "o"),
+                   str(good), str(bad), str(tmp_path / "missing.png"))
+    assert proc.returncode == 3, proc.stderr
+    assert "cannot decode" in proc.stderr and "no such file" in proc.stderr
+    assert len((tmp_path / "o" / "results.jsonl").read_text().splitlines()) == 1
+
+
+def test_predict_unknown_class_is_one_line(tiny_artifacts, tmp_path):
+    image = write_images(tmp_path / "imgs")[0]
+    proc = run_cli("predict", "--artifacts", str(tiny_artifacts), "--class", "spaceship", str(image))
+    assert proc.returncode == 1
+    line = one_error_line(proc.stderr)
+    assert "spaceship" in line and "known: bottle, carpet" in line and "--classes spaceship" in line
+
+
+def test_predict_missing_artifact_file(tiny_artifacts, tmp_path):
+    folder = copy_artifacts(tiny_artifacts, tmp_path / "a")
+    (folder / "visual.onnx").unlink()
+    image = write_images(tmp_path / "imgs")[0]
+    proc = run_cli("predict", "--artifacts", str(folder), "--class", "bottle", str(image))
+    assert proc.returncode == 1
+    assert "visual.onnx is missing" in one_error_line(proc.stderr)
+    proc = run_cli("predict", "--artifacts", str(tmp_path / "nowhere"), "--class", "bottle", str(image))
+    assert "does not exist" in one_error_line(proc.stderr)
+
+
+# ------------------------------------------------------------------------------------------------
+# Detector API
+
+
+def test_detector_batch_equals_single(tiny_artifacts, rgb_image):
+    detector = Detector.load(tiny_artifacts, backend="cpu")
+    square = rgb_image[:, :100]
+    wide = np.concatenate([rgb_image, rgb_image[:, ::-1]], axis=1)
+    single = [detector.predict(img, "bottle") for img in (square, wide)]
+    batch = detector.predict_batch([square, wide], "bottle")
+    for a, b in zip(single, batch):
+        assert a.score == pytest.approx(b.score, abs=1e-6)
+        np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, atol=1e-6)
+    assert single[0].anomaly_map.shape == (48, 48) and single[0].anomaly_map_full.shape == square.shape[:2]
+    assert single[1].tiles > 1 and single[1].anomaly_map_full.shape == wide.shape[:2]
+
+
+def test_detector_runs_the_qkv_baseline(tiny_artifacts, rgb_image):
+    vv = Detector.load(tiny_artifacts, backend="cpu").predict(rgb_image, "bottle")
+    qkv = Detector.load(tiny_artifacts, backend="cpu", model="visual_qkv").predict(rgb_image, "bottle")
+    assert vv.score == pytest.approx(qkv.score, abs=1e-6)  # same global token
+    assert not np.allclose(vv.anomaly_map, qkv.anomaly_map)
+
+
+def test_detector_errors(tiny_artifacts, tmp_path):
+    detector = Detector.load(tiny_artifacts, backend="cpu")
+    with pytest.raises(UnknownClassError, match="known: bottle, carpet"):
+        detector.predict(np.zeros((10, 10, 3), np.uint8), "hazelnut")
+    with pytest.raises(ImageError, match="no such file"):
+        detector.predict(tmp_path / "none.png", "bottle")
+    with pytest.raises(ImageError, match="shape"):
+        detector.predict(np.zeros((10, 10, 2), np.uint8), "bottle")
+
+
+# ------------------------------------------------------------------------------------------------
+# artifacts that do not belong together
+
+
+def test_prompts_of_another_backbone_are_refused(tiny_artifacts, tmp_path):
+    folder = copy_artifacts(tiny_artifacts, tmp_path / "a")
+    bank = read_prompts(folder / PROMPTS)
+    foreign = PromptBank(bank.classes, "ViT-B-16", "laion400m_e32", bank.embed_dim)
+    write_prompts(folder / PROMPTS, foreign)
+    manifest = read_manifest(folder)
+    manifest.files[PROMPTS] = sha256_file(folder / PROMPTS)
+    write_manifest(folder, manifest)
+    with pytest.raises(ArtifactError, match="do not belong.*backbone ViT-B-16 vs anoclip-tiny-vit"):
+        load_artifacts(folder)
+
+
+def test_changed_file_fails_the_hash_check(tiny_artifacts, tmp_path):
+    folder = copy_artifacts(tiny_artifacts, tmp_path / "a")
+    bank = read_prompts(folder / PROMPTS)
+    bank.classes["extra"] = ClassPrompts("extra", np.eye(2, bank.embed_dim, dtype=np.float32),
+                                         np.eye(4, bank.embed_dim, dtype=np.float32))
+    write_prompts(folder / PROMPTS, bank)
+    with pytest.raises(ArtifactError, match="does not match the sha256"):
+        load_artifacts(folder)
+    load_artifacts(folder, verify=False)  # the user can opt out
+
+
+def test_manifest_of_another_format_version(tiny_artifacts, tmp_path):
+    folder = copy_artifacts(tiny_artifacts, tmp_path / "a")
+    data = json.loads((folder / "manifest.json").read_text())
+    data["format_version"] = 99
+    (folder / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match="format version 99"):
+        load_artifacts(folder)
+
+
+# ------------------------------------------------------------------------------------------------
+# export
+
+
+def test_adding_classes_keeps_the_visual_model(tiny_artifacts, tmp_path, export_cli):
+    folder = copy_artifacts(tiny_artifacts, tmp_path / "a")
+    before = sha256_file(folder / "visual.onnx")
+    mtime = (folder / "visual.onnx").stat().st_mtime_ns
+    result = export_cli(["--model-config", str(TINY_CONFIG), "--pretrained", "none", "--classes", "hazelnut",
+                         "--qkv-tokens", "model", "--out", str(folder)])
+    assert result.exit_code == 0, result.output
+    assert (folder / "visual.onnx").stat().st_mtime_ns == mtime and sha256_file(folder / "visual.onnx") == before
+    artifacts = load_artifacts(folder)
+    assert sorted(artifacts.prompts.classes) == ["bottle", "carpet", "hazelnut"]
+    # the old classes are untouched
+    old = read_prompts(tiny_artifacts / PROMPTS)
+    np.testing.assert_array_equal(artifacts.prompts.get("bottle").prompt_features, old.get("bottle").prompt_features)
+
+
+def test_failed_check_leaves_nothing_that_loads(tmp_path, export_cli):
+    folder = tmp_path / "a"
+    with pytest.raises(AnoclipError, match="differs from the PyTorch reference by more than 0; nothing was written"):
+        export_cli(["--model-config", str(TINY_CONFIG), "--pretrained", "none", "--classes", "bottle",
+                    "--atol", "0", "--out", str(folder)])
+    assert not (folder / "manifest.json").exists() and not (folder / "visual.onnx").exists()
+    assert list(folder.iterdir()) == []
+    with pytest.raises(ArtifactError, match="manifest.json is missing"):
+        load_artifacts(folder)
+
+
+def export_subprocess(*args: str, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "from anoclip.export.cli import main; main()", *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_unknown_backbone_is_one_line(tmp_path):
+    pytest.importorskip("open_clip")
+    proc = export_subprocess("--backbone", "ViT-Z-99", "--classes", "bottle", "--out", str(tmp_path / "a"))
+    assert proc.returncode == 1
+    line = one_error_line(proc.stderr)
+    assert "unknown backbone 'ViT-Z-99'" in line and "ViT-B-16" in line
+
+
+def test_offline_download_is_one_line(tmp_path):
+    pytest.importorskip("open_clip")
+    import os
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = export_subprocess("--backbone", "ViT-B-32", "--pretrained", "laion400m_e32", "--classes", "bottle",
+                             "--out", str(tmp_path / "a"), env=env)
+    assert proc.returncode == 1
+    line = one_error_line(proc.stderr)
+    assert "cannot download" in line and "--pretrained /path/to/checkpoint" in line and "--pretrained none" in line
+    assert not (tmp_path / "a" / "manifest.json").exists()
+
+
+def test_local_state_dict_checkpoint(tmp_path, tiny_model, tiny_artifacts, export_cli):
+    torch = pytest.importorskip("torch")
+    checkpoint = tmp_path / "tiny.pt"
+    torch.save(tiny_model.model.state_dict(), checkpoint)
+    folder = tmp_path / "a"
+    result = export_cli(["--model-config", str(TINY_CONFIG), "--pretrained", str(checkpoint), "--classes", "bottle",
+                         "--out", str(folder)])
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(folder)
+    assert manifest.pretrained.startswith("file:tiny.pt@") and not manifest.random_weights
+    assert manifest.command.startswith("anoclip-export")
+    # the checkpoint holds the weights of the seeded random model the tiny artifacts came from
+    ours = read_prompts(folder / PROMPTS).get("bottle")
+    ref = read_prompts(tiny_artifacts / PROMPTS).get("bottle")
+    np.testing.assert_allclose(ours.text_features, ref.text_features, atol=1e-6)
+
+
+def test_bad_pretrained_tag_is_one_line(tmp_path):
+    pytest.importorskip("open_clip")
+    proc = export_subprocess("--backbone", "ViT-B-16-plus-240", "--pretrained", "laion5b_e99", "--classes", "x",
+                             "--out", str(tmp_path / "a"))
+    assert proc.returncode == 1
+    line = one_error_line(proc.stderr)
+    assert "laion400m_e32" in line and "none" in line
