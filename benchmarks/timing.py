@@ -1,0 +1,96 @@
+"""Timing helpers shared by the benchmarks: machine description and interleaved timing.
+
+Machines are noisy, so candidates are timed round-robin in one run (each round runs every
+candidate once) and compared by ratios of their medians, never against fixed thresholds.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+
+def machine_info() -> dict[str, object]:
+    """CPU model, core count, memory, Python/numpy versions and GPU (if nvidia-smi answers)."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.lower().startswith(("model name", "hardware", "cpu model")):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    memory_gib = None
+    meminfo = Path("/proc/meminfo")
+    if meminfo.is_file():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                memory_gib = round(int(line.split()[1]) / 1024**2, 1)
+    return {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "memory_gib": memory_gib,
+        "gpu": gpu_name(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "os": f"{platform.system()} {platform.release()}",
+    }
+
+
+def gpu_name() -> str | None:
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+
+
+@dataclass
+class Timing:
+    """Per-run milliseconds of one candidate."""
+
+    name: str
+    ms: list[float]
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.ms))
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.ms, q))
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.ms))
+
+    def summary(self) -> dict[str, float]:
+        return {"mean": self.mean, "p50": self.median, "p90": self.percentile(90), "p99": self.percentile(99),
+                "runs": len(self.ms)}
+
+
+def time_interleaved(candidates: dict[str, Callable[[], object]], runs: int = 30, warmup: int = 5,
+                     progress: Callable[[int], None] | None = None) -> dict[str, Timing]:
+    """Time each candidate ``runs`` times, round-robin, after ``warmup`` untimed rounds."""
+    for _ in range(warmup):
+        for fn in candidates.values():
+            fn()
+    timings = {name: Timing(name, []) for name in candidates}
+    for index in range(runs):
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            fn()
+            timings[name].ms.append((time.perf_counter() - start) * 1e3)
+        if progress is not None:
+            progress(index + 1)
+    return timings
