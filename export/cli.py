@@ -15,7 +15,8 @@ from pathlib import Path
 import click
 
 from anoclip.runtime.artifacts import (
-    MANIFEST, PROMPTS, VISUAL, VISUAL_QKV, ClassPrompts, Manifest, PromptBank, check_prompts_belong,
+    MANIFEST, PROMPTS, TTA_GRAPH, VISUAL, VISUAL_QKV, ClassPrompts, Manifest, ModelEntry, PromptBank,
+    check_prompts_belong,
     read_manifest, read_prompts, sha256_file, verify_files, write_manifest, write_prompts,
 )
 from anoclip.runtime.cli import configure_logging, run_guarded
@@ -43,6 +44,9 @@ class ExportOptions:
     atol: float
     text_batch: int
     seed: int
+    tta: bool = False
+    tta_steps: int = 5
+    tta_adapter: str = "text"
 
 
 def parse_classes(classes: str | None, classes_file: str | None) -> tuple[list[str], dict[str, str]]:
@@ -141,6 +145,26 @@ def _export_visual(opts: ExportOptions, loaded: LoadedModel, staging: Path, prog
     return entries
 
 
+def _write_tta_graph(opts: ExportOptions, staging: Path) -> ModelEntry:
+    """The AnoCLIP+ loop as one ONNX graph; it takes T and t± as inputs, so it serves every class."""
+    import onnx
+
+    from anoclip.runtime.tta import TTAConfig
+
+    from .tta_graph import write_tta_graph
+
+    path = write_tta_graph(staging / f"{TTA_GRAPH}.onnx", config=TTAConfig(steps=opts.tta_steps, adapter=opts.tta_adapter))
+    graph = onnx.load(str(path)).graph
+
+    def shapes(values) -> dict[str, list[int]]:
+        return {v.name: [d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim]
+                for v in values}
+
+    opset = {o.domain: o.version for o in onnx.load(str(path)).opset_import}.get("", 17)
+    return ModelEntry(file=path.name, inputs=shapes(graph.input), outputs=shapes(graph.output), patch_tokens="",
+                      vv_blocks=None, opset=opset)
+
+
 def _encode_classes(opts: ExportOptions, loaded: LoadedModel, bank: PromptBank) -> None:
     from tqdm import tqdm
 
@@ -180,6 +204,8 @@ def run_export(opts: ExportOptions, argv: list[str]) -> Manifest:
         bank = existing
     if manifest is None and not opts.classes:
         raise AnoclipError("no classes given; pass --classes a,b,c or --classes-file FILE")
+    if manifest is not None and not opts.classes and not opts.tta:
+        raise AnoclipError(f"{opts.out} is up to date and nothing was asked; pass --classes to add classes, or --force")
     with tempfile.TemporaryDirectory(prefix=".staging-", dir=opts.out) as staging_dir:
         staging = Path(staging_dir)
         if manifest is None:
@@ -195,6 +221,9 @@ def run_export(opts: ExportOptions, argv: list[str]) -> Manifest:
         else:
             progress(f"visual model in {opts.out} is up to date; adding prompts only")
         bank.embed_dim = manifest.embed_dim
+        if opts.tta:
+            progress(f"writing {TTA_GRAPH}.onnx ({opts.tta_steps} unrolled steps, {opts.tta_adapter} adapter)")
+            manifest.models[TTA_GRAPH] = _write_tta_graph(opts, staging)
         if opts.classes:
             _encode_classes(opts, loaded, bank)
         write_prompts(staging / PROMPTS, bank, {"open_clip_version": open_clip.__version__})
@@ -248,6 +277,12 @@ def _version() -> str:
 @click.option("--qkv-tokens", type=click.Choice(["none", "add", "model"]), default="none", show_default=True,
               help="Plain-CLIP QKV patch tokens (the Table 3/7 baseline): 'add' adds an output qkv_patch_embeds to "
                    "visual.onnx; 'model' also writes visual_qkv.onnx whose patch_embeds are the QKV tokens.")
+@click.option("--tta", is_flag=True,
+              help="Also write tta.onnx: the AnoCLIP+ adapter loop (steps, gradients, AdamW) as one ONNX graph "
+                   "that onnxruntime or TensorRT can run next to the model (`anoclip predict --tta-backend onnx`).")
+@click.option("--tta-steps", default=5, show_default=True, type=click.IntRange(min=1), help="Steps unrolled in tta.onnx.")
+@click.option("--tta-adapter", default="text", show_default=True, type=click.Choice(["text", "linear"]),
+              help="Adapter of tta.onnx: text (authors' MVTec code) or linear (their VisA script).")
 @click.option("--force", is_flag=True, help="Re-export the visual model even when the folder's one is up to date.")
 @click.option("--check/--no-check", default=True, show_default=True,
               help="Check ONNX Runtime (CPU) against the PyTorch reference after export.")
@@ -257,7 +292,7 @@ def _version() -> str:
 @click.option("--seed", default=0, show_default=True, help="Seed for random weights (--pretrained none).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON when done.")
 def export_command(backbone, pretrained, model_config, classes, classes_file, domain_opts, out, opset, dynamic_batch,
-                   vv_blocks, qkv_tokens, force, check, atol, text_batch, seed, as_json):
+                   vv_blocks, qkv_tokens, tta, tta_steps, tta_adapter, force, check, atol, text_batch, seed, as_json):
     """Export an open_clip ViT with the V-V path to ONNX and bake the prompt embeddings of CLASSES.
 
     Writes OUT/manifest.json, OUT/visual.onnx and OUT/prompts.safetensors. Run it again with new
@@ -279,7 +314,7 @@ def export_command(backbone, pretrained, model_config, classes, classes_file, do
         tag = resolve_pretrained(backbone, pretrained)
         folder = Path("artifacts") / f"{backbone}-{Path(tag).stem}"
     opts = ExportOptions(backbone, pretrained, folder, names, domains, opset, dynamic_batch, vv_blocks,
-                         qkv_tokens, force, check, atol, text_batch, seed)
+                         qkv_tokens, force, check, atol, text_batch, seed, tta, tta_steps, tta_adapter)
     manifest = run_export(opts, ["anoclip-export", *sys.argv[1:]])
     bank = read_prompts(folder / PROMPTS)
     if as_json:

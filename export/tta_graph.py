@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from anoclip.runtime.artifacts import atomic_write_bytes
 from anoclip.runtime.tta import (
     TTA_GRAPH_FORMAT_VERSION,
     TTA_GRAPH_INPUTS,
@@ -308,20 +308,6 @@ def write_tta_graph(
     cfg = config if config is not None else TTAConfig()
     model = build_tta_graph(steps if steps is not None else cfg.steps, cfg, adapter, **dims)
     dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(model.SerializeToString())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write_bytes(dest, model.SerializeToString())
     logger.info("wrote %s (%s)", dest, model.graph.name)
     return dest

@@ -8,6 +8,7 @@ Layout of one artifact folder::
     manifest.json          what was exported, how, and the sha256 of every file
     visual.onnx            image [B,3,H,W] -> image_embeds [B,D], patch_embeds [B,M,D]
     visual_qkv.onnx        optional plain-CLIP baseline (patch_embeds are the QKV tokens)
+    tta.onnx               optional AnoCLIP+ adapter loop as one graph (class-independent)
     prompts.safetensors    text_features/<class> [2,D] (t+, t-), prompt_features/<class> [2N,D]
 """
 
@@ -34,6 +35,7 @@ MANIFEST = "manifest.json"
 PROMPTS = "prompts.safetensors"
 VISUAL = "visual"
 VISUAL_QKV = "visual_qkv"
+TTA_GRAPH = "tta"
 PROMPTS_FORMAT = "anoclip-prompts"
 
 
@@ -90,7 +92,7 @@ class ModelEntry:
     file: str
     inputs: dict[str, list[int]]
     outputs: dict[str, list[int]]
-    patch_tokens: str  # "vv" or "qkv": what the patch_embeds output holds
+    patch_tokens: str  # "vv" or "qkv": what the patch_embeds output holds; "" for the TTA graph
     vv_blocks: int | None = None
     opset: int = 17
 
@@ -288,7 +290,8 @@ class Artifacts:
             return self.folder / self.manifest.models[model].file
         except KeyError:
             known = ", ".join(self.manifest.models)
-            hint = " (export it with `anoclip-export --qkv-tokens model`)" if model == VISUAL_QKV else ""
+            hint = {VISUAL_QKV: " (export it with `anoclip-export --qkv-tokens model`)",
+                    TTA_GRAPH: " (export it with `anoclip-export --tta`)"}.get(model, "")
             raise ArtifactError(f"model '{model}' is not in {self.folder} (has: {known}){hint}") from None
 
 

@@ -121,14 +121,25 @@ def _npy_bytes(array: np.ndarray) -> bytes:
               help="visual: AnoCLIP V-V tokens; visual_qkv: the plain-CLIP baseline (if exported).")
 @click.option("--tiling", default="auto", show_default=True, type=click.Choice(["auto", "never", "always"]),
               help="Cut frames far from square (aspect > 1.2) into overlapping square tiles.")
+@click.option("--tta", is_flag=True, help="AnoCLIP+: adapt the patch tokens at test time (maps change, scores do not).")
+@click.option("--tta-backend", default="numpy", show_default=True, type=click.Choice(["numpy", "onnx"]),
+              help="numpy array code, or the exported tta.onnx through onnxruntime (export with --tta).")
+@click.option("--tta-steps", default=5, show_default=True, type=click.IntRange(min=1), help="Adapter steps per image.")
+@click.option("--tta-adapter", default="text", show_default=True, type=click.Choice(["text", "linear"]),
+              help="text: tanh adapter over the prompt embeddings (authors' MVTec code); linear: their VisA script.")
+@click.option("--tta-init", default="random", show_default=True, type=click.Choice(["random", "prompts"]),
+              help="random: like torch.nn.Linear, re-drawn per image (authors' code); prompts: from T (paper).")
+@click.option("--tta-state", default="persistent", show_default=True, type=click.Choice(["persistent", "fresh"]),
+              help="persistent: one AdamW state per class across images (authors' code); fresh: new per image.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the TTA draws (parameters, noise).")
 @click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(0, 1), help="Heat-map opacity.")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads for onnxruntime.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the artifacts at load.")
 @click.option("--json", "as_json", is_flag=True, help="Also print each result line to stdout.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @click.argument("paths", nargs=-1, required=True)
-def predict_command(artifacts_dir, cls, out_dir, backend, model, tiling, alpha, threads, no_verify, as_json,
-                    verbose, paths):
+def predict_command(artifacts_dir, cls, out_dir, backend, model, tiling, tta, tta_backend, tta_steps, tta_adapter,
+                    tta_init, tta_state, seed, alpha, threads, no_verify, as_json, verbose, paths):
     """Score images (files or folders of images) and write anomaly maps.
 
     Per image: OUT/<name>_overlay.png (heat map over the image, colour range = the map's own
@@ -142,9 +153,18 @@ def predict_command(artifacts_dir, cls, out_dir, backend, model, tiling, alpha, 
     from .overlay import encode_png, overlay
     from .preprocess import read_image
 
+    from .tta import TTAConfig
+
     configure_logging(verbose)
+    tta_config = None
+    if tta:
+        try:
+            tta_config = TTAConfig(steps=tta_steps, adapter=tta_adapter, init=tta_init, state_policy=tta_state,
+                                   seed=seed)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
     detector = Detector.load(artifacts_dir, backend=backend, model=model, tiling=tiling, verify=not no_verify,
-                             threads=threads)
+                             threads=threads, tta=tta_config or False, tta_backend=tta_backend)
     detector.class_prompts(cls)  # unknown class: fail before touching any image
     images = discover_images(paths)
     if not images:

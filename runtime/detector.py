@@ -10,10 +10,11 @@ from typing import Sequence
 
 import numpy as np
 
-from .artifacts import VISUAL, Artifacts, ClassPrompts, load_artifacts
+from .artifacts import TTA_GRAPH, VISUAL, Artifacts, ClassPrompts, load_artifacts
 from .backends import Backend, create_backend
 from .preprocess import TileLayout, as_rgb_uint8, merge_tiles, preprocess, read_image
-from .scoring import abnormal_probability, anomaly_map, gaussian_smooth, patch_grid, upsample_bilinear
+from .scoring import abnormal_probability, gaussian_smooth, patch_grid, upsample_bilinear
+from .tta import OnnxTTARunner, TTAAdapter, TTAConfig
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +50,18 @@ class Detector:
     """
 
     def __init__(self, artifacts: Artifacts, backend: Backend, tiling: str = "auto",
-                 smoothing_sigma: float = 0.0, tta=None):
+                 smoothing_sigma: float = 0.0, tta: TTAConfig | None = None, tta_backend: str = "numpy"):
+        if tta_backend not in ("numpy", "onnx"):
+            raise ValueError(f"tta_backend must be 'numpy' or 'onnx', got {tta_backend!r}")
         self.artifacts = artifacts
         self.backend = backend
         self.tiling = tiling
         self.smoothing_sigma = smoothing_sigma
-        self.tta = tta  # None, or a TTA configuration used by default in predict
-        self._adapters: dict[str, object] = {}
+        self.tta = tta  # the TTA configuration predict uses by default (None: AnoCLIP without TTA)
+        self.tta_backend = tta_backend
+        # One adapter per (class, configuration): with the default "persistent" policy its AdamW
+        # state carries over from image to image of that class, as in the authors' code.
+        self._adapters: dict[tuple[str, TTAConfig], TTAAdapter | OnnxTTARunner] = {}
         manifest = artifacts.manifest
         self.input_size = tuple(manifest.image_size)
         self.grid = tuple(manifest.grid)
@@ -64,22 +70,27 @@ class Detector:
     @classmethod
     def load(cls, artifacts_dir: str | os.PathLike, backend: str = "auto", tta=False, *, model: str = VISUAL,
              tiling: str = "auto", smoothing_sigma: float = 0.0, verify: bool = True,
-             threads: int | None = None) -> "Detector":
+             threads: int | None = None, tta_backend: str = "numpy") -> "Detector":
         """Load an artifact folder.
 
         Args:
             artifacts_dir: folder written by ``anoclip-export``.
             backend: ``auto`` (TensorRT -> CUDA -> CPU execution providers), ``cpu``, ``cuda``, ``tensorrt``.
-            tta: False, True (default TTA settings) or a TTA configuration: AnoCLIP+ maps.
+            tta: False, True (default TTA settings) or a ``TTAConfig``: AnoCLIP+ maps (the image
+                score does not change).
             model: ``visual`` (V-V tokens) or ``visual_qkv`` (the plain-CLIP baseline, when exported).
             tiling: ``auto`` (tile frames whose aspect ratio exceeds 1.2), ``never`` or ``always``.
             smoothing_sigma: optional Gaussian smoothing of the map in model pixels (0 = off, as published).
             verify: check file hashes against the manifest.
             threads: CPU threads for onnxruntime (default: its own choice).
+            tta_backend: ``numpy`` (array code; cupy arrays run it on a GPU) or ``onnx`` (the
+                exported ``tta.onnx`` through onnxruntime with the same providers).
         """
-        artifacts = load_artifacts(artifacts_dir, verify=verify, models=[model])
+        models = [model] + ([TTA_GRAPH] if tta_backend == "onnx" else [])
+        artifacts = load_artifacts(artifacts_dir, verify=verify, models=models)
         engine = create_backend(artifacts.model_path(model), backend, threads=threads)
-        return cls(artifacts, engine, tiling=tiling, smoothing_sigma=smoothing_sigma, tta=_tta_config(tta))
+        return cls(artifacts, engine, tiling=tiling, smoothing_sigma=smoothing_sigma, tta=_tta_config(tta),
+                   tta_backend=tta_backend)
 
     @property
     def classes(self) -> list[str]:
@@ -153,11 +164,37 @@ class Detector:
         return Result(score=score, anomaly_map=model_map, anomaly_map_full=full, patch_probabilities=probs,
                       cls=cls, image_size=(int(size[0]), int(size[1])), tiles=len(layout.offsets))
 
-    def _adapt(self, cls: str, prompts: ClassPrompts, patches: np.ndarray, config) -> np.ndarray:
-        raise NotImplementedError
+    def tta_adapter(self, cls: str, config: TTAConfig | None = None) -> TTAAdapter | OnnxTTARunner:
+        """The adapter (and its optimiser state) that TTA uses for ``cls``."""
+        config = config or self.tta or TTAConfig()
+        key = (cls, config)
+        if key not in self._adapters:
+            prompts = self.class_prompts(cls)
+            if self.tta_backend == "onnx":
+                self._adapters[key] = OnnxTTARunner(
+                    str(self.artifacts.model_path(TTA_GRAPH)), getattr(self.backend, "providers", None),
+                    T=prompts.prompt_features, text_features=prompts.text_features, config=config)
+            else:
+                self._adapters[key] = TTAAdapter(prompts.prompt_features, prompts.text_features, config)
+        return self._adapters[key]
+
+    def reset_tta(self, cls: str | None = None) -> None:
+        """Forget the TTA optimiser state of ``cls`` (all classes when None), e.g. for a new stream."""
+        for key in [k for k in self._adapters if cls is None or k[0] == cls]:
+            del self._adapters[key]
+
+    def _adapt(self, cls: str, prompts: ClassPrompts, patches: np.ndarray, config: TTAConfig) -> np.ndarray:
+        """Adapt the patch tokens of every tile (each tile is one image for the adapter)."""
+        adapter = self.tta_adapter(cls, config)
+        return np.stack([np.asarray(adapter.adapt(tile)) for tile in patches])
 
 
-def _tta_config(tta):
+def _tta_config(tta) -> TTAConfig | None:
+    """False/None -> no TTA; True -> default settings; a TTAConfig as given."""
     if tta is False or tta is None:
         return None
-    raise NotImplementedError
+    if tta is True:
+        return TTAConfig()
+    if isinstance(tta, TTAConfig):
+        return tta
+    raise TypeError(f"tta must be a bool or a TTAConfig, got {type(tta).__name__}")

@@ -32,10 +32,10 @@ def export_cli():
 
 @pytest.fixture(scope="session")
 def tiny_artifacts(tmp_path_factory, export_cli) -> Path:
-    """Artifacts of the tiny ViT (random weights, seed 0) with the QKV baseline model, classes bottle and carpet."""
+    """Tiny ViT artifacts (random weights, seed 0): V-V and QKV models, tta.onnx, classes bottle and carpet."""
     out = tmp_path_factory.mktemp("tiny-artifacts")
     result = export_cli(["--model-config", str(TINY_CONFIG), "--pretrained", "none", "--classes",
-                         ",".join(TINY_CLASSES), "--qkv-tokens", "model", "--out", str(out)])
+                         ",".join(TINY_CLASSES), "--qkv-tokens", "model", "--tta", "--out", str(out)])
     assert result.exit_code == 0, result.output
     return out
 
