@@ -1,0 +1,587 @@
+"""Accuracy on MVTec AD / VisA layouts, printed as the paper's Tables 1 and 2 (SPEC section 6).
+
+    anoclip eval --artifacts DIR --dataset mvtec --root /data/mvtec_anomaly_detection
+    anoclip eval --artifacts DIR --dataset visa --root /data/VisA_20220922 --classes candle,pcb1 --tta
+
+Per class: every test image is scored by :class:`anoclip.runtime.detector.Detector`; the anomaly
+maps and ground-truth masks go to :func:`anoclip.benchmarks.metrics.evaluate_class`; the table
+reports the unweighted mean over classes (:func:`~anoclip.benchmarks.metrics.mean_over_classes`).
+
+Evaluation resolution (one rule for both layouts): the map is ``Result.anomaly_map``, the map at
+model resolution, and each mask is resized bilinearly (as Pillow does) to that map's (height,
+width) and thresholded at > 0.5 (:func:`anoclip.benchmarks.datasets.read_mask`).
+
+* MVTec AD (square images): the map is at the model input size (240x240 for the default
+  ViT-B-16-plus-240; always ``Detector.input_size``), as the authors evaluate.
+* VisA (about 3:2 frames): the Detector tiles the frame as the authors' VisA script does (short
+  side resized to the input size, overlapping square tiles, overlaps averaged), so the map covers
+  the resized frame, e.g. 240x360; masks are resized to that same size. Should the frames of one
+  class differ in size, maps are resized (bilinear) to the first image's map size.
+
+Image score: p_abnormal of the global token (mean over tiles). With ``--image-views 22`` it is the
+mean over the 22 views of :mod:`anoclip.benchmarks.augment`, made on the frame the model sees
+(the image resized to the input size, or the resized frame that tiling cuts) and run through the
+Detector as one batch; the map always comes from the unaltered view. With TTA the adapter runs on
+the unaltered view only (TTA never changes the score), so its optimiser state advances once per
+image, as in single-view evaluation.
+
+Results: one JSON file per class in the output folder, written atomically, plus ``summary.json``
+with the mean. A resumed run reuses a class file when its recorded settings (dataset, backbone,
+pretrained tag, graph and its sha256, the class's prompt embeddings, TTA, views, evaluation
+format, number of test images) match the current run, so interrupted evaluations continue where
+they stopped and changed artifacts are evaluated afresh.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import click
+import cv2
+import numpy as np
+from anoclip.runtime.artifacts import atomic_write_bytes, sha256_file
+from anoclip.runtime.errors import AnoclipError
+
+from .augment import NUM_VIEWS, augment_views
+from .datasets import (
+    DATASETS,
+    VISA_CSV,
+    Sample,
+    list_classes,
+    load_mvtec,
+    load_visa,
+    read_mask,
+)
+from .metrics import ClassMetrics, evaluate_class, mean_over_classes
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "PAPER_DETECTION",
+    "PAPER_LOCALISATION",
+    "ClassResult",
+    "EvalSettings",
+    "EvalSummary",
+    "eval_command",
+    "evaluate",
+    "format_report",
+    "plan_classes",
+    "predict_views",
+]
+
+#: Bumped whenever the evaluation protocol changes, so that older class files are not reused.
+EVAL_FORMAT = 1
+SUMMARY = "summary.json"
+DATASET_TITLES = {"mvtec": "MVTec AD", "visa": "VisA"}
+LOADERS: dict[str, Callable[[str | Path, str], list[Sample]]] = {"mvtec": load_mvtec, "visa": load_visa}
+
+#: Paper Table 1 (localisation): pixel AUROC, F1-max, PRO (authors' definition), in percent.
+PAPER_LOCALISATION: dict[str, dict[str, tuple[float, float, float]]] = {
+    "mvtec": {"CLIP (QKV patch tokens)": (19.5, 6.2, 1.6), "AnoCLIP": (86.6, 30.1, 70.4),
+              "AnoCLIP+": (90.6, 36.5, 77.8)},
+    "visa": {"CLIP (QKV patch tokens)": (22.3, 1.4, 0.8), "AnoCLIP": (85.9, 14.7, 65.1),
+             "AnoCLIP+": (91.4, 17.4, 75.0)},
+}
+#: Paper Table 2 (detection): image AUROC, F1-max, AUPR, in percent (AnoCLIP+ scores as AnoCLIP).
+PAPER_DETECTION: dict[str, dict[str, tuple[float, float, float]]] = {
+    "mvtec": {"CLIP": (74.0, 88.5, 89.1), "AnoCLIP": (92.5, 93.2, 96.7)},
+    "visa": {"CLIP": (59.3, 74.4, 67.0), "AnoCLIP": (79.2, 79.7, 81.7)},
+}
+
+RANDOM_WEIGHTS_WARNING = ("WARNING: these artifacts were exported with RANDOM weights (--pretrained none): "
+                          "the numbers below carry no meaning; they only show that the pipeline runs.")
+
+
+# --------------------------------------------------------------------------------------------
+# Settings and results
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What a class result depends on besides the class's own prompt embeddings and images."""
+
+    dataset: str
+    backbone: str
+    pretrained: str
+    model: str
+    model_sha256: str
+    tta: bool
+    image_views: int
+    eval_format: int = EVAL_FORMAT
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_detector(cls, detector, dataset: str, image_views: int, model: str = "visual") -> EvalSettings:
+        manifest = detector.artifacts.manifest
+        path = detector.artifacts.model_path(model)
+        sha = manifest.files.get(path.name) or sha256_file(path)
+        return cls(dataset=dataset, backbone=manifest.backbone, pretrained=manifest.pretrained, model=model,
+                   model_sha256=sha, tta=detector.tta is not None, image_views=image_views)
+
+    def default_out_dir(self) -> Path:
+        """``eval-results/<dataset>-<backbone>[-qkv][-tta]-v<views>``."""
+        name = f"{self.dataset}-{_safe_name(self.backbone)}"
+        name += "-qkv" if self.model != "visual" else ""
+        name += "-tta" if self.tta else ""
+        return Path("eval-results") / f"{name}-v{self.image_views}"
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "unnamed"
+
+
+def _metrics_to_json(metrics: ClassMetrics) -> dict[str, float | None]:
+    return {k: (None if math.isnan(v) else v) for k, v in metrics.as_dict().items()}
+
+
+def _metrics_from_json(data: dict[str, Any]) -> ClassMetrics:
+    return ClassMetrics(**{f.name: math.nan if data.get(f.name) is None else float(data[f.name])
+                           for f in fields(ClassMetrics)})
+
+
+@dataclass
+class ClassResult:
+    """Metrics of one class and what they were computed from."""
+
+    cls: str
+    metrics: ClassMetrics
+    images: int
+    anomalous: int
+    eval_size: tuple[int, int]
+    settings: EvalSettings
+    prompts_sha256: str
+    backend: str = ""
+    seconds_predict: float = 0.0
+    seconds_metrics: float = 0.0
+    image_scores: list[dict[str, Any]] = field(default_factory=list)
+    reused: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "class": self.cls,
+            "metrics": _metrics_to_json(self.metrics),
+            "images": self.images,
+            "anomalous": self.anomalous,
+            "eval_size": list(self.eval_size),
+            "settings": self.settings.as_dict(),
+            "prompts_sha256": self.prompts_sha256,
+            "backend": self.backend,
+            "seconds_predict": round(self.seconds_predict, 3),
+            "seconds_metrics": round(self.seconds_metrics, 3),
+            "ms_per_image": round(1e3 * self.seconds_predict / max(self.images, 1), 2),
+            "image_scores": self.image_scores,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ClassResult:
+        return cls(cls=data["class"], metrics=_metrics_from_json(data["metrics"]), images=int(data["images"]),
+                   anomalous=int(data["anomalous"]), eval_size=tuple(data["eval_size"]),
+                   settings=EvalSettings(**data["settings"]), prompts_sha256=data["prompts_sha256"],
+                   backend=data.get("backend", ""), seconds_predict=float(data.get("seconds_predict", 0.0)),
+                   seconds_metrics=float(data.get("seconds_metrics", 0.0)),
+                   image_scores=list(data.get("image_scores", [])), reused=True)
+
+
+@dataclass
+class EvalSummary:
+    """Per-class results and their unweighted mean."""
+
+    settings: EvalSettings
+    root: str
+    artifacts: str
+    classes: list[ClassResult]
+    mean: ClassMetrics
+    random_weights: bool
+    backend: str
+    out_dir: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "dataset": self.settings.dataset,
+            "root": self.root,
+            "artifacts": self.artifacts,
+            "settings": self.settings.as_dict(),
+            "backend": self.backend,
+            "random_weights": self.random_weights,
+            "out_dir": self.out_dir,
+            "mean": _metrics_to_json(self.mean),
+            "classes": {r.cls: {**_metrics_to_json(r.metrics), "images": r.images, "anomalous": r.anomalous,
+                                "reused": r.reused} for r in self.classes},
+            "paper": {"localisation": {k: dict(zip(("pixel_auroc", "pixel_f1_max", "pro_authors"), v))
+                                       for k, v in PAPER_LOCALISATION[self.settings.dataset].items()},
+                      "detection": {k: dict(zip(("image_auroc", "image_f1_max", "image_aupr"), v))
+                                    for k, v in PAPER_DETECTION[self.settings.dataset].items()},
+                      "unit": "percent"},
+            "metrics_unit": "fraction",
+        }
+
+
+def _prompts_sha256(detector, cls: str) -> str:
+    prompts = detector.class_prompts(cls)
+    digest = hashlib.sha256()
+    for array in (prompts.text_features, prompts.prompt_features):
+        digest.update(np.ascontiguousarray(array, dtype=np.float32).tobytes())
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Planning: every check a user can fail, before any image is scored
+# --------------------------------------------------------------------------------------------
+
+
+def _layout_hint(root: Path, dataset: str) -> str:
+    if dataset == "mvtec" and (root / VISA_CSV).is_file():
+        return " (this looks like a VisA root: pass --dataset visa)"
+    if dataset == "visa" and any((p / "test").is_dir() for p in root.iterdir() if p.is_dir()):
+        return " (this looks like an MVTec AD root: pass --dataset mvtec)"
+    return ""
+
+
+def plan_classes(dataset: str, root: str | Path, classes: Sequence[str] | None = None) -> dict[str, list[Sample]]:
+    """Test samples of each class to evaluate (all classes of the dataset when ``classes`` is None).
+
+    Raises AnoclipError for a missing root, a folder that is not in the dataset's layout, or a
+    class the dataset does not have.
+    """
+    if dataset not in LOADERS:
+        raise AnoclipError(f"unknown dataset {dataset!r}: use one of {', '.join(DATASETS)}")
+    root = Path(root)
+    if not root.is_dir():
+        raise AnoclipError(f"dataset root {root} does not exist: pass the {DATASET_TITLES[dataset]} folder with --root")
+    try:
+        found = list_classes(root, dataset)
+    except (OSError, ValueError) as exc:
+        raise AnoclipError(f"{exc}{_layout_hint(root, dataset)}") from None
+    wanted = list(dict.fromkeys(classes)) if classes else found
+    missing = [c for c in wanted if c not in found]
+    if missing:
+        raise AnoclipError(f"class(es) {', '.join(missing)} not found in the {DATASET_TITLES[dataset]} root {root} "
+                           f"(classes there: {', '.join(found) or 'none'}): fix --classes")
+    plan: dict[str, list[Sample]] = {}
+    for cls in wanted:
+        try:
+            plan[cls] = LOADERS[dataset](root, cls)
+        except (OSError, ValueError) as exc:
+            raise AnoclipError(str(exc)) from None
+    return plan
+
+
+def check_prompt_classes(detector, classes: Sequence[str], artifacts_dir: str | Path) -> None:
+    """Raise AnoclipError naming every class that has no prompt embeddings in the artifacts."""
+    known = set(detector.classes)
+    missing = [c for c in classes if c not in known]
+    if missing:
+        raise AnoclipError(
+            f"class(es) {', '.join(missing)} not in the prompt weights of {artifacts_dir} "
+            f"(known: {', '.join(sorted(known)) or 'none'}); add them with `anoclip-export --out {artifacts_dir} "
+            f"--classes {','.join(missing)}` (the visual model is not re-exported) or narrow --classes")
+
+
+# --------------------------------------------------------------------------------------------
+# Prediction
+# --------------------------------------------------------------------------------------------
+
+
+def predict_views(detector, image: np.ndarray, cls: str) -> tuple[np.ndarray, float, list[float]]:
+    """(map of the unaltered view, mean score over the 22 views, the 22 scores) of one RGB image.
+
+    The views are made on the frame the model sees (the image resized to the input size, or to
+    the tiled frame for images far from square), so view 0 gives exactly the single-view map.
+    """
+    from anoclip.runtime.preprocess import as_rgb_uint8, resize_bilinear, tile_layout
+
+    rgb = as_rgb_uint8(image)
+    layout = tile_layout(rgb.shape[0], rgb.shape[1], detector.input_size, detector.tiling)
+    views = augment_views(resize_bilinear(rgb, layout.resized))
+    if detector.tta is None:
+        results = detector.predict_batch(views, cls)
+    else:  # adapt on the unaltered view only: TTA does not change scores
+        results = [detector.predict(views[0], cls)] + detector.predict_batch(views[1:], cls, tta=False)
+    scores = [float(r.score) for r in results]
+    return results[0].anomaly_map, float(np.mean(scores)), scores
+
+
+def _read_mask(sample: Sample, size: tuple[int, int]) -> np.ndarray:
+    height, width = size
+    if sample.mask_path is None:
+        return np.zeros((height, width), dtype=bool)
+    try:
+        return read_mask(sample.mask_path, (width, height))
+    except (OSError, ValueError) as exc:
+        raise AnoclipError(str(exc)) from None
+
+
+def _predict_class(detector, samples: Sequence[Sample], cls: str, image_views: int, batch_size: int,
+                   progress: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[float]]:
+    """(masks [N,H,W] bool, maps [N,H,W] float32, labels [N], scores) of one class."""
+    from anoclip.runtime.preprocess import read_image
+    from tqdm import tqdm
+
+    maps: list[np.ndarray] = []
+    masks: list[np.ndarray] = []
+    scores: list[float] = []
+    size: tuple[int, int] | None = None
+    step = 1 if image_views > 1 else batch_size
+    with tqdm(total=len(samples), desc=cls, unit="img", file=sys.stderr, disable=not progress or None,
+              leave=False) as bar:
+        for start in range(0, len(samples), step):
+            chunk = samples[start:start + step]
+            images = [read_image(s.image_path) for s in chunk]
+            if image_views > 1:
+                pairs = [predict_views(detector, image, cls)[:2] for image in images]
+            else:
+                pairs = [(r.anomaly_map, r.score) for r in detector.predict_batch(images, cls)]
+            for sample, (amap, score) in zip(chunk, pairs):
+                if size is None:
+                    size = (int(amap.shape[0]), int(amap.shape[1]))
+                elif amap.shape != size:
+                    log.debug("%s: map %s resized to the class's evaluation size %s", sample.image_path,
+                              amap.shape, size)
+                    amap = cv2.resize(amap, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+                maps.append(np.asarray(amap, dtype=np.float32))
+                masks.append(_read_mask(sample, size))
+                scores.append(float(score))
+            bar.update(len(chunk))
+    labels = np.array([s.label for s in samples], dtype=np.int64)
+    return np.stack(masks), np.stack(maps), labels, scores
+
+
+def _load_previous(path: Path, settings: EvalSettings, prompts_sha: str, images: int) -> ClassResult | None:
+    if not path.is_file():
+        return None
+    try:
+        previous = ClassResult.from_json(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("%s is unreadable (%s); evaluating the class again", path, exc)
+        return None
+    if previous.settings != settings or previous.prompts_sha256 != prompts_sha or previous.images != images:
+        log.info("%s was made with other settings; evaluating the class again", path)
+        return None
+    return previous
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    atomic_write_bytes(path, (json.dumps(data, indent=2, allow_nan=False) + "\n").encode())
+
+
+def evaluate(detector, dataset: str, root: str | Path, classes: Sequence[str] | None = None, *,
+             out_dir: str | Path | None = None, image_views: int = 1, resume: bool = True, batch_size: int = 8,
+             model: str = "visual", artifacts_dir: str | Path | None = None, progress: bool = True,
+             plan: dict[str, list[Sample]] | None = None) -> EvalSummary:
+    """Evaluate ``detector`` on a dataset in the MVTec AD or VisA layout.
+
+    Args:
+        detector: a loaded :class:`~anoclip.runtime.detector.Detector` (its TTA setting is used).
+        dataset: ``mvtec`` or ``visa``.
+        root: the dataset folder.
+        classes: classes to evaluate (default: all classes found under ``root``).
+        out_dir: folder for ``<class>.json`` and ``summary.json`` (default: ``eval-results/...``).
+        image_views: 1, or 22 for the authors' augmented image score.
+        resume: reuse class files whose settings match this run.
+        batch_size: images per model call in single-view evaluation.
+        model: the graph the detector was loaded with (``visual`` or ``visual_qkv``), for the record.
+        artifacts_dir: recorded in the summary (default: the detector's artifact folder).
+        progress: show a progress bar per class on stderr.
+        plan: samples per class from :func:`plan_classes` (computed when not given).
+    """
+    if image_views not in (1, NUM_VIEWS):
+        raise AnoclipError(f"image views must be 1 or {NUM_VIEWS}, got {image_views}")
+    if plan is None:
+        plan = plan_classes(dataset, root, classes)
+    check_prompt_classes(detector, list(plan), artifacts_dir or detector.artifacts.folder)
+    settings = EvalSettings.from_detector(detector, dataset, image_views, model)
+    out = Path(out_dir) if out_dir is not None else settings.default_out_dir()
+    backend = detector.backend.describe()
+    results: list[ClassResult] = []
+    for cls, samples in plan.items():
+        path = out / f"{_safe_name(cls)}.json"
+        prompts_sha = _prompts_sha256(detector, cls)
+        previous = _load_previous(path, settings, prompts_sha, len(samples)) if resume else None
+        if previous is not None:
+            log.info("%s: reusing %s", cls, path)
+            results.append(previous)
+            continue
+        t0 = time.perf_counter()
+        masks, maps, labels, scores = _predict_class(detector, samples, cls, image_views, batch_size, progress)
+        t1 = time.perf_counter()
+        metrics = evaluate_class(masks, maps, labels, np.asarray(scores))
+        t2 = time.perf_counter()
+        result = ClassResult(
+            cls=cls, metrics=metrics, images=len(samples), anomalous=int(labels.sum()),
+            eval_size=(int(maps.shape[1]), int(maps.shape[2])), settings=settings, prompts_sha256=prompts_sha,
+            backend=backend, seconds_predict=t1 - t0, seconds_metrics=t2 - t1,
+            image_scores=[{"image": _relative(s.image_path, root), "label": s.label, "score": score}
+                          for s, score in zip(samples, scores)])
+        _write_json(path, result.to_json())
+        log.info("%s: %d images, pixel AUROC %.1f, image AUROC %.1f (%.1f s)", cls, len(samples),
+                 100 * metrics.pixel_auroc, 100 * metrics.image_auroc, t2 - t0)
+        results.append(result)
+    summary = EvalSummary(settings=settings, root=str(root), artifacts=str(artifacts_dir or detector.artifacts.folder),
+                          classes=results, mean=mean_over_classes([r.metrics for r in results]),
+                          random_weights=bool(detector.artifacts.manifest.random_weights), backend=backend,
+                          out_dir=str(out))
+    _write_json(out / SUMMARY, summary.to_json())
+    return summary
+
+
+def _relative(path: Path, root: str | Path) -> str:
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+
+def _pct(value: float | None) -> str:
+    if value is None or math.isnan(value):
+        return "n/a"
+    return f"{100 * value + 0.0:.1f}"  # + 0.0 prints -0.0 as 0.0
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        first = f"{cells[0]:<{widths[0]}}"
+        return "  ".join([first] + [f"{c:>{w}}" for c, w in zip(cells[1:], widths[1:])]).rstrip()
+
+    return [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
+
+
+def _method(settings: EvalSettings) -> str:
+    if settings.model != "visual":
+        return "CLIP (QKV patch tokens)" + (" + TTA" if settings.tta else "")
+    return "AnoCLIP+" if settings.tta else "AnoCLIP"
+
+
+PRO_NOTE = ("PRO (authors, rescaled): the paper's PRO - 200 thresholds, FPR < 0.3 kept, the kept FPRs "
+            "min-max rescaled to [0, 1]. AUPRO@0.3: standard area over FPR [0, 0.3] divided by 0.3.")
+
+
+def format_report(summary: EvalSummary) -> str:
+    """Per-class table, then the paper's Tables 1 and 2 with the published figures beside."""
+    s = summary.settings
+    title = DATASET_TITLES[s.dataset]
+    method = _method(s)
+    lines: list[str] = []
+    if summary.random_weights:
+        lines += [RANDOM_WEIGHTS_WARNING, ""]
+    lines.append(f"{title}: {s.backbone} ({s.pretrained}), {method}, image score over {s.image_views} "
+                 f"view{'s' if s.image_views > 1 else ''}, backend {summary.backend}")
+    lines.append("")
+    per_class = [[r.cls, str(r.images), str(r.anomalous), *(_pct(v) for v in (
+        r.metrics.pixel_auroc, r.metrics.pixel_ap, r.metrics.pixel_f1_max, r.metrics.pro_authors,
+        r.metrics.aupro_03, r.metrics.image_auroc, r.metrics.image_f1_max, r.metrics.image_aupr))]
+        for r in summary.classes]
+    m = summary.mean
+    per_class.append([f"mean ({len(summary.classes)})", str(sum(r.images for r in summary.classes)),
+                      str(sum(r.anomalous for r in summary.classes)),
+                      *(_pct(v) for v in (m.pixel_auroc, m.pixel_ap, m.pixel_f1_max, m.pro_authors, m.aupro_03,
+                                          m.image_auroc, m.image_f1_max, m.image_aupr))])
+    lines += _table(["class", "images", "anomalous", "px AUROC", "px AP", "px F1-max", "PRO (authors, rescaled)",
+                     "AUPRO@0.3", "img AUROC", "img F1-max", "img AUPR"], per_class)
+
+    lines += ["", f"Table 1 - zero-shot anomaly localisation, {title} (mean over classes, %)"]
+    rows = [[f"this run: {method}", _pct(m.pixel_auroc), _pct(m.pixel_f1_max), _pct(m.pro_authors),
+             _pct(m.aupro_03), _pct(m.pixel_ap)]]
+    for name, (auroc, f1, pro) in PAPER_LOCALISATION[s.dataset].items():
+        if name.startswith("CLIP") and s.model == "visual":
+            continue
+        rows.append([f"paper: {name}", f"{auroc:.1f}", f"{f1:.1f}", f"{pro:.1f}", "-", "-"])
+    lines += _table(["method", "pixel AUROC", "pixel F1-max", "PRO (authors, rescaled)", "AUPRO@0.3", "pixel AP"],
+                    rows)
+
+    lines += ["", f"Table 2 - zero-shot anomaly detection, {title} (mean over classes, %)"]
+    rows = [[f"this run: {method}", _pct(m.image_auroc), _pct(m.image_f1_max), _pct(m.image_aupr)]]
+    for name, (auroc, f1, aupr) in PAPER_DETECTION[s.dataset].items():
+        if name == "CLIP" and s.model == "visual":
+            continue
+        rows.append([f"paper: {name}", f"{auroc:.1f}", f"{f1:.1f}", f"{aupr:.1f}"])
+    lines += _table(["method", "image AUROC", "image F1-max", "image AUPR"], rows)
+
+    lines += ["", PRO_NOTE]
+    if s.dataset == "mvtec" and s.image_views == 1:
+        lines.append(f"The paper's MVTec AD image scores average {NUM_VIEWS} augmented views; this run used one "
+                     f"(--image-views {NUM_VIEWS} for the paper's protocol).")
+    reused = [r.cls for r in summary.classes if r.reused]
+    if reused:
+        lines.append(f"Reused from earlier runs: {', '.join(reused)} (--no-resume to evaluate again).")
+    lines.append(f"Results: {Path(summary.out_dir) / SUMMARY}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+@click.command("eval", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--artifacts", "artifacts_dir", required=True, type=click.Path(file_okay=False),
+              help="Artifact folder written by anoclip-export.")
+@click.option("--dataset", required=True, type=click.Choice(DATASETS),
+              help="Folder layout: mvtec (<class>/test/<defect>/) or visa (split_csv/1cls.csv).")
+@click.option("--root", required=True, type=click.Path(file_okay=False),
+              help="Dataset folder (MVTec AD: holds bottle/, cable/, ...; VisA: holds split_csv/).")
+@click.option("--classes", default=None,
+              help="Comma-separated classes to evaluate (default: every class found under --root).")
+@click.option("--tta", is_flag=True, help="AnoCLIP+: test-time adaptation of the patch tokens (maps only).")
+@click.option("--image-views", default=str(1), show_default=True, type=click.Choice(["1", str(NUM_VIEWS)]),
+              help=f"Image score from the image alone, or the mean over the authors' {NUM_VIEWS} augmented views.")
+@click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]),
+              help="onnxruntime execution provider; auto prefers TensorRT, then CUDA, then CPU.")
+@click.option("--model", default="visual", show_default=True, type=click.Choice(["visual", "visual_qkv"]),
+              help="visual: AnoCLIP V-V tokens; visual_qkv: the plain-CLIP baseline row (if exported).")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Images per model call (single-view evaluation; 22 views are always one call per image).")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads for onnxruntime.")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="Results folder (default: eval-results/<dataset>-<backbone>[-tta]-v<views>/).")
+@click.option("--resume/--no-resume", default=True, show_default=True,
+              help="Reuse class results in --out that were made with the same settings.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout (the table goes to stderr).")
+@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the artifacts at load.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def eval_command(artifacts_dir, dataset, root, classes, tta, image_views, backend, model, batch_size, threads,
+                 out_dir, resume, as_json, no_verify, verbose):
+    """Evaluate on MVTec AD or VisA: per-class pixel AUROC / AP / F1-max, PRO (authors' and
+    AUPRO@0.3), image AUROC / F1-max / AUPR, and their mean beside the paper's Tables 1 and 2.
+
+    Maps are compared with the masks at model resolution (240x240 for the default model on MVTec
+    AD; the resized, tiled frame on VisA). One JSON file per class and summary.json go to --out; an
+    interrupted run continues where it stopped.
+    """
+    from anoclip.runtime.cli import configure_logging
+    from anoclip.runtime.detector import Detector
+
+    configure_logging(verbose)
+    names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+    if classes is not None and not names:
+        raise AnoclipError("--classes is empty: give comma-separated class names, e.g. --classes bottle,cable")
+    plan = plan_classes(dataset, root, names)
+    detector = Detector.load(artifacts_dir, backend=backend, tta=tta, model=model, verify=not no_verify,
+                             threads=threads)
+    check_prompt_classes(detector, list(plan), artifacts_dir)
+    if detector.artifacts.manifest.random_weights:
+        click.echo(RANDOM_WEIGHTS_WARNING, err=True)
+    summary = evaluate(detector, dataset, root, out_dir=out_dir, image_views=int(image_views), resume=resume,
+                       batch_size=batch_size, model=model, artifacts_dir=artifacts_dir, plan=plan)
+    click.echo(format_report(summary), err=as_json)
+    if as_json:
+        click.echo(json.dumps(summary.to_json(), indent=2))
