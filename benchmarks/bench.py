@@ -1,0 +1,278 @@
+"""``anoclip bench``: ms per image per stage, backend and precision, beside the paper's Table 7.
+
+Rows: the plain-CLIP baseline (QKV patch tokens, ``visual_qkv.onnx``), AnoCLIP (V-V tokens) and
+AnoCLIP+ (V-V tokens + test-time adaptation, with the numpy loop and, when exported, ``tta.onnx``),
+for every onnxruntime execution provider asked for and present. All rows of one backend run
+round-robin in one process on the same frame, so the ratio to the CLIP row is measured side by
+side. Needs only the runtime (no PyTorch).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import click
+import numpy as np
+
+from anoclip.runtime.artifacts import TTA_GRAPH, VISUAL, VISUAL_QKV, atomic_write_bytes, load_artifacts
+from anoclip.runtime.backends import PROVIDER_ALIASES, PROVIDER_PREFERENCE
+from anoclip.runtime.cli import configure_logging
+from anoclip.runtime.detector import Detector
+from anoclip.runtime.errors import AnoclipError
+from anoclip.runtime.overlay import overlay
+
+from .timing import machine_info
+
+log = logging.getLogger(__name__)
+
+# Table 7 of the paper: ms per image on an RTX 3090, MVTec AD.
+PAPER_MS = {"CLIP (QKV patch tokens)": 6.2, "AnoCLIP": 7.6, "AnoCLIP+ (TTA numpy)": 20.1, "AnoCLIP+ (TTA onnx)": 20.1}
+STAGES = ("preprocess", "model", "scoring", "tta", "postprocess")
+README_START = "<!-- anoclip bench: start -->"
+README_END = "<!-- anoclip bench: end -->"
+
+
+@dataclass
+class Row:
+    name: str
+    backend: str
+    precision: str
+    status: str = "ok"
+    size_mb: float = 0.0
+    ms: dict[str, float] = field(default_factory=dict)  # mean, p50, p90, p99 of the whole call
+    stages_ms: dict[str, float] = field(default_factory=dict)  # median per stage
+    vs_clip: float | None = None
+    paper_ms: float | None = None
+    paper_vs_clip: float | None = None
+
+
+@dataclass
+class Variant:
+    name: str
+    model: str
+    tta: bool
+    tta_backend: str = "numpy"
+
+
+VARIANTS = (
+    Variant("CLIP (QKV patch tokens)", VISUAL_QKV, False),
+    Variant("AnoCLIP", VISUAL, False),
+    Variant("AnoCLIP+ (TTA numpy)", VISUAL, True, "numpy"),
+    Variant("AnoCLIP+ (TTA onnx)", VISUAL, True, "onnx"),
+)
+
+
+def _frame(image: str | None, size: int) -> np.ndarray:
+    if image:
+        from anoclip.runtime.preprocess import read_image
+
+        return read_image(image)
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    a = np.asarray(values)
+    return {"mean": float(a.mean()), "p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
+            "p99": float(np.percentile(a, 99))}
+
+
+def run_bench(artifacts_dir: str, providers: list[str], runs: int, warmup: int, frame: np.ndarray, cls: str | None,
+              threads: int | None, progress=None) -> tuple[list[Row], dict]:
+    """Time every variant on every provider; return the rows and the method description."""
+    artifacts = load_artifacts(artifacts_dir, verify=True, models=[VISUAL])
+    manifest = artifacts.manifest
+    cls = cls or sorted(artifacts.prompts.classes)[0]
+    rows: list[Row] = []
+    for provider in providers:
+        short = provider.replace("ExecutionProvider", "")
+        backend_name = {full: alias for alias, full in PROVIDER_ALIASES.items() if alias != "trt"}[provider]
+        detectors: dict[str, Detector] = {}
+        group: list[Row] = []
+        for variant in VARIANTS:
+            row = Row(variant.name, f"onnxruntime {short}", "fp32", paper_ms=PAPER_MS.get(variant.name))
+            group.append(row)
+            needed = [variant.model] + ([TTA_GRAPH] if variant.tta_backend == "onnx" and variant.tta else [])
+            missing = [m for m in needed if m not in manifest.models]
+            if missing:
+                hint = {VISUAL_QKV: "--qkv-tokens model", TTA_GRAPH: "--tta"}[missing[0]]
+                row.status = f"not exported (anoclip-export {hint})"
+                continue
+            row.size_mb = sum((artifacts.folder / manifest.models[m].file).stat().st_size for m in needed) / 1e6
+            try:
+                detectors[variant.name] = Detector.load(artifacts_dir, backend=backend_name, model=variant.model,
+                                                        tta=variant.tta, tta_backend=variant.tta_backend,
+                                                        verify=False, threads=threads)
+            except AnoclipError as exc:
+                row.status = f"failed: {exc}"
+        totals: dict[str, list[float]] = {name: [] for name in detectors}
+        stages: dict[str, dict[str, list[float]]] = {name: {s: [] for s in STAGES} for name in detectors}
+
+        def call(name: str, record: bool) -> None:
+            detector = detectors[name]
+            start = time.perf_counter()
+            result = detector.predict(frame, cls)
+            t_post = time.perf_counter()
+            overlay(frame, result.anomaly_map_full)
+            end = time.perf_counter()
+            if record:
+                totals[name].append((end - start) * 1e3)
+                timings = dict(result.timings, postprocess=(end - t_post) * 1e3)
+                for stage in STAGES:
+                    stages[name][stage].append(timings.get(stage, 0.0))
+
+        for _ in range(warmup):
+            for name in detectors:
+                call(name, False)
+        for index in range(runs):
+            for name in detectors:
+                call(name, True)
+            if progress is not None:
+                progress(1)
+        for row in group:
+            if row.name in totals:
+                row.ms = _summary(totals[row.name])
+                row.stages_ms = {s: float(np.median(v)) for s, v in stages[row.name].items()}
+        clip = next((r for r in group if r.name.startswith("CLIP") and r.ms), None)
+        for row in group:
+            if clip is not None and row.ms:
+                row.vs_clip = row.ms["p50"] / clip.ms["p50"]
+            if row.paper_ms is not None:
+                row.paper_vs_clip = row.paper_ms / PAPER_MS["CLIP (QKV patch tokens)"]
+        rows += group
+    import onnxruntime
+
+    method = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": machine_info(),
+        "onnxruntime": onnxruntime.__version__,
+        "providers": providers,
+        "threads": threads or "onnxruntime default",
+        "backbone": manifest.backbone,
+        "weights": manifest.pretrained + (" (random: latency only)" if manifest.random_weights else ""),
+        "input": f"one {frame.shape[1]}x{frame.shape[0]} RGB frame -> {manifest.image_size[1]}x{manifest.image_size[0]}, batch 1",
+        "class": cls,
+        "runs": runs,
+        "warmup": warmup,
+        "timing": "wall clock per predict() call incl. overlay; rows interleaved round-robin; onnxruntime run() "
+                  "returns host arrays, so GPU work is complete (synchronised) when each stage is timed",
+        "ratio": "x CLIP = median of the row / median of the CLIP row of the same backend, same run",
+        "paper": "Table 7, RTX 3090, MVTec AD",
+    }
+    return rows, method
+
+
+def _fmt(value: float | None, spec: str = ".1f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table_lines(rows: list[Row], markdown: bool) -> list[str]:
+    header = ["row", "backend", "prec", "status", "MB", "mean", "p50", "p90", "p99", *STAGES, "x CLIP",
+              "paper ms", "paper x CLIP"]
+    body = []
+    for r in rows:
+        ms = r.ms or {}
+        body.append([r.name, r.backend, r.precision, r.status, _fmt(r.size_mb or None, ".1f"),
+                     _fmt(ms.get("mean")), _fmt(ms.get("p50")), _fmt(ms.get("p90")), _fmt(ms.get("p99")),
+                     *[_fmt(r.stages_ms.get(s)) if r.stages_ms else "-" for s in STAGES],
+                     _fmt(r.vs_clip, ".2f"), _fmt(r.paper_ms), _fmt(r.paper_vs_clip, ".2f")])
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        return lines + ["| " + " | ".join(row) + " |" for row in body]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
+    fmt = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return [fmt(header), fmt(["-" * w for w in widths]), *[fmt(row) for row in body]]
+
+
+def method_lines(method: dict) -> list[str]:
+    m = method["machine"]
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU"
+    return [
+        f"{method['date']}; {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB{gpu}; onnxruntime "
+        f"{method['onnxruntime']} ({', '.join(p.replace('ExecutionProvider', '') for p in method['providers'])}), "
+        f"threads: {method['threads']}",
+        f"{method['backbone']}, weights {method['weights']}; {method['input']}; class {method['class']}; "
+        f"{method['runs']} runs after {method['warmup']} warm-up",
+        f"timing: {method['timing']}. {method['ratio']}. Paper: {method['paper']}.",
+        "Stage columns are medians in ms; mean/p50/p90/p99 cover the whole call.",
+    ]
+
+
+def markdown(rows: list[Row], method: dict) -> str:
+    return "\n".join(["Produced by `anoclip bench`: " + method_lines(method)[0], "",
+                      *[f"- {line}" for line in method_lines(method)[1:]], "", *table_lines(rows, True)]) + "\n"
+
+
+def update_readme(path: Path, text: str) -> None:
+    content = path.read_text()
+    if README_START not in content or README_END not in content:
+        raise AnoclipError(f"{path} has no `{README_START}` ... `{README_END}` block to replace")
+    head, rest = content.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    atomic_write_bytes(path, (head + README_START + "\n" + text + README_END + tail).encode())
+
+
+def resolve_backends(backends: str) -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if backends == "auto":
+        return [p for p in PROVIDER_PREFERENCE if p in available]
+    chosen = []
+    for name in backends.split(","):
+        full = PROVIDER_ALIASES.get(name.strip().lower())
+        if full is None:
+            raise AnoclipError(f"unknown backend '{name}'; use cpu, cuda, tensorrt or auto")
+        if full not in available:
+            raise AnoclipError(f"{full} is not available in this onnxruntime (has {', '.join(available)}); "
+                               "install onnxruntime-gpu on a machine with an NVIDIA GPU")
+        chosen.append(full)
+    return chosen
+
+
+@click.command("bench", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--artifacts", "artifacts_dir", required=True, type=click.Path(file_okay=False),
+              help="Artifact folder; export with --qkv-tokens model (CLIP row) and --tta (AnoCLIP+ onnx row).")
+@click.option("--backends", default="auto", show_default=True,
+              help="Comma-separated onnxruntime providers to time (cpu, cuda, tensorrt), or auto = every one present.")
+@click.option("--runs", default=30, show_default=True, type=click.IntRange(min=3), help="Timed calls per row.")
+@click.option("--warmup", default=5, show_default=True, type=click.IntRange(min=0), help="Untimed calls per row first.")
+@click.option("--image", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Frame to time with (default: a random 1024x1024 RGB frame, MVTec-sized).")
+@click.option("--image-size", default=1024, show_default=True, type=click.IntRange(min=16),
+              help="Side of the random frame when no --image is given.")
+@click.option("--class", "cls", default=None, help="Class to score (default: the first in the prompt weights).")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads for onnxruntime.")
+@click.option("--json", "as_json", is_flag=True, help="Print rows and method as JSON instead of the table.")
+@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the table as Markdown to this file.")
+@click.option("--readme", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Replace the block between the anoclip bench markers in this README with the Markdown table.")
+def bench_command(artifacts_dir, backends, runs, warmup, image, image_size, cls, threads, as_json, markdown_path,
+                  readme):
+    """Benchmark ms per image of CLIP, AnoCLIP and AnoCLIP+ per stage and backend, beside the paper's Table 7."""
+    from tqdm import tqdm
+
+    configure_logging()
+    providers = resolve_backends(backends)
+    frame = _frame(image, image_size)
+    with tqdm(total=runs * len(providers), desc="bench", unit="round", file=sys.stderr, disable=None) as bar:
+        rows, method = run_bench(artifacts_dir, providers, runs, warmup, frame, cls, threads, bar.update)
+    md = markdown(rows, method)
+    if markdown_path:
+        atomic_write_bytes(markdown_path, md.encode())
+    if readme:
+        update_readme(Path(readme), md)
+    if as_json:
+        click.echo(json.dumps({"method": method, "rows": [asdict(r) for r in rows]}, indent=2))
+        return
+    for line in method_lines(method):
+        click.echo(line)
+    click.echo("")
+    for line in table_lines(rows, markdown=False):
+        click.echo(line)
