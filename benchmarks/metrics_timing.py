@@ -11,34 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
-from pathlib import Path
 
 import click
 import cv2
 import numpy as np
 
 from .metrics import evaluate_class
-
-
-def machine_info() -> dict[str, str | int | None]:
-    """CPU model, core count, and the versions that matter for the timing."""
-    model = platform.processor() or None
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text(errors="replace").splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    usable: int | None
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    return {"cpu": model, "logical_cores": os.cpu_count(), "usable_cores": usable,
-            "python": platform.python_version(), "numpy": np.__version__,
-            "opencv": cv2.__version__, "platform": platform.platform()}
+from .timing import machine_info
 
 
 def synthetic_set(n_images: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray,
@@ -114,7 +94,7 @@ def main(images: int, size: int, n_classes: int, mode: str, seed: int, repeat: i
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    click.echo(f"CPU: {info['cpu']} ({info['usable_cores']} usable of {info['logical_cores']} "
+    click.echo(f"CPU: {info['cpu']} ({info['cores']} usable of {info['logical_cores']} "
                f"logical cores); Python {info['python']}, numpy {info['numpy']}, "
                f"OpenCV {info['opencv']}; load average {load if load is None else round(load, 2)}")
     click.echo(f"set: {images} images of {size}x{size} = {masks.size:,} pixels, "

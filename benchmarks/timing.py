@@ -17,7 +17,7 @@ import numpy as np
 
 
 def machine_info() -> dict[str, object]:
-    """CPU model, core count, memory, Python/numpy versions and GPU (if nvidia-smi answers)."""
+    """CPU model, cores, memory, GPU (if nvidia-smi answers), BLAS and library versions, load."""
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
@@ -34,12 +34,37 @@ def machine_info() -> dict[str, object]:
     return {
         "cpu": cpu,
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "logical_cores": os.cpu_count(),
         "memory_gib": memory_gib,
         "gpu": gpu_name(),
+        "blas": blas_info(),
         "python": platform.python_version(),
         "numpy": np.__version__,
+        "onnxruntime": _version_of("onnxruntime"),
+        "opencv": _version_of("cv2"),
         "os": f"{platform.system()} {platform.release()}",
+        "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
+
+
+def _version_of(module: str) -> str:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return "not installed"
+
+
+def blas_info() -> str:
+    """numpy's BLAS library, kernel and threads (threadpoolctl, when installed)."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return "unknown (install threadpoolctl to see it)"
+    infos = [i for i in threadpool_info() if i.get("user_api") == "blas"]
+    if not infos:
+        return "unknown"
+    i = infos[0]
+    return f"{i.get('internal_api')} {i.get('version')} ({i.get('architecture')}), {i.get('num_threads')} threads"
 
 
 def gpu_name() -> str | None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -26,6 +25,8 @@ import click
 import numpy as np
 
 from anoclip.runtime.tta import OnnxTTARunner, TTAAdapter, TTAConfig, draw_noise
+
+from .timing import machine_info
 
 PAPER_NOTE = "paper Table 7: AnoCLIP+ 20.1 ms vs AnoCLIP 7.6 ms per image on an RTX 3090 (TTA ~12.5 ms)"
 
@@ -47,48 +48,6 @@ def tta_flops(M: int, C: int, K: int, steps: int) -> float:
     per_step = 4 * 2.0 * (2 * M) * C * K
     final = 2 * 2.0 * M * C * K
     return steps * per_step + final
-
-
-def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.lower().startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        usable = os.cpu_count() or 0
-    blas = "unknown"
-    try:
-        from threadpoolctl import threadpool_info  # optional
-
-        infos = [i for i in threadpool_info() if i.get("user_api") == "blas"]
-        if infos:
-            i = infos[0]
-            blas = f"{i.get('internal_api')} {i.get('version')} ({i.get('architecture')}), {i.get('num_threads')} threads"
-    except ImportError:
-        env = os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
-        blas = f"threads from env: {env}" if env else "unknown (install threadpoolctl to see it)"
-    try:
-        import onnxruntime as ort
-
-        ort_version = ort.__version__
-    except ImportError:
-        ort_version = "not installed"
-    return {
-        "cpu": cpu,
-        "cores_visible": os.cpu_count(),
-        "cores_usable": usable,
-        "numpy": np.__version__,
-        "blas": blas,
-        "onnxruntime": ort_version,
-        "python": platform.python_version(),
-    }
 
 
 def _inputs(M: int, C: int, N2: int, steps: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -186,10 +145,6 @@ def run_benchmark(
         rows.append(Row(name, "ok", med, p90, f / 1e9, rate, 100.0 * rate / mm_rate, notes[name]))
     rows += skipped
     info = machine_info()
-    try:
-        info["load_average_1min"] = round(os.getloadavg()[0], 2)
-    except OSError:
-        pass
     return {
         "machine": info,
         "shape": {"M": M, "C": C, "2N": N2, "steps": steps},
@@ -207,7 +162,7 @@ def _fmt(v: float | None, spec: str) -> str:
 def format_table(result: dict[str, Any]) -> str:
     m, s = result["machine"], result["shape"]
     machine = (
-        f"machine: {m['cpu']}; {m['cores_usable']} usable cores of {m['cores_visible']}; "
+        f"machine: {m['cpu']}; {m['cores']} usable cores of {m['logical_cores']}; "
         f"numpy {m['numpy']}; BLAS {m['blas']}; onnxruntime {m['onnxruntime']}; "
         f"load average {m.get('load_average_1min', '?')}"
     )
