@@ -21,7 +21,7 @@ from anoclip.runtime.artifacts import (
 from anoclip.runtime.cli import configure_logging, run_guarded
 from anoclip.runtime.errors import AnoclipError, ArtifactError
 
-from .model import DEFAULT_BACKBONE, LoadedModel, load_model, register_model_config
+from .model import DEFAULT_BACKBONE, LoadedModel, load_model, register_model_config, resolve_pretrained
 from .prompts import DOMAINS, PromptRecipe, class_embeddings, encode_sentences
 
 log = logging.getLogger(__name__)
@@ -188,12 +188,11 @@ def run_export(opts: ExportOptions, argv: list[str]) -> Manifest:
     def progress(message: str) -> None:
         click.echo(f"[anoclip-export] {message}", err=True)
 
-    progress(f"creating {opts.backbone} with weights '{opts.pretrained or 'default'}'")
+    from .model import resolve_pretrained
+
+    progress(f"creating {opts.backbone} with weights '{resolve_pretrained(opts.backbone, opts.pretrained)}'")
     torch.manual_seed(opts.seed)  # random weights (`--pretrained none`) repeat from run to run
     loaded = load_model(opts.backbone, opts.pretrained)
-    if loaded.random_weights:
-        click.secho("WARNING: random weights (--pretrained none): maps and scores carry no meaning; use this only "
-                    "to test the pipeline", fg="yellow", err=True)
     opts.out.mkdir(parents=True, exist_ok=True)
     manifest = _existing_visual_ok(opts, loaded)
     bank = PromptBank({}, loaded.backbone, loaded.pretrained, 0)
@@ -308,8 +307,6 @@ def export_command(backbone, pretrained, model_config, classes, classes_file, do
     if out:
         folder = Path(out)
     else:
-        from .model import resolve_pretrained
-
         tag = resolve_pretrained(backbone, pretrained)
         folder = Path("artifacts") / f"{backbone}-{Path(tag).stem}"
     opts = ExportOptions(backbone, pretrained, folder, names, domains, opset, dynamic_batch, vv_blocks,

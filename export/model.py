@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from anoclip.runtime.cli import quiet_loggers
 from anoclip.runtime.errors import AnoclipError
 
 log = logging.getLogger(__name__)
@@ -113,18 +114,39 @@ def load_model(backbone: str = DEFAULT_BACKBONE, pretrained: str | None = None, 
     _check_backbone(backbone)
     pretrained = resolve_pretrained(backbone, pretrained)
     random_weights = pretrained.lower() == RANDOM
-    label = pretrained
+    # open_clip reports on the root logger and the hub client logs each retry; what matters is
+    # said once, below, by the error or the random-weights warning.
+    with quiet_loggers("", "huggingface_hub", level=logging.CRITICAL):
+        model = _create(backbone, pretrained, random_weights, cache_dir)
+    label = RANDOM if random_weights else (
+        f"file:{Path(pretrained).name}@{_sha256(pretrained)[:12]}" if os.path.isfile(pretrained) else pretrained)
+    if random_weights:
+        log.warning("RANDOM WEIGHTS (--pretrained none): %s is initialised at random; maps and scores carry no "
+                    "meaning, use this only to test the pipeline", backbone)
+    model.eval()
+    visual = model.visual
+    cfg = getattr(visual, "preprocess_cfg", {}) or {}
+    mean = tuple(float(v) for v in (cfg.get("mean") or getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN))
+    std = tuple(float(v) for v in (cfg.get("std") or getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD))
+    tokenizer = open_clip.get_tokenizer(backbone)
+    return LoadedModel(model, backbone, label, random_weights, tokenizer, mean, std)
+
+
+def _sha256(path: str) -> str:
+    from anoclip.runtime.artifacts import sha256_file
+
+    return sha256_file(path)
+
+
+def _create(backbone: str, pretrained: str, random_weights: bool, cache_dir: str | None) -> torch.nn.Module:
+    import open_clip
+
     try:
         if random_weights:
-            log.warning("RANDOM WEIGHTS: %s is initialised at random; maps and scores will carry no meaning", backbone)
             model = open_clip.create_model(backbone, pretrained=None)
-            label = RANDOM
         elif os.path.isfile(pretrained):
-            from anoclip.runtime.artifacts import sha256_file
-
             model = open_clip.create_model(backbone, pretrained=None)
             _load_checkpoint(model, pretrained)
-            label = f"file:{Path(pretrained).name}@{sha256_file(pretrained)[:12]}"
         else:
             tags = open_clip.list_pretrained_tags_by_model(backbone)
             if pretrained not in tags:
@@ -145,13 +167,7 @@ def load_model(backbone: str = DEFAULT_BACKBONE, pretrained: str | None = None, 
                 "random weights with --pretrained none"
             ) from exc
         raise AnoclipError(f"cannot create {backbone} with weights '{pretrained}': {exc}") from exc
-    model.eval()
-    visual = model.visual
-    cfg = getattr(visual, "preprocess_cfg", {}) or {}
-    mean = tuple(float(v) for v in (cfg.get("mean") or getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN))
-    std = tuple(float(v) for v in (cfg.get("std") or getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD))
-    tokenizer = open_clip.get_tokenizer(backbone)
-    return LoadedModel(model, backbone, label, random_weights, tokenizer, mean, std)
+    return model
 
 
 def _load_checkpoint(model: torch.nn.Module, path: str) -> None:

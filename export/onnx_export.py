@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from anoclip.runtime.artifacts import ModelEntry, atomic_path
+from anoclip.runtime.cli import quiet_loggers
 from anoclip.runtime.errors import AnoclipError
 
 from .vv import VVVisual
@@ -38,7 +39,7 @@ def export_onnx(module: VVVisual, path: str | os.PathLike, *, opset: int = DEFAU
     dynamic_shapes = {"image": {0: torch.export.Dim("batch", min=1, max=1024)}} if dynamic_batch else None
     path = Path(path)
     with atomic_path(path) as tmp, warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-            _quiet("torch.onnx", "onnxscript", "onnx_ir"):
+            quiet_loggers("torch.onnx", "onnxscript", "onnx_ir"):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             module, (dummy,), None, dynamo=True, input_names=["image"], output_names=module.output_names,
@@ -65,20 +66,6 @@ def export_onnx(module: VVVisual, path: str | os.PathLike, *, opset: int = DEFAU
         vv_blocks=None if module.patch_outputs == "qkv" else module.vv_blocks,
         opset=opset,
     )
-
-
-@contextlib.contextmanager
-def _quiet(*names: str):
-    """Silence the exporter's own chatter (opset notes, rewrite logs) for the duration."""
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
 
 
 def _name_batch_axis(model, dynamic: bool) -> None:

@@ -3,6 +3,7 @@ through the ``anoclip.commands`` entry-point group (``export`` from the export e
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -26,6 +27,20 @@ def configure_logging(verbose: bool = False) -> None:
     """Warnings from every library; info (or debug with ``verbose``) from anoclip itself."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("anoclip").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+@contextlib.contextmanager
+def quiet_loggers(*names: str, level: int = logging.ERROR):
+    """Raise the level of the named loggers ("" is the root logger) for the duration."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(level)
+    try:
+        yield
+    finally:
+        for lg, old in zip(loggers, levels):
+            lg.setLevel(old)
 
 
 def run_guarded(command: click.Command) -> None:

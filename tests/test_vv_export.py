@@ -156,3 +156,26 @@ def test_real_architecture_maps_match_torch_reference(real_export, rgb_image):
     ref = torch_anomaly_map(ref_tokens, text, (15, 15), (240, 240)).numpy()
     assert ours.shape == ref.shape == (1, 240, 240)
     assert np.max(np.abs(ours - ref)) <= 1e-5
+
+
+def test_tiny_architecture_detector_maps_match_torch_reference(tiny_artifacts, tiny_model, rgb_image):
+    """The whole runtime path on a second architecture (48x48 input, 3x3 grid, D=32) vs PyTorch."""
+    from torch_reference import torch_abnormal_probability, torch_anomaly_map, torchvision_preprocess
+
+    from anoclip.runtime.detector import Detector
+
+    detector = Detector.load(tiny_artifacts, backend="cpu", tiling="never")
+    text = detector.class_prompts("carpet").text_features
+    result = detector.predict(rgb_image, "carpet")
+    module = VVVisual(tiny_model.model.visual)
+    with torch.no_grad():
+        image_embeds, patches = module(torchvision_preprocess(rgb_image, 48, tiny_model.mean, tiny_model.std))
+    ref_map = torch_anomaly_map(patches, torch.from_numpy(text), (3, 3), (48, 48))[0].numpy()
+    ref_score = float(torch_abnormal_probability(image_embeds, torch.from_numpy(text))[0])
+    assert result.anomaly_map.shape == (48, 48)
+    assert np.max(np.abs(result.anomaly_map - ref_map)) <= 1e-5
+    assert abs(result.score - ref_score) <= 1e-5
+    ref_full = torch.nn.functional.interpolate(
+        torch_anomaly_map(patches, torch.from_numpy(text), (3, 3), (3, 3))[None], size=rgb_image.shape[:2],
+        mode="bilinear", align_corners=True)[0, 0].numpy()
+    assert np.max(np.abs(result.anomaly_map_full - ref_full)) <= 1e-5
