@@ -85,6 +85,7 @@ def resolve_pretrained(backbone: str, pretrained: str | None) -> str:
     """Default tag for the backbone when none is given."""
     import open_clip
 
+    _check_backbone(backbone)
     if pretrained:
         return pretrained
     if backbone in DEFAULT_PRETRAINED:
