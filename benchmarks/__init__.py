@@ -1,1 +1,1 @@
-"""anoclip.benchmarks."""
+"""Latency and accuracy benchmarks, metrics and dataset layouts (no PyTorch needed)."""

@@ -153,15 +153,15 @@ def _write_tta_graph(opts: ExportOptions, staging: Path) -> ModelEntry:
     from .tta_graph import write_tta_graph
 
     path = write_tta_graph(staging / f"{TTA_GRAPH}.onnx", config=TTAConfig(steps=opts.tta_steps, adapter=opts.tta_adapter))
-    graph = onnx.load(str(path)).graph
+    model = onnx.load(str(path))
 
     def shapes(values) -> dict[str, list[int]]:
         return {v.name: [d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim]
                 for v in values}
 
-    opset = {o.domain: o.version for o in onnx.load(str(path)).opset_import}.get("", 17)
-    return ModelEntry(file=path.name, inputs=shapes(graph.input), outputs=shapes(graph.output), patch_tokens="",
-                      vv_blocks=None, opset=opset)
+    opset = {o.domain: o.version for o in model.opset_import}.get("", 17)
+    return ModelEntry(file=path.name, inputs=shapes(model.graph.input), outputs=shapes(model.graph.output),
+                      patch_tokens="", vv_blocks=None, opset=opset)
 
 
 def _encode_classes(opts: ExportOptions, loaded: LoadedModel, bank: PromptBank) -> None:
@@ -187,8 +187,6 @@ def run_export(opts: ExportOptions, argv: list[str]) -> Manifest:
 
     def progress(message: str) -> None:
         click.echo(f"[anoclip-export] {message}", err=True)
-
-    from .model import resolve_pretrained
 
     progress(f"creating {opts.backbone} with weights '{resolve_pretrained(opts.backbone, opts.pretrained)}'")
     torch.manual_seed(opts.seed)  # random weights (`--pretrained none`) repeat from run to run
@@ -236,8 +234,11 @@ def run_export(opts: ExportOptions, argv: list[str]) -> Manifest:
     manifest.files.update(files)
     manifest.versions = {"anoclip": _version(), "open_clip": open_clip.__version__, "torch": torch.__version__,
                          "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
-    manifest.command = " ".join(shlex.quote(a) for a in argv)
-    manifest.created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    command = " ".join(shlex.quote(a) for a in argv)
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    if not manifest.command:  # the run that exported the visual model
+        manifest.command, manifest.created = command, now
+    manifest.history.append(f"{now} {command}")
     write_manifest(opts.out, manifest)
     return manifest
 
@@ -311,13 +312,30 @@ def export_command(backbone, pretrained, model_config, classes, classes_file, do
         folder = Path("artifacts") / f"{backbone}-{Path(tag).stem}"
     opts = ExportOptions(backbone, pretrained, folder, names, domains, opset, dynamic_batch, vv_blocks,
                          qkv_tokens, force, check, atol, text_batch, seed, tta, tta_steps, tta_adapter)
-    manifest = run_export(opts, ["anoclip-export", *sys.argv[1:]])
+    manifest = run_export(opts, _command_line(click.get_current_context()))
     bank = read_prompts(folder / PROMPTS)
     if as_json:
         click.echo(manifest.to_json())
     else:
         click.echo(f"wrote {folder}: {', '.join(sorted(manifest.files))}")
         click.echo(f"classes: {', '.join(sorted(bank.classes))}")
+
+
+def _command_line(ctx: click.Context) -> list[str]:
+    """The export command as it was given (options that differ from their defaults)."""
+    words = ["anoclip-export"]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        given = ctx.get_parameter_source(param.name) not in (click.core.ParameterSource.DEFAULT, None)
+        if not isinstance(param, click.Option) or not given or value in (None, ()):
+            continue
+        flag = param.opts[0]
+        if param.is_flag:
+            words.append(flag if value else param.secondary_opts[0])
+            continue
+        for item in value if param.multiple else (value,):
+            words += [flag, str(item)]
+    return words
 
 
 def main() -> None:

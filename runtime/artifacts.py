@@ -114,8 +114,9 @@ class Manifest:
     files: dict[str, str] = field(default_factory=dict)  # name -> sha256
     resize: str = "squash-bilinear-antialias"
     versions: dict[str, str] = field(default_factory=dict)
-    command: str = ""
+    command: str = ""  # the command that exported the visual model
     created: str = ""
+    history: list[str] = field(default_factory=list)  # every export run on this folder, with its time
     format_version: int = FORMAT_VERSION
 
     @property

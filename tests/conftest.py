@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny open_clip ViT with random weights, exported once per test session."""
+"""Shared fixtures: a tiny open_clip ViT with random weights, exported once per test run."""
 
 from __future__ import annotations
 

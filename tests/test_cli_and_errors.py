@@ -180,6 +180,7 @@ def test_manifest_of_another_format_version(tiny_artifacts, tmp_path):
 
 def test_adding_classes_keeps_the_visual_model(tiny_artifacts, tmp_path, export_cli):
     folder = copy_artifacts(tiny_artifacts, tmp_path / "a")
+    first = read_manifest(folder)
     before = sha256_file(folder / "visual.onnx")
     mtime = (folder / "visual.onnx").stat().st_mtime_ns
     result = export_cli(["--model-config", str(TINY_CONFIG), "--pretrained", "none", "--classes", "hazelnut",
@@ -188,6 +189,8 @@ def test_adding_classes_keeps_the_visual_model(tiny_artifacts, tmp_path, export_
     assert (folder / "visual.onnx").stat().st_mtime_ns == mtime and sha256_file(folder / "visual.onnx") == before
     artifacts = load_artifacts(folder)
     assert sorted(artifacts.prompts.classes) == ["bottle", "carpet", "hazelnut"]
+    assert artifacts.manifest.command == first.command and "--classes bottle,carpet" in first.command
+    assert len(artifacts.manifest.history) == 2 and "--classes hazelnut" in artifacts.manifest.history[-1]
     # the old classes are untouched
     old = read_prompts(tiny_artifacts / PROMPTS)
     np.testing.assert_array_equal(artifacts.prompts.get("bottle").prompt_features, old.get("bottle").prompt_features)
