@@ -10,21 +10,20 @@ def colourise(amap: np.ndarray, value_range: tuple[float, float] | None = None) 
     import cv2
 
     lo, hi = value_range if value_range is not None else (float(np.min(amap)), float(np.max(amap)))
-    scaled = (amap.astype(np.float32) - lo) / max(hi - lo, 1e-12)
-    grey = np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)
+    scale = 255.0 / max(hi - lo, 1e-12)
+    grey = cv2.convertScaleAbs(amap.astype(np.float32, copy=False), alpha=scale, beta=-lo * scale)
     return cv2.applyColorMap(grey, cv2.COLORMAP_JET)[:, :, ::-1]
 
 
 def overlay(image_rgb: np.ndarray, amap: np.ndarray, alpha: float = 0.5,
             value_range: tuple[float, float] | None = None) -> np.ndarray:
-    """Blend the heat map of ``amap`` (same height and width as the image) over the RGB image."""
+    """Blend the heat map of ``amap`` (resized to the image when needed) over the RGB image."""
     import cv2
 
     if amap.shape != image_rgb.shape[:2]:
         amap = cv2.resize(amap.astype(np.float32), (image_rgb.shape[1], image_rgb.shape[0]), interpolation=cv2.INTER_LINEAR)
-    heat = colourise(amap, value_range).astype(np.float32)
-    blended = (1.0 - alpha) * image_rgb.astype(np.float32) + alpha * heat
-    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    heat = np.ascontiguousarray(colourise(amap, value_range))
+    return cv2.addWeighted(np.ascontiguousarray(image_rgb), 1.0 - alpha, heat, alpha, 0.0)
 
 
 def encode_png(image_rgb: np.ndarray) -> bytes:

@@ -1,10 +1,8 @@
-"""Image preprocessing (SPEC section 1) in numpy, matching PIL's antialiased bilinear resize.
+"""Image preprocessing (SPEC section 1).
 
 The reference pipeline resizes the RGB image straight to the model's input size with PIL's
 bilinear filter (antialiased when shrinking), scales to [0, 1] and normalises with the model's
-mean and std. ``resize_bilinear`` reproduces PIL's separable resampling: the same triangle-filter
-coefficients, the same 22-bit fixed-point arithmetic and the same horizontal-then-vertical order,
-so uint8 images come out identical to ``PIL.Image.resize(..., BILINEAR)``.
+mean and std. The resize is Pillow's own, so it is the reference's to the bit.
 
 Frames far from square are cut into overlapping square tiles after resizing the short side
 (``tile_layout``); the maps of the tiles are merged back by ``merge_tiles``.
@@ -15,67 +13,23 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 
 from .errors import ImageError
 
-_PRECISION_BITS = 32 - 8 - 2
-
-
-@lru_cache(maxsize=64)
-def _coefficients(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Triangle-filter taps as PIL computes them: (start index, float weights, fixed-point weights)."""
-    scale = in_size / out_size
-    filterscale = max(scale, 1.0)
-    support = 1.0 * filterscale
-    ksize = int(math.ceil(support)) * 2 + 1
-    starts = np.zeros(out_size, dtype=np.int64)
-    weights = np.zeros((out_size, ksize), dtype=np.float64)
-    for xx in range(out_size):
-        center = (xx + 0.5) * scale
-        xmin = max(int(center - support + 0.5), 0)  # int() truncates toward zero like C
-        xmax = min(int(center + support + 0.5), in_size) - xmin
-        x = np.arange(xmax, dtype=np.float64)
-        w = np.clip(1.0 - np.abs((x + xmin - center + 0.5) / filterscale), 0.0, None)
-        total = w.sum()
-        if total != 0.0:
-            w = w / total
-        starts[xx] = xmin
-        weights[xx, :xmax] = w
-    scaled = weights * (1 << _PRECISION_BITS)
-    fixed = np.where(scaled < 0, np.trunc(scaled - 0.5), np.trunc(scaled + 0.5)).astype(np.int64)
-    return starts, weights, fixed
-
-
-def _resample_axis(image: np.ndarray, out_size: int, axis: int) -> np.ndarray:
-    """Resample ``image`` ([H, W, C]) along ``axis`` (0 or 1) to ``out_size`` samples."""
-    in_size = image.shape[axis]
-    starts, weights, fixed = _coefficients(in_size, out_size)
-    ksize = weights.shape[1]
-    index = np.minimum(starts[:, None] + np.arange(ksize)[None, :], in_size - 1)  # [out, k]
-    moved = np.moveaxis(image, axis, 0)  # [in, other, C]
-    exact = image.dtype == np.uint8
-    # One multiply-add per filter tap keeps memory at the output's size; uint8 images use PIL's
-    # fixed-point weights (the sum stays below 2**31, so int32 is exact).
-    taps = fixed.astype(np.int32) if exact else weights.astype(np.float32)
-    acc = np.full((out_size,) + moved.shape[1:], (1 << (_PRECISION_BITS - 1)) if exact else 0, np.int32 if exact else np.float32)
-    for j in range(ksize):
-        acc += moved[index[:, j]] * taps[:, j].reshape(-1, *([1] * (moved.ndim - 1)))
-    out = np.clip(acc >> _PRECISION_BITS, 0, 255).astype(np.uint8) if exact else acc
-    return np.moveaxis(out, 0, axis)
-
-
 def resize_bilinear(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize an [H, W, C] image to ``size`` = (height, width) like PIL's BILINEAR resize."""
+    """Resize a uint8 [H, W] or [H, W, C] image to ``size`` = (height, width) with Pillow's
+    BILINEAR filter (antialiased when shrinking): the resize of the reference pipeline itself."""
+    from PIL import Image
+
     height, width = size
-    out = image
-    if out.shape[1] != width:
-        out = _resample_axis(out, width, axis=1)
-    if out.shape[0] != height:
-        out = _resample_axis(out, height, axis=0)
-    return out
+    if image.shape[:2] == (height, width):
+        return image
+    squeeze = image.ndim == 3 and image.shape[2] == 1
+    pil = Image.fromarray(image[..., 0] if squeeze else image)
+    out = np.asarray(pil.resize((width, height), Image.BILINEAR))
+    return out[..., None] if squeeze else out
 
 
 def normalise(image: np.ndarray, mean, std) -> np.ndarray:

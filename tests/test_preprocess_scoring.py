@@ -11,14 +11,14 @@ MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-@pytest.mark.parametrize("shape", [(97, 131), (900, 900), (240, 240), (37, 500), (120, 90), (1080, 1920)])
-def test_resize_is_identical_to_pil(shape):
-    Image = pytest.importorskip("PIL.Image")
-    rng = np.random.default_rng(shape[0])
-    image = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
-    ours = preprocess.resize_bilinear(image, (240, 240))
-    ref = np.asarray(Image.fromarray(image).resize((240, 240), Image.BILINEAR))
-    assert np.array_equal(ours, ref)
+@pytest.mark.parametrize("shape", [(97, 131), (900, 900), (37, 500), (1080, 1920)])
+def test_preprocess_matches_torchvision_at_many_sizes(shape):
+    pytest.importorskip("torchvision")
+    from torch_reference import torchvision_preprocess
+
+    image = np.random.default_rng(shape[0]).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    batch, _ = preprocess.preprocess(image, (240, 240), MEAN, STD, tiling="never")
+    assert np.max(np.abs(batch - torchvision_preprocess(image, 240, MEAN, STD).numpy())) <= 1e-6
 
 
 def test_preprocess_matches_torchvision(rgb_image):
@@ -78,3 +78,15 @@ def test_merge_tiles_averages_overlaps():
     merged = preprocess.merge_tiles(maps, layout)
     assert merged.shape == (240, 400)
     assert merged[0, 0] == 1.0 and merged[0, 399] == 3.0 and merged[0, 200] == 2.0
+
+
+def test_overlay_blends_the_heat_map():
+    from anoclip.runtime.overlay import colourise, overlay
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    amap = rng.random((20, 25)).astype(np.float32)  # resized to the image
+    assert np.array_equal(overlay(image, amap, alpha=0.0), image)
+    full = overlay(image, np.ones((40, 50), np.float32) * np.linspace(0, 1, 50, dtype=np.float32), alpha=1.0)
+    assert tuple(full[0, 0]) == (0, 0, 128) and tuple(full[0, -1]) == (128, 0, 0)  # jet: dark blue .. dark red
+    assert colourise(np.zeros((3, 3), np.float32)).shape == (3, 3, 3)
