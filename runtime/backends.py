@@ -65,6 +65,9 @@ class OnnxRuntimeBackend:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = int(threads)
+        # Worker threads that spin after a run steal the cores that preprocessing, the numpy TTA
+        # loop and capture threads need next; on a few-core device that costs more than it saves.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         provider_options = []
         for name in chosen:
             if name == "TensorrtExecutionProvider":
