@@ -662,7 +662,82 @@ def _default_rng(xp: ModuleType, seed: int | None) -> Any:
     return xp.random.default_rng(seed)
 
 
-class TTAAdapter:
+class _AdapterLoop:
+    """What both adapter loops share: drawing or checking the inputs of one image, the
+    optimiser-state policy, ``adapt`` and ``reset``. Subclasses set ``config``, ``rng``, ``xp``,
+    ``dtype``, ``_T`` and ``weight_shape``, and implement ``run``."""
+
+    config: TTAConfig
+    xp: ModuleType
+    dtype: Any
+    _T: Array | None
+    rng: Any
+    state: AdamWState | None
+    last: TTAResult | None
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget the optimiser state (the next image starts from step 0)."""
+        self.state = None
+        self.last = None
+
+    def initial_params(self, rng: Any = None) -> tuple[Array, Array]:
+        """Draw initial (weight, bias) as :meth:`run` does when ``init`` is not given."""
+        return draw_initial_params(rng if rng is not None else self.rng, weight_shape=self.weight_shape,
+                                   dtype=self.dtype, init=self.config.init, T=self._T, xp=self.xp)
+
+    def _prepare(self, P: Array, init: tuple[Array, Array] | None, noise: Array | None,
+                 rng: Any) -> tuple[Array, Array, Array, Array, AdamWState]:
+        """(P, weight, bias, noise, state) for one image: given arrays are checked and cast, the
+        rest drawn from ``rng`` (default: the adapter's own generator, seeded by config.seed)."""
+        xp, cfg = self.xp, self.config
+        K, C = (int(n) for n in self.weight_shape)
+        P = xp.ascontiguousarray(xp.asarray(P), dtype=self.dtype)
+        if P.ndim != 2 or P.shape[1] != C:
+            raise ValueError(f"patch tokens must be [M, {C}], got {tuple(P.shape)}")
+        M = int(P.shape[0])
+        gen = rng if rng is not None else self.rng
+        if init is None:
+            weight, bias = self.initial_params(gen)
+        else:
+            weight = xp.array(init[0], dtype=self.dtype, copy=True)
+            bias = xp.array(init[1], dtype=self.dtype, copy=True)
+        if tuple(weight.shape) != (K, C) or tuple(bias.shape) != (K,):
+            raise ValueError(f"adapter parameters must be weight {(K, C)} and bias {(K,)}, "
+                             f"got {tuple(weight.shape)} and {tuple(bias.shape)}")
+        if noise is None:
+            noise = draw_noise(gen, cfg.steps, M, C, cfg.noise_std, dtype=self.dtype, xp=xp)
+        noise = xp.ascontiguousarray(xp.asarray(noise), dtype=self.dtype)
+        if tuple(noise.shape) != (cfg.steps, M, C):
+            raise ValueError(f"noise must be [steps, M, C] = {(cfg.steps, M, C)}, got {tuple(noise.shape)}")
+        if self.state is None or cfg.state_policy == "fresh":
+            self.state = AdamWState.zeros((K, C), (K,), xp=xp, dtype=self.dtype)
+        return P, weight, bias, noise, self.state
+
+    def run(self, P: Array, *, init: tuple[Array, Array] | None = None, noise: Array | None = None,
+            rng: Any = None) -> TTAResult:
+        """Adapt to one image's patch tokens ``P`` [M, C] and return everything it produced.
+
+        ``init``: explicit initial (weight, bias), else drawn (config.init). ``noise``: explicit
+        perturbations [steps, M, C] (already scaled), else drawn with std config.noise_std.
+        ``rng``: generator for what is drawn (default: the adapter's own, seeded by config.seed).
+        """
+        self.last = self._steps(*self._prepare(P, init, noise, rng))
+        return self.last
+
+    def _steps(self, P: Array, weight: Array, bias: Array, noise: Array, state: AdamWState) -> TTAResult:
+        raise NotImplementedError
+
+    def adapt(self, P: Array, *, init: tuple[Array, Array] | None = None, noise: Array | None = None,
+              rng: Any = None) -> Array:
+        """Adapted patch tokens Phi(P) [M, C] (unnormalised, without noise) after the steps."""
+        return self.run(P, init=init, noise=noise, rng=rng).tokens
+
+
+class TTAAdapter(_AdapterLoop):
     """AnoCLIP+ adapter for one class / stream, holding its AdamW state between images.
 
     ``T`` [2N, C] (ignored by the linear adapter) and ``text_features`` [2, C] (rows t+, t-) come
@@ -702,64 +777,9 @@ class TTAAdapter:
     def weight_shape(self) -> tuple[int, int]:
         return self._engine.weight_shape
 
-    def reset(self) -> None:
-        """Forget the optimiser state (the next image starts from step 0)."""
-        self.state = None
-        self.last = None
-
-    def _new_state(self) -> AdamWState:
-        e = self._engine
-        return AdamWState.zeros(e.weight_shape, e.bias_shape, xp=self.xp, dtype=self.dtype)
-
-    def initial_params(self, rng: Any = None) -> tuple[Array, Array]:
-        """Draw initial (weight, bias) as :meth:`run` does when ``init`` is not given."""
-        return draw_initial_params(
-            rng if rng is not None else self.rng,
-            weight_shape=self._engine.weight_shape,
-            dtype=self.dtype,
-            init=self.config.init,
-            T=self._T,
-            xp=self.xp,
-        )
-
     # ---- the loop -------------------------------------------------------------------------
-    def run(
-        self,
-        P: Array,
-        *,
-        init: tuple[Array, Array] | None = None,
-        noise: Array | None = None,
-        rng: Any = None,
-    ) -> TTAResult:
-        """Adapt to one image's patch tokens ``P`` [M, C] and return everything it produced.
-
-        ``init``: explicit initial (weight, bias), else drawn (config.init). ``noise``: explicit
-        perturbations [steps, M, C] (already scaled), else drawn with std config.noise_std.
-        ``rng``: generator for what is drawn (default: the adapter's own, seeded by config.seed).
-        """
+    def _steps(self, P: Array, weight: Array, bias: Array, noise: Array, state: AdamWState) -> TTAResult:
         xp, cfg, eng = self.xp, self.config, self._engine
-        P = xp.ascontiguousarray(xp.asarray(P), dtype=self.dtype)
-        if P.ndim != 2 or P.shape[1] != eng.C:
-            raise ValueError(f"patch tokens must be [M, {eng.C}], got {tuple(P.shape)}")
-        M = int(P.shape[0])
-        gen = rng if rng is not None else self.rng
-        if init is None:
-            weight, bias = self.initial_params(gen)
-        else:
-            weight = xp.array(init[0], dtype=self.dtype, copy=True)
-            bias = xp.array(init[1], dtype=self.dtype, copy=True)
-            eng.check_params(weight, bias)
-        if noise is None:
-            noise = draw_noise(gen, cfg.steps, M, eng.C, cfg.noise_std, dtype=self.dtype, xp=xp)
-        else:
-            noise = xp.asarray(noise, dtype=self.dtype)
-            if tuple(noise.shape) != (cfg.steps, M, eng.C):
-                raise ValueError(
-                    f"noise must be [steps, M, C] = {(cfg.steps, M, eng.C)}, got {tuple(noise.shape)}"
-                )
-        if self.state is None or cfg.state_policy == "fresh":
-            self.state = self._new_state()
-        state = self.state
 
         eng.load(P)
         losses = xp.empty((cfg.steps,), dtype=self.dtype)
@@ -772,19 +792,7 @@ class TTAAdapter:
         probs = _probs_from_u(tokens, eng.u, cfg.norm_eps, xp)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("TTA losses %s, optimiser step %d", [float(x) for x in losses], state.step)
-        self.last = TTAResult(tokens, probs, weight, bias, losses, state)
-        return self.last
-
-    def adapt(
-        self,
-        P: Array,
-        *,
-        init: tuple[Array, Array] | None = None,
-        noise: Array | None = None,
-        rng: Any = None,
-    ) -> Array:
-        """Adapted patch tokens Phi(P) [M, C] (unnormalised, without noise) after the steps."""
-        return self.run(P, init=init, noise=noise, rng=rng).tokens
+        return TTAResult(tokens, probs, weight, bias, losses, state)
 
 
 # --------------------------------------------------------------------------------------------
@@ -792,7 +800,7 @@ class TTAAdapter:
 # --------------------------------------------------------------------------------------------
 
 
-class OnnxTTARunner:
+class OnnxTTARunner(_AdapterLoop):
     """Runs ``tta.onnx`` (built by ``anoclip.export.tta_graph``) with onnxruntime.
 
     Same semantics as :class:`TTAAdapter`: parameters are drawn per image (or given), the AdamW
@@ -828,6 +836,7 @@ class OnnxTTARunner:
         missing = [n for n in TTA_GRAPH_INPUTS if n not in self._input_names and n != "prompt_tokens"]
         if missing:
             raise ValueError(f"{self.path} is not a TTA graph: inputs {missing} are missing")
+        self.xp, self.dtype = np, np.float32
         self.rng = np.random.default_rng(self.config.seed)
         self.state: AdamWState | None = None
         self.last: TTAResult | None = None
@@ -868,10 +877,6 @@ class OnnxTTARunner:
         if self.config.adapter == "text" and self._T is None:
             raise ValueError("the 'text' adapter graph needs T [2N, C]")
 
-    def reset(self) -> None:
-        self.state = None
-        self.last = None
-
     @property
     def weight_shape(self) -> tuple[int, int]:
         if self._tf is None:
@@ -882,41 +887,13 @@ class OnnxTTARunner:
             return (int(self._T.shape[0]), C)
         return (C, C)
 
-    def run(
-        self,
-        P: Array,
-        *,
-        init: tuple[Array, Array] | None = None,
-        noise: Array | None = None,
-        rng: Any = None,
-    ) -> TTAResult:
+    def _prepare(self, P, init, noise, rng):
         if self._tf is None:
             raise ValueError("call set_prompts(T, text_features) first")
+        return super()._prepare(P, init, noise, rng)
+
+    def _steps(self, P: Array, weight: Array, bias: Array, noise: Array, s: AdamWState) -> TTAResult:
         cfg = self.config
-        P = np.ascontiguousarray(np.asarray(P, dtype=np.float32))
-        M, C = int(P.shape[0]), int(P.shape[1])
-        K = self.weight_shape[0]
-        gen = rng if rng is not None else self.rng
-        if init is None:
-            weight, bias = draw_initial_params(
-                gen, weight_shape=(K, C), dtype=np.float32, init=cfg.init, T=self._T
-            )
-        else:
-            weight = np.asarray(init[0], dtype=np.float32)
-            bias = np.asarray(init[1], dtype=np.float32)
-        if weight.shape != (K, C) or bias.shape != (K,):
-            raise ValueError(
-                f"adapter parameters must be weight {(K, C)} and bias {(K,)}, "
-                f"got {weight.shape} and {bias.shape}"
-            )
-        if noise is None:
-            noise = draw_noise(gen, cfg.steps, M, C, cfg.noise_std, dtype=np.float32)
-        noise = np.ascontiguousarray(np.asarray(noise, dtype=np.float32))
-        if noise.shape != (cfg.steps, M, C):
-            raise ValueError(f"noise must be [steps, M, C] = {(cfg.steps, M, C)}, got {noise.shape}")
-        if self.state is None or cfg.state_policy == "fresh":
-            self.state = AdamWState.zeros((K, C), (K,), dtype=np.float32)
-        s = self.state
         feeds = {
             "patch_tokens": P,
             "prompt_tokens": self._T,
@@ -939,7 +916,7 @@ class OnnxTTARunner:
             out["v_bias_out"],
             int(s.step) + cfg.steps,
         )
-        self.last = TTAResult(
+        return TTAResult(
             out["adapted_tokens"],
             out["abnormal_probs"],
             out["weight_out"],
@@ -947,16 +924,3 @@ class OnnxTTARunner:
             out["losses"],
             self.state,
         )
-        return self.last
-
-    def adapt(
-        self,
-        P: Array,
-        *,
-        init: tuple[Array, Array] | None = None,
-        noise: Array | None = None,
-        rng: Any = None,
-    ) -> np.ndarray:
-        return self.run(P, init=init, noise=noise, rng=rng).tokens
-
-
