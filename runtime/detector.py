@@ -109,6 +109,8 @@ class Detector:
         """Score several images of one class, running all their tiles through the model together."""
         prompts = self.class_prompts(cls)
         tta_config = self.tta if tta is None else _tta_config(tta)
+        if not images:
+            return []
         t0 = time.perf_counter()
         batches, layouts, sizes = [], [], []
         for image in images:
@@ -120,7 +122,7 @@ class Detector:
         t1 = time.perf_counter()
         image_embeds, patch_embeds = self.backend.run(np.concatenate(batches))
         t2 = time.perf_counter()
-        n = max(len(images), 1)
+        n = len(images)
         results, start = [], 0
         for layout, size in zip(layouts, sizes):
             count = len(layout.offsets)
@@ -129,7 +131,7 @@ class Detector:
             patches = patch_embeds[start:stop]
             tta_ms = 0.0
             if tta_config is not None:
-                patches = self._adapt(cls, prompts, patches, tta_config)
+                patches = self._adapt(cls, patches, tta_config)
                 tta_ms = (time.perf_counter() - t3) * 1e3
             result = self._score(image_embeds[start:stop], patches, prompts, layout, size, cls)
             result.timings = {
@@ -151,7 +153,7 @@ class Detector:
         grids = patch_grid(probs, self.grid)
         tile_maps = upsample_bilinear(grids, self.input_size)
         model_map = merge_tiles(tile_maps, layout)
-        if len(layout.offsets) == 1 and layout.resized == layout.tile:
+        if layout.single:
             full = upsample_bilinear(grids[0], size)
         else:
             import cv2
@@ -183,7 +185,7 @@ class Detector:
         for key in [k for k in self._adapters if cls is None or k[0] == cls]:
             del self._adapters[key]
 
-    def _adapt(self, cls: str, prompts: ClassPrompts, patches: np.ndarray, config: TTAConfig) -> np.ndarray:
+    def _adapt(self, cls: str, patches: np.ndarray, config: TTAConfig) -> np.ndarray:
         """Adapt the patch tokens of every tile (each tile is one image for the adapter)."""
         adapter = self.tta_adapter(cls, config)
         return np.stack([np.asarray(adapter.adapt(tile)) for tile in patches])

@@ -81,6 +81,11 @@ class TileLayout:
     offsets: tuple[tuple[int, int], ...]  # (top, left) of each tile
     tile: tuple[int, int]
 
+    @property
+    def single(self) -> bool:
+        """The whole frame went into one tile (squashed to the model's input size)."""
+        return len(self.offsets) == 1 and self.resized == self.tile
+
 
 def tile_layout(height: int, width: int, tile: tuple[int, int], mode: str = "auto", max_aspect: float = 1.2) -> TileLayout:
     """Decide whether and how to tile a frame.
@@ -121,7 +126,7 @@ def preprocess(image: np.ndarray, size: tuple[int, int], mean, std, tiling: str 
 
 def merge_tiles(maps: np.ndarray, layout: TileLayout) -> np.ndarray:
     """Merge per-tile maps [tiles, th, tw] into one map over the resized frame (overlaps averaged)."""
-    if len(layout.offsets) == 1 and layout.resized == layout.tile:
+    if layout.single:
         return maps[0]
     total = np.zeros(layout.resized, dtype=np.float64)
     count = np.zeros(layout.resized, dtype=np.float64)
