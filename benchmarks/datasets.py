@@ -45,7 +45,6 @@ __all__ = [
     "load_visa",
     "make_mvtec_like",
     "make_visa_like",
-    "read_image",
     "read_mask",
 ]
 
@@ -115,18 +114,6 @@ def read_mask(path: str | Path | None, size: int | tuple[int, int] | None = None
     # is what torchvision's Resize does to the authors' PIL masks.
     resized = resize_bilinear(binary[..., None], (height, width))[..., 0]
     return resized.astype(np.float32) / 255.0 > 0.5
-
-
-def read_image(path: str | Path) -> np.ndarray:
-    """RGB uint8 image [H, W, 3]."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image file {path} not found: check the dataset folder is "
-                                f"complete")
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise ValueError(f"image file {path} could not be decoded: replace it or remove it")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 # --------------------------------------------------------------------------------------------

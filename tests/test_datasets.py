@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from anoclip.benchmarks import datasets as D
+from anoclip.runtime.preprocess import read_image
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def test_mvtec_like_layout_loads(mvtec_root: Path) -> None:
     assert {s.defect for s in samples if s.label} == {"scratch", "spot", "hole"}
     for s in samples:
         assert s.cls == "carpet" and s.image_path.is_file()
-        assert D.read_image(s.image_path).shape == (64, 64, 3)
+        assert read_image(s.image_path).shape == (64, 64, 3)
         if s.label:
             assert s.mask_path is not None and s.mask_path.name == f"{s.image_path.stem}_mask.png"
             raw = cv2.imread(str(s.mask_path), cv2.IMREAD_GRAYSCALE)
@@ -77,7 +78,7 @@ def test_visa_like_layout_loads(visa_root: Path) -> None:
     assert [s.label for s in samples] == [0, 0, 1, 1, 1]  # test split only
     for s in samples:
         assert s.image_path.suffix == ".JPG"
-        assert D.read_image(s.image_path).shape == (64, 96, 3)
+        assert read_image(s.image_path).shape == (64, 96, 3)
         mask = D.read_mask(s.mask_path, (96, 64))
         assert mask.shape == (64, 96)
         assert mask.any() == bool(s.label)
@@ -166,7 +167,7 @@ def test_cli_make(tmp_path: Path) -> None:
                                     "80x60"])
     assert result.exit_code == 0, result.output
     assert "fryum" in result.output
-    assert D.read_image(D.load_visa(out, "fryum")[0].image_path).shape == (60, 80, 3)
+    assert read_image(D.load_visa(out, "fryum")[0].image_path).shape == (60, 80, 3)
     bad = runner.invoke(D.main, ["make", "--layout", "mvtec", "--out", str(tmp_path / "m"),
                                  "--size", "big"])
     assert bad.exit_code == 2 and "--size" in bad.output
