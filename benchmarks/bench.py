@@ -82,6 +82,16 @@ def _summary(values: list[float]) -> dict[str, float]:
             "p99": float(np.percentile(a, 99))}
 
 
+def _timed_predict(detector: Detector, frame: np.ndarray, cls: str) -> tuple[float, dict[str, float]]:
+    """One predict() call plus the overlay: (total ms, ms per stage)."""
+    start = time.perf_counter()
+    result = detector.predict(frame, cls)
+    t_post = time.perf_counter()
+    overlay(frame, result.anomaly_map_full)
+    end = time.perf_counter()
+    return (end - start) * 1e3, dict(result.timings, postprocess=(end - t_post) * 1e3)
+
+
 def run_bench(artifacts_dir: str, providers: list[str], runs: int, warmup: int, frame: np.ndarray, cls: str | None,
               threads: int | None, progress=None) -> tuple[list[Row], dict]:
     """Time every variant on every provider; return the rows and the method description."""
@@ -112,26 +122,15 @@ def run_bench(artifacts_dir: str, providers: list[str], runs: int, warmup: int, 
                 row.status = f"failed: {exc}"
         totals: dict[str, list[float]] = {name: [] for name in detectors}
         stages: dict[str, dict[str, list[float]]] = {name: {s: [] for s in STAGES} for name in detectors}
-
-        def call(name: str, record: bool) -> None:
-            detector = detectors[name]
-            start = time.perf_counter()
-            result = detector.predict(frame, cls)
-            t_post = time.perf_counter()
-            overlay(frame, result.anomaly_map_full)
-            end = time.perf_counter()
-            if record:
-                totals[name].append((end - start) * 1e3)
-                timings = dict(result.timings, postprocess=(end - t_post) * 1e3)
+        for _ in range(warmup):
+            for detector in detectors.values():
+                _timed_predict(detector, frame, cls)
+        for _ in range(runs):
+            for name, detector in detectors.items():
+                total, timings = _timed_predict(detector, frame, cls)
+                totals[name].append(total)
                 for stage in STAGES:
                     stages[name][stage].append(timings.get(stage, 0.0))
-
-        for _ in range(warmup):
-            for name in detectors:
-                call(name, False)
-        for index in range(runs):
-            for name in detectors:
-                call(name, True)
             if progress is not None:
                 progress(1)
         for row in group:

@@ -464,7 +464,7 @@ def make_mvtec_like(root: str | Path, classes: Sequence[str] = ("carpet", "bottl
                    _synth_normal(cls, seed, "train", i, size, size))
             _write(base / "test" / "good" / f"{i:03d}.png",
                    _synth_normal(cls, seed, "test", i, size, size))
-        counts = {k: 0 for k in DEFECT_KINDS}
+        counts = dict.fromkeys(DEFECT_KINDS, 0)
         for i in range(n_defect):
             kind = DEFECT_KINDS[i % len(DEFECT_KINDS)]
             j = counts[kind]

@@ -46,7 +46,7 @@ def export_onnx(module: VVVisual, path: str | os.PathLike, *, opset: int = DEFAU
             opset_version=opset, dynamic_shapes=dynamic_shapes, verbose=False, optimize=True,
         )
         model = program.model_proto
-        got = {o.domain: o.version for o in model.opset_import}.get("", None)
+        got = {o.domain: o.version for o in model.opset_import}.get("")
         if got != opset:
             raise AnoclipError(f"the exporter produced opset {got}, not {opset}; pass --opset {got}")
         model.producer_name = "anoclip-export"

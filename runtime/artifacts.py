@@ -252,7 +252,7 @@ def read_prompts(path: str | os.PathLike) -> PromptBank:
     try:
         with safe_open(str(path), framework="numpy") as handle:
             metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open is not a dict)
     except (SafetensorError, OSError, ValueError) as exc:
         raise ArtifactError(f"{path} is not a readable safetensors file ({exc}); re-run `anoclip-export`") from exc
     if metadata.get("format") != PROMPTS_FORMAT:
