@@ -87,3 +87,32 @@ def test_export_subcommand_without_torch_says_what_to_install():
     proc = run_blocked("from anoclip.runtime.cli import main; sys.argv[0] = 'anoclip'; main()", "export", "--help")
     assert proc.returncode == 1
     assert "needs torch" in proc.stderr and "pip install 'anoclip[export]'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_benchmarks_import_without_torch():
+    """bench, eval, metrics and the latency scripts run on a device with only the runtime installed."""
+    proc = run_blocked(
+        """
+        import importlib, pkgutil
+        import anoclip.benchmarks as benchmarks
+        names = [m.name for m in pkgutil.iter_modules(benchmarks.__path__, "anoclip.benchmarks.")]
+        for name in names:
+            importlib.import_module(name)
+        leaked = [m for m in sys.modules if m.split(".")[0] in Block.blocked]
+        assert not leaked, leaked
+        print(len(names))
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout.strip()) >= 8
+
+
+def test_bench_cli_without_torch(tiny_artifacts):
+    proc = run_blocked(
+        "from anoclip.runtime.cli import main; sys.argv[0] = 'anoclip'; main()",
+        "bench", "--artifacts", str(tiny_artifacts), "--runs", "3", "--warmup", "0", "--image-size", "32",
+        "--backends", "cpu", "--json",
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)["rows"]
+    assert {r["status"] for r in rows} == {"ok"}
