@@ -80,13 +80,13 @@ def predict_peak_rss_mb(artifacts: Path, size: tuple[int, int]) -> float:
     """Peak resident memory (VmHWM) of a whole ``anoclip predict`` process scoring one image."""
     import cv2
 
-    from anoclip.runtime.artifacts import read_prompts
+    from anoclip.runtime.artifacts import load_artifacts
 
     with tempfile.TemporaryDirectory() as tmp:
         image = Path(tmp) / "frame.png"
         report = Path(tmp) / "peak_kb"
         cv2.imwrite(str(image), np.random.default_rng(0).integers(0, 256, (*size, 3), dtype=np.uint8))
-        cls = sorted(read_prompts(artifacts / "prompts.safetensors").classes)[0]
+        cls = sorted(load_artifacts(artifacts, verify=False).prompts.classes)[0]
         cmd = [sys.executable, "-c", _PEAK_RSS_CHILD, str(report), "predict", "--artifacts", str(artifacts),
                "--class", cls, "--out", str(Path(tmp) / "out"), str(image)]
         proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -6,7 +6,6 @@ import logging
 import shlex
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,12 +13,14 @@ from pathlib import Path
 import click
 
 from anoclip.runtime.artifacts import (
-    MANIFEST, PROMPTS, TTA_GRAPH, VISUAL, VISUAL_QKV, ClassPrompts, Manifest, ModelEntry, PromptBank,
-    check_prompts_belong,
-    read_manifest, read_prompts, sha256_file, verify_files, write_manifest, write_prompts,
+    FORMAT_VERSION, PROMPTS, TTA_GRAPH, VISUAL, VISUAL_QKV, ClassPrompts, Manifest, ModelEntry, PromptBank,
+    check_prompts_belong, read_manifest, read_prompts, verify_files, write_manifest, write_prompts,
 )
 from anoclip.runtime.cli import configure_logging, run_guarded
 from anoclip.runtime.errors import AnoclipError, ArtifactError
+from anoclip.runtime.integrity import resolve_inside
+
+from .folder import folder_lock, has_manifest, place, prepare_folder, remove_unreferenced, staging_folder, sync_folder
 
 from .model import DEFAULT_BACKBONE, LoadedModel, load_model, register_model_config, resolve_pretrained
 from .prompts import DOMAINS, PromptRecipe, class_embeddings, encode_sentences
@@ -46,6 +47,9 @@ class ExportOptions:
     tta: bool = False
     tta_steps: int = 5
     tta_adapter: str = "text"
+    drop_classes: tuple[str, ...] = ()
+    replace_classes: bool = False
+    reencode_prompts: bool = False
 
 
 def parse_classes(classes: str | None, classes_file: str | None) -> tuple[list[str], dict[str, str]]:
@@ -83,32 +87,30 @@ def parse_domains(values: tuple[str, ...]) -> dict[str, str]:
     return domains
 
 
-def _existing_visual_ok(opts: ExportOptions, loaded: LoadedModel) -> Manifest | None:
-    """The manifest of ``opts.out`` when its visual models can be kept as they are."""
-    if not (opts.out / MANIFEST).is_file():
-        return None
-    manifest = read_manifest(opts.out)
-    if (manifest.backbone, manifest.pretrained) != (loaded.backbone, loaded.pretrained):
-        if not opts.force:
-            raise ArtifactError(
-                f"{opts.out} holds an export of {manifest.backbone} / {manifest.pretrained}, not "
-                f"{loaded.backbone} / {loaded.pretrained}; choose another --out or pass --force to replace it"
-            )
-        return None
-    if opts.force:
-        return None
+def _visual_reusable(opts: ExportOptions, loaded: LoadedModel, manifest: Manifest | None) -> bool:
+    """True when the folder's visual models are the ones these options would export."""
+    if manifest is None or opts.force or not _same_weights(manifest, loaded):
+        return False
     wanted = _wanted_models(opts)
     for name, (patch_outputs, vv_blocks) in wanted.items():
         entry = manifest.models.get(name)
         if entry is None or entry.opset != opts.opset or (entry.inputs["image"][0] == -1) != opts.dynamic_batch:
-            return None
-        if name == VISUAL and (entry.vv_blocks != (vv_blocks or manifest.layers) or ("qkv_patch_embeds" in entry.outputs) != (patch_outputs == "both")):
-            return None
+            return False
+        if name == VISUAL and (entry.vv_blocks != (vv_blocks or manifest.layers)
+                               or ("qkv_patch_embeds" in entry.outputs) != (patch_outputs == "both")):
+            return False
     try:
         verify_files(opts.out, manifest, [manifest.models[n].file for n in wanted])
     except ArtifactError:
-        return None
-    return manifest
+        return False
+    return True
+
+
+def _same_weights(manifest: Manifest, loaded: LoadedModel) -> bool:
+    """The folder's models come from the same backbone and weights (checkpoint hash where known)."""
+    same_file = not (manifest.checkpoint_sha256 and loaded.checkpoint_sha256) \
+        or manifest.checkpoint_sha256 == loaded.checkpoint_sha256
+    return (manifest.backbone, manifest.pretrained) == (loaded.backbone, loaded.pretrained) and same_file
 
 
 def _wanted_models(opts: ExportOptions) -> dict[str, tuple[str, int | None]]:
@@ -164,47 +166,140 @@ def _write_tta_graph(opts: ExportOptions, staging: Path) -> ModelEntry:
                       patch_tokens="", vv_blocks=None, opset=opset)
 
 
-def _encode_classes(opts: ExportOptions, loaded: LoadedModel, bank: PromptBank) -> None:
+def _recipe_from_metadata(name: str, meta: dict) -> PromptRecipe | None:
+    """The recipe a class was baked with, from the prompt weights' metadata (None if incomplete)."""
+    try:
+        return PromptRecipe(name, str(meta["class_phrase"]), str(meta["domain"]), tuple(meta["domain_phrases"]))
+    except (KeyError, TypeError):
+        return None
+
+
+def _plan_classes(opts: ExportOptions, old: PromptBank | None, weights_changed: bool) -> tuple[dict, dict, list[str]]:
+    """(classes kept as they are, recipes to encode, classes dropped) for the new prompt weights."""
+    kept = {} if old is None or opts.replace_classes else dict(old.classes)
+    unknown = [n for n in opts.drop_classes if n not in kept]
+    if unknown:
+        have = ", ".join(sorted(kept)) or "none"
+        raise AnoclipError(f"--drop-classes {unknown[0]}: no such class in {opts.out} (has: {have})")
+    dropped = [n for n in kept if n in opts.drop_classes]
+    if old is not None and opts.replace_classes:
+        dropped = sorted(set(old.classes) - set(opts.classes))
+    for name in dropped:
+        kept.pop(name, None)
+    encode: dict[str, PromptRecipe] = {}
+    for name in list(kept):
+        if weights_changed or opts.reencode_prompts:
+            recipe = _recipe_from_metadata(name, kept[name].recipe)
+            if recipe is None:
+                raise AnoclipError(f"class {name} in {opts.out} has no recipe to re-encode it from; "
+                                   f"pass it again with --classes {name} (and its --domain)")
+            encode[name] = recipe
+            del kept[name]
+    for name in opts.classes:
+        recipe = PromptRecipe.for_class(name, opts.domains.get(name))
+        stored = _recipe_from_metadata(name, kept[name].recipe) if name in kept else None
+        if stored is not None and (stored.phrase, stored.domain_phrases) == (recipe.phrase, recipe.domain_phrases):
+            continue  # baked already with the same sentences
+        kept.pop(name, None)
+        encode[name] = recipe
+    return kept, encode, dropped
+
+
+def _encode_classes(loaded: LoadedModel, recipes: dict[str, PromptRecipe], text_batch: int) -> dict[str, ClassPrompts]:
     from tqdm import tqdm
 
-    for name in opts.classes:
-        domain = opts.domains.get(name)
-        recipe = PromptRecipe.for_class(name, domain)
+    encoded = {}
+    for name, recipe in recipes.items():
         normal, abnormal = recipe.sentences()
         with tqdm(total=len(normal) + len(abnormal), desc=f"prompts {name}", unit="sent", file=sys.stderr,
                   disable=None) as bar:
-            raw_normal = encode_sentences(loaded.encode_text, normal, opts.text_batch, bar)
-            raw_abnormal = encode_sentences(loaded.encode_text, abnormal, opts.text_batch, bar)
+            raw_normal = encode_sentences(loaded.encode_text, normal, text_batch, bar)
+            raw_abnormal = encode_sentences(loaded.encode_text, abnormal, text_batch, bar)
         text, prompts = class_embeddings(raw_normal, raw_abnormal)
         meta = recipe.as_metadata()
         meta["sentences_per_state"] = len(normal)
-        bank.classes[name] = ClassPrompts(name, text, prompts, meta)
+        encoded[name] = ClassPrompts(name, text, prompts, meta)
+    return encoded
+
+
+def _read_old(folder: Path) -> tuple[Manifest | None, PromptBank | None]:
+    """The folder's manifest and prompt weights, if it holds a loadable export."""
+    if not has_manifest(folder):
+        return None, None
+    manifest = read_manifest(folder)
+    prompts = resolve_inside(folder, manifest.prompts)
+    bank = read_prompts(prompts) if prompts.is_file() else None
+    if bank is not None:
+        check_prompts_belong(manifest, bank, str(folder))
+    return manifest, bank
 
 
 def run_export(opts: ExportOptions, argv: list[str]) -> Manifest:
-    import open_clip
-    import torch
+    """Export into ``opts.out`` as two idempotent steps, visual models and prompt weights.
 
+    The visual models are kept when they match the options; the prompt weights keep every class
+    already baked (re-encoded from their recipes when the weights changed) unless
+    ``--drop-classes``/``--replace-classes`` say otherwise. Files are placed under new names and
+    the manifest is replaced last, so a folder that loaded before loads after any interruption.
+    """
     def progress(message: str) -> None:
         click.echo(f"[anoclip-export] {message}", err=True)
 
+    if not has_manifest(opts.out) and not opts.classes:
+        raise AnoclipError("no classes given; pass --classes a,b,c or --classes-file FILE")
+    created = prepare_folder(opts.out)
+    try:
+        with folder_lock(opts.out):
+            remove_unreferenced(opts.out, _still_named(opts.out))
+            return _export_locked(opts, argv, progress)
+    except BaseException:
+        if created and not has_manifest(opts.out):
+            shutil.rmtree(opts.out, ignore_errors=True)
+        raise
+
+
+def _still_named(folder: Path) -> set[str]:
+    """The files the folder's manifest names (all owned files when it cannot be read)."""
+    try:
+        manifest, _ = _read_old(folder)
+    except ArtifactError:
+        return {p.name for p in folder.iterdir()}
+    return set(manifest.files) | {manifest.prompts} if manifest else set()
+
+
+def _export_locked(opts: ExportOptions, argv: list[str], progress) -> Manifest:
+    import open_clip
+    import torch
+
+    try:
+        old, old_bank = _read_old(opts.out)
+    except ArtifactError as exc:
+        if not opts.force:
+            raise ArtifactError(f"{exc}; or pass --force to export into it anew") from None
+        log.warning("%s cannot be read (%s); exporting into it anew", opts.out, exc)
+        old, old_bank = None, None
     progress(f"creating {opts.backbone} with weights '{resolve_pretrained(opts.backbone, opts.pretrained)}'")
     torch.manual_seed(opts.seed)  # random weights (`--pretrained none`) repeat from run to run
     loaded = load_model(opts.backbone, opts.pretrained)
-    opts.out.mkdir(parents=True, exist_ok=True)
-    manifest = _existing_visual_ok(opts, loaded)
-    bank = PromptBank({}, loaded.backbone, loaded.pretrained, 0)
-    if manifest is not None and (opts.out / PROMPTS).is_file():
-        existing = read_prompts(opts.out / PROMPTS)
-        check_prompts_belong(manifest, existing, str(opts.out))
-        bank = existing
-    if manifest is None and not opts.classes:
-        raise AnoclipError("no classes given; pass --classes a,b,c or --classes-file FILE")
-    if manifest is not None and not opts.classes and not opts.tta:
-        raise AnoclipError(f"{opts.out} is up to date and nothing was asked; pass --classes to add classes, or --force")
-    with tempfile.TemporaryDirectory(prefix=".staging-", dir=opts.out) as staging_dir:
-        staging = Path(staging_dir)
-        if manifest is None:
+    if old is not None and not _same_weights(old, loaded) and not opts.force:
+        raise ArtifactError(
+            f"{opts.out} holds an export of {old.backbone} / {old.pretrained}, not {loaded.backbone} / "
+            f"{loaded.pretrained}; choose another --out, or pass --force to replace the visual model "
+            f"(its classes are kept and re-encoded)"
+        )
+    reuse_visual = _visual_reusable(opts, loaded, old)
+    weights_changed = old is not None and not _same_weights(old, loaded)
+    kept, to_encode, dropped = _plan_classes(opts, old_bank, weights_changed)
+    if reuse_visual and not to_encode and not dropped and not opts.tta:
+        progress(f"{opts.out} is up to date (classes: {', '.join(sorted(kept)) or 'none'}); nothing to do")
+        return old
+    if not kept and not to_encode:
+        raise AnoclipError(f"the export would leave {opts.out} without classes; pass --classes")
+    with staging_folder(opts.out) as staging:
+        if reuse_visual:
+            progress(f"visual model in {opts.out} is up to date; writing prompts only")
+            manifest = old
+        else:
             entries = _export_visual(opts, loaded, staging, progress)
             geometry = next(iter(entries.values()))[1]
             manifest = Manifest(
@@ -212,35 +307,52 @@ def run_export(opts: ExportOptions, argv: list[str]) -> Manifest:
                 image_size=geometry.image_size, mean=loaded.mean, std=loaded.std, grid=geometry.grid,
                 embed_dim=geometry.embed_dim, width=geometry.width, layers=geometry.layers, heads=geometry.heads,
                 models={name: entry for name, (entry, _) in entries.items()},
+                checkpoint_sha256=loaded.checkpoint_sha256,
+                history=list(old.history) if old else [],
             )
-            bank = PromptBank({}, loaded.backbone, loaded.pretrained, geometry.embed_dim)
-        else:
-            progress(f"visual model in {opts.out} is up to date; adding prompts only")
-        bank.embed_dim = manifest.embed_dim
+            if old is not None and TTA_GRAPH in old.models and not opts.tta:
+                manifest.models[TTA_GRAPH] = old.models[TTA_GRAPH]  # class- and weight-independent
         if opts.tta:
             progress(f"writing {TTA_GRAPH}.onnx ({opts.tta_steps} unrolled steps, {opts.tta_adapter} adapter)")
             manifest.models[TTA_GRAPH] = _write_tta_graph(opts, staging)
-        if opts.classes:
-            _encode_classes(opts, loaded, bank)
+        if to_encode:
+            progress(f"encoding prompts of {', '.join(to_encode)}"
+                     + (f"; keeping {', '.join(sorted(kept))}" if kept else ""))
+        if dropped:
+            progress(f"dropping {', '.join(dropped)}")
+        classes = {**kept, **_encode_classes(loaded, to_encode, opts.text_batch)}
+        bank = PromptBank(dict(sorted(classes.items())), loaded.backbone, loaded.pretrained, manifest.embed_dim)
         write_prompts(staging / PROMPTS, bank, {"open_clip_version": open_clip.__version__})
-        # Move into place; the manifest goes last, so a folder whose files do not match it never loads.
-        files = {}
-        for path in sorted(staging.iterdir()):
-            files[path.name] = sha256_file(path)
-            shutil.move(str(path), opts.out / path.name)
+        placed = place(staging, opts.out)
     import onnx
     import onnxruntime
 
-    manifest.files.update(files)
+    for entry in manifest.models.values():
+        if entry.file in placed:
+            entry.file = placed[entry.file][0]
+    manifest.prompts = placed[PROMPTS][0]
+    old_files = old.files if old else {}
+    manifest.files = {entry.file: _sha_of(entry.file, placed, old_files) for entry in manifest.models.values()}
+    manifest.files[manifest.prompts] = placed[PROMPTS][1]
+    manifest.format_version = FORMAT_VERSION
     manifest.versions = {"anoclip": _version(), "open_clip": open_clip.__version__, "torch": torch.__version__,
                          "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
     command = " ".join(shlex.quote(a) for a in argv)
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    if not manifest.command:  # the run that exported the visual model
+    if not reuse_visual or not manifest.command:  # the run that exported the visual model
         manifest.command, manifest.created = command, now
     manifest.history.append(f"{now} {command}")
-    write_manifest(opts.out, manifest)
+    write_manifest(opts.out, manifest)  # the commit point
+    sync_folder(opts.out)
+    remove_unreferenced(opts.out, set(manifest.files) | {manifest.prompts})
     return manifest
+
+
+def _sha_of(name: str, placed: dict[str, tuple[str, str]], old_files: dict[str, str]) -> str:
+    for final, sha in placed.values():
+        if final == name:
+            return sha
+    return old_files[name]
 
 
 def _version() -> str:
@@ -282,7 +394,14 @@ def _version() -> str:
 @click.option("--tta-steps", default=5, show_default=True, type=click.IntRange(min=1), help="Steps unrolled in tta.onnx.")
 @click.option("--tta-adapter", default="text", show_default=True, type=click.Choice(["text", "linear"]),
               help="Adapter of tta.onnx: text (authors' MVTec code) or linear (their VisA script).")
-@click.option("--force", is_flag=True, help="Re-export the visual model even when the folder's one is up to date.")
+@click.option("--force", is_flag=True,
+              help="Re-export the visual model even when the folder's one is up to date, or replace one of another "
+                   "backbone/weights; the classes already baked are kept (re-encoded when the weights change).")
+@click.option("--drop-classes", default=None, metavar="A,B", help="Remove these classes from the prompt weights.")
+@click.option("--replace-classes", is_flag=True,
+              help="The folder's classes become exactly --classes (the others are dropped).")
+@click.option("--reencode-prompts", is_flag=True,
+              help="Encode the prompts of every class again from its recipe (the visual model is kept if up to date).")
 @click.option("--check/--no-check", default=True, show_default=True,
               help="Check ONNX Runtime (CPU) against the PyTorch reference after export.")
 @click.option("--atol", default=1e-4, show_default=True, type=float, help="Largest allowed abs difference in the check.")
@@ -291,11 +410,15 @@ def _version() -> str:
 @click.option("--seed", default=0, show_default=True, help="Seed for random weights (--pretrained none).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON when done.")
 def export_command(backbone, pretrained, model_config, classes, classes_file, domain_opts, out, opset, dynamic_batch,
-                   vv_blocks, qkv_tokens, tta, tta_steps, tta_adapter, force, check, atol, text_batch, seed, as_json):
+                   vv_blocks, qkv_tokens, tta, tta_steps, tta_adapter, force, drop_classes, replace_classes,
+                   reencode_prompts, check, atol, text_batch, seed, as_json):
     """Export an open_clip ViT with the V-V path to ONNX and bake the prompt embeddings of CLASSES.
 
-    Writes OUT/manifest.json, OUT/visual.onnx and OUT/prompts.safetensors. Run it again with new
-    --classes to add classes to an existing folder; the visual model is then kept.
+    Writes OUT/manifest.json, OUT/visual.<sha>.onnx and OUT/prompts.<sha>.safetensors (names carry
+    the start of their sha256). Run it again to add classes: the visual model is kept when it is
+    up to date and the classes already baked are never dropped unless --drop-classes or
+    --replace-classes say so. The manifest is written last; an interrupted export leaves the folder
+    as it was, and running the same command twice changes nothing.
     """
     configure_logging()
     if model_config:
@@ -310,10 +433,12 @@ def export_command(backbone, pretrained, model_config, classes, classes_file, do
     else:
         tag = resolve_pretrained(backbone, pretrained)
         folder = Path("artifacts") / f"{backbone}-{Path(tag).stem}"
+    drop, _ = parse_classes(drop_classes, None)
     opts = ExportOptions(backbone, pretrained, folder, names, domains, opset, dynamic_batch, vv_blocks,
-                         qkv_tokens, force, check, atol, text_batch, seed, tta, tta_steps, tta_adapter)
+                         qkv_tokens, force, check, atol, text_batch, seed, tta, tta_steps, tta_adapter,
+                         tuple(drop), replace_classes, reencode_prompts)
     manifest = run_export(opts, _command_line(click.get_current_context()))
-    bank = read_prompts(folder / PROMPTS)
+    bank = read_prompts(resolve_inside(folder, manifest.prompts))
     if as_json:
         click.echo(manifest.to_json())
     else:

@@ -3,34 +3,42 @@
 The runtime owns these formats; the exporter writes them through this module so that the reader
 and the writer cannot drift apart.
 
-Layout of one artifact folder::
+Layout of one artifact folder (file names carry the first 12 hex digits of their sha256, so a
+new export never overwrites a file that the current manifest names)::
 
-    manifest.json          what was exported, how, and the sha256 of every file
-    visual.onnx            image [B,3,H,W] -> image_embeds [B,D], patch_embeds [B,M,D]
-    visual_qkv.onnx        optional plain-CLIP baseline (patch_embeds are the QKV tokens)
-    tta.onnx               optional AnoCLIP+ adapter loop as one graph (class-independent)
-    prompts.safetensors    text_features/<class> [2,D] (t+, t-), prompt_features/<class> [2N,D]
+    manifest.json                  what was exported, how, the name and sha256 of every file;
+                                   written last: replacing it is the one commit point of an export
+    visual.<sha>.onnx              image [B,3,H,W] -> image_embeds [B,D], patch_embeds [B,M,D]
+    visual_qkv.<sha>.onnx          optional plain-CLIP baseline (patch_embeds are the QKV tokens)
+    tta.<sha>.onnx                 optional AnoCLIP+ adapter loop as one graph (class-independent)
+    prompts.<sha>.safetensors      text_features/<class> [2,D] (t+, t-), prompt_features/<class> [2N,D]
+
+Folders of format version 1 (``visual.onnx``, ``prompts.safetensors``) still load.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
+import math
 import logging
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
 from .errors import ArtifactError, UnknownClassError
+from .integrity import VerificationRecord, onnx_external_files, resolve_inside, verify_file
+from .integrity import sha256_file  # noqa: F401 (export and benchmarks hash files through this module)
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest names the prompt weights file; content-addressed file names
+READABLE_VERSIONS = (1, 2)
+PROMPTS_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PROMPTS = "prompts.safetensors"
 VISUAL = "visual"
@@ -44,19 +52,23 @@ PROMPTS_FORMAT = "anoclip-prompts"
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, mode: int | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename.
 
     On any exception (including KeyboardInterrupt) the temporary file is removed, so an
-    interrupted write never leaves a half-written file under the final name.
+    interrupted write never leaves a half-written file under the final name. The rename replaces
+    a symbolic link at ``path`` rather than writing through it. ``mode``: the file's permissions
+    (default: ordinary ones, 0666 less the umask).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file ordinary permissions
+    if mode is None:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask  # mkstemp makes 0600
+    os.chmod(tmp, mode)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
@@ -68,21 +80,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_path(path) as tmp:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None) -> None:
+    with atomic_path(path, mode) as tmp:
         tmp.write_bytes(data)
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------
 # Manifest
+
+
+def content_addressed(name: str, sha256: str) -> str:
+    """``visual.onnx`` -> ``visual.<first 12 hex of sha256>.onnx``: a new content never takes the
+    name of a file that a manifest already refers to."""
+    stem, dot, suffix = name.partition(".")
+    return f"{stem}.{sha256[:12]}{dot}{suffix}"
 
 
 @dataclass
@@ -112,6 +123,8 @@ class Manifest:
     heads: int
     models: dict[str, ModelEntry]
     files: dict[str, str] = field(default_factory=dict)  # name -> sha256
+    prompts: str = PROMPTS  # the prompt weights file
+    checkpoint_sha256: str = ""  # of the checkpoint the weights were loaded from ("" for random weights)
     resize: str = "squash-bilinear-antialias"
     versions: dict[str, str] = field(default_factory=dict)
     command: str = ""  # the command that exported the visual model
@@ -127,23 +140,110 @@ class Manifest:
         return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Manifest":
-        data = dict(data)
+    def from_dict(cls, data: Any) -> "Manifest":
+        """Build a manifest from parsed JSON, checking the type of every field."""
+        if not isinstance(data, dict):
+            raise ArtifactError(f"manifest is a JSON {type(data).__name__}, not an object; re-export with `anoclip-export`")
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise ArtifactError(
-                f"manifest format version {version} is not {FORMAT_VERSION}, the one this runtime reads; "
-                "re-export with this release's `anoclip-export`"
+                f"manifest format version {version} is not one this runtime reads "
+                f"({', '.join(map(str, READABLE_VERSIONS))}); re-export with this release's `anoclip-export`"
             )
+        known = {f.name for f in fields(cls)}
         try:
-            data["models"] = {k: ModelEntry(**v) for k, v in data["models"].items()}
-            for key in ("image_size", "grid"):
-                data[key] = tuple(int(v) for v in data[key])
-            for key in ("mean", "std"):
-                data[key] = tuple(float(v) for v in data[key])
+            unknown = sorted(set(data) - known)
+            _check(not unknown, f"unknown fields {unknown}")
+            data = {k: _FIELD_CHECKS.get(k, _any)(k, v) for k, v in data.items()}
             return cls(**data)
         except (KeyError, TypeError, ValueError) as exc:
-            raise ArtifactError(f"manifest is malformed ({exc}); re-export with `anoclip-export`") from exc
+            raise ArtifactError(f"manifest is malformed ({exc}); re-export with `anoclip-export`") from None
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _any(key: str, value: Any) -> Any:
+    return value
+
+
+def _typed(kind: type | tuple[type, ...]):
+    def check(key: str, value: Any) -> Any:
+        _check(isinstance(value, kind) and not (kind is int and isinstance(value, bool)),
+               f"{key} must be {getattr(kind, '__name__', kind)}, got {type(value).__name__}")
+        return value
+    return check
+
+
+def _positive_ints(count: int):
+    def check(key: str, value: Any) -> tuple[int, ...]:
+        _check(isinstance(value, list) and len(value) == count
+               and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value),
+               f"{key} must be {count} positive integers, got {value!r}")
+        return tuple(value)
+    return check
+
+
+def _floats(count: int, positive: bool = False):
+    def check(key: str, value: Any) -> tuple[float, ...]:
+        _check(isinstance(value, list) and len(value) == count
+               and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                       and (v > 0 or not positive) for v in value),
+               f"{key} must be {count} finite{' positive' if positive else ''} numbers, got {value!r}")
+        return tuple(float(v) for v in value)
+    return check
+
+
+def _positive_int(key: str, value: Any) -> int:
+    _check(isinstance(value, int) and not isinstance(value, bool) and value > 0, f"{key} must be a positive integer")
+    return value
+
+
+def _str_map(key: str, value: Any) -> dict[str, str]:
+    _check(isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()),
+           f"{key} must map names to strings")
+    return value
+
+
+def _hashes(key: str, value: Any) -> dict[str, str]:
+    _str_map(key, value)
+    bad = [k for k, v in value.items() if len(v) != 64 or any(c not in "0123456789abcdef" for c in v)]
+    _check(not bad, f"{key}: {bad[0] if bad else ''} has no sha256")
+    return value
+
+
+def _shapes(key: str, value: Any) -> dict[str, list[int]]:
+    _check(isinstance(value, dict) and all(
+        isinstance(k, str) and isinstance(v, list) and all(isinstance(d, int) and not isinstance(d, bool) for d in v)
+        for k, v in value.items()), f"{key} must map names to lists of integers")
+    return value
+
+
+def _models(key: str, value: Any) -> dict[str, ModelEntry]:
+    _check(isinstance(value, dict) and value, f"{key} must be a non-empty object")
+    entries = {}
+    for name, entry in value.items():
+        _check(isinstance(entry, dict), f"{key}.{name} must be an object")
+        entry = dict(entry)
+        _typed(str)(f"{key}.{name}.file", entry.get("file"))
+        for io in ("inputs", "outputs"):
+            _shapes(f"{key}.{name}.{io}", entry.get(io))
+        _typed(str)(f"{key}.{name}.patch_tokens", entry.get("patch_tokens"))
+        _check(entry.get("vv_blocks") is None or isinstance(entry["vv_blocks"], int), f"{key}.{name}.vv_blocks")
+        entries[name] = ModelEntry(**entry)
+    return entries
+
+
+_FIELD_CHECKS = {
+    "backbone": _typed(str), "pretrained": _typed(str), "random_weights": _typed(bool),
+    "image_size": _positive_ints(2), "grid": _positive_ints(2), "mean": _floats(3), "std": _floats(3, positive=True),
+    "embed_dim": _positive_int, "width": _positive_int, "layers": _positive_int, "heads": _positive_int,
+    "models": _models, "files": _hashes, "prompts": _typed(str), "checkpoint_sha256": _typed(str),
+    "resize": _typed(str), "versions": _str_map, "command": _typed(str), "created": _typed(str),
+    "history": lambda k, v: [_typed(str)(k, item) for item in _typed(list)(k, v)], "format_version": _typed(int),
+}
 
 
 def read_manifest(folder: str | os.PathLike) -> Manifest:
@@ -153,10 +253,14 @@ def read_manifest(folder: str | os.PathLike) -> Manifest:
     path = folder / MANIFEST
     if not path.is_file():
         raise ArtifactError(f"{path} is missing; {folder} is not a complete export, re-run `anoclip-export --out {folder}`")
+    resolve_inside(folder, MANIFEST, "the folder")
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{path} is not valid JSON ({exc}); re-run `anoclip-export --out {folder}`") from exc
+        raw = path.read_bytes()
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ArtifactError(f"{path} is not UTF-8 text; re-run `anoclip-export --out {folder}`") from None
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{path} is not valid JSON ({exc}); re-run `anoclip-export --out {folder}`") from None
     return Manifest.from_dict(data)
 
 
@@ -164,21 +268,20 @@ def write_manifest(folder: str | os.PathLike, manifest: Manifest) -> None:
     atomic_write_bytes(Path(folder) / MANIFEST, manifest.to_json().encode())
 
 
-def verify_files(folder: str | os.PathLike, manifest: Manifest, names: list[str] | None = None) -> None:
-    """Check that each listed file exists and has the sha256 recorded in the manifest."""
+def verify_files(folder: str | os.PathLike, manifest: Manifest, names: list[str] | None = None,
+                 record: VerificationRecord | None = None) -> None:
+    """Check that each listed file lies inside the folder and has the sha256 the manifest records.
+
+    ``record``: hashes remembered from earlier checks; an unchanged file is not hashed again.
+    """
     folder = Path(folder)
     for name in names if names is not None else list(manifest.files):
-        path = folder / name
+        path = resolve_inside(folder, name)
         if name not in manifest.files:
             raise ArtifactError(f"{name} is not listed in {folder / MANIFEST}; re-run `anoclip-export --out {folder}`")
         if not path.is_file():
-            raise ArtifactError(f"{path} is missing; re-run `anoclip-export --out {folder}` to write it")
-        actual = sha256_file(path)
-        if actual != manifest.files[name]:
-            raise ArtifactError(
-                f"{path} does not match the sha256 in the manifest (it was changed or belongs to another export); "
-                f"re-run `anoclip-export --out {folder}`"
-            )
+            raise ArtifactError(f"{folder / name} is missing; re-run `anoclip-export --out {folder}` to write it")
+        verify_file(path, manifest.files[name], record, str(folder / name))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,8 +326,7 @@ def write_prompts(path: str | os.PathLike, bank: PromptBank, extra_metadata: dic
     tensors: dict[str, np.ndarray] = {}
     recipes: dict[str, Any] = {}
     for name, cls in bank.classes.items():
-        if cls.text_features.shape != (2, bank.embed_dim) or cls.prompt_features.shape[1] != bank.embed_dim:
-            raise ValueError(f"class {name}: embeddings do not have embed dim {bank.embed_dim}")
+        check_class_prompts(cls, bank.embed_dim, "the prompts to write")
         tensors[f"text_features/{name}"] = np.ascontiguousarray(cls.text_features, dtype=np.float32)
         tensors[f"prompt_features/{name}"] = np.ascontiguousarray(cls.prompt_features, dtype=np.float32)
         recipes[name] = cls.recipe
@@ -233,7 +335,7 @@ def write_prompts(path: str | os.PathLike, bank: PromptBank, extra_metadata: dic
     metadata.update(
         {
             "format": PROMPTS_FORMAT,
-            "format_version": str(FORMAT_VERSION),
+            "format_version": str(PROMPTS_FORMAT_VERSION),
             "backbone": bank.backbone,
             "pretrained": bank.pretrained,
             "embed_dim": str(bank.embed_dim),
@@ -243,35 +345,73 @@ def write_prompts(path: str | os.PathLike, bank: PromptBank, extra_metadata: dic
     atomic_write_bytes(path, save(tensors, metadata=metadata))
 
 
+# Baked rows are unit vectors written in float32: their norms are 1 within ~1e-7. 1e-3 accepts any
+# honest rounding (even float16) and rejects rows that were never normalised or were edited.
+UNIT_NORM_TOL = 1e-3
+
+
+def check_class_prompts(cls: ClassPrompts, embed_dim: int, where: str) -> None:
+    """Shapes [2, D] and [2N, D], float, finite, rows of unit norm; an ArtifactError otherwise."""
+    for label, array, rows in (("text_features", cls.text_features, "2"), ("prompt_features", cls.prompt_features, "2N")):
+        shape = getattr(array, "shape", ())
+        fix = "re-export the prompts with `anoclip-export`"
+        if len(shape) != 2 or shape[1] != embed_dim or shape[0] == 0 or (rows == "2" and shape[0] != 2) \
+                or shape[0] % 2:
+            raise ArtifactError(f"{where}: {label}/{cls.name} has shape {tuple(shape)}, not [{rows}, {embed_dim}]; {fix}")
+        if not np.issubdtype(array.dtype, np.floating):
+            raise ArtifactError(f"{where}: {label}/{cls.name} is {array.dtype}, not float; {fix}")
+        if not np.all(np.isfinite(array)):
+            raise ArtifactError(f"{where}: {label}/{cls.name} holds NaN or infinite values; {fix}")
+        norms = np.linalg.norm(array.astype(np.float64), axis=1)
+        if np.max(np.abs(norms - 1.0)) > UNIT_NORM_TOL:
+            raise ArtifactError(f"{where}: rows of {label}/{cls.name} are not unit vectors (norms "
+                                f"{norms.min():.4g}..{norms.max():.4g}); {fix}")
+
+
 def read_prompts(path: str | os.PathLike) -> PromptBank:
+    """Read and check a prompt weights file: metadata, class pairs, shapes, finite unit rows."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path} is missing; write it with `anoclip-export --out {path.parent} --classes ...`")
+    fix = f"re-run `anoclip-export --out {path.parent}`"
     try:
         with safe_open(str(path), framework="numpy") as handle:
             metadata = handle.metadata() or {}
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open is not a dict)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ArtifactError(f"{path} is not a readable safetensors file ({exc}); re-run `anoclip-export`") from exc
+    except (SafetensorError, OSError, ValueError, TypeError) as exc:
+        raise ArtifactError(f"{path} is not a readable safetensors file ({exc}); {fix}") from None
     if metadata.get("format") != PROMPTS_FORMAT:
-        raise ArtifactError(f"{path} is not an anoclip prompt weights file; re-run `anoclip-export`")
-    recipes = json.loads(metadata.get("classes", "{}"))
+        raise ArtifactError(f"{path} is not an anoclip prompt weights file; {fix}")
+    try:
+        recipes = json.loads(metadata.get("classes", "{}"))
+        embed_dim = int(metadata.get("embed_dim", ""))
+        _check(isinstance(recipes, dict) and all(isinstance(v, dict) for v in recipes.values()),
+               "classes is not an object of recipes")
+        _check(embed_dim > 0, "embed_dim is not positive")
+    except ValueError as exc:
+        raise ArtifactError(f"{path} has malformed metadata ({exc}); {fix}") from None
     classes = {}
     for key, value in tensors.items():
         kind, _, name = key.partition("/")
+        if kind not in ("text_features", "prompt_features") or not name:
+            raise ArtifactError(f"{path} holds an unexpected tensor {key!r}; {fix}")
         if kind != "text_features":
             continue
         prompt_key = f"prompt_features/{name}"
         if prompt_key not in tensors:
-            raise ArtifactError(f"{path} has text_features/{name} but no {prompt_key}; re-run `anoclip-export`")
+            raise ArtifactError(f"{path} has text_features/{name} but no {prompt_key}; {fix}")
         classes[name] = ClassPrompts(name, value, tensors[prompt_key], recipes.get(name, {}))
+        check_class_prompts(classes[name], embed_dim, str(path))
+    orphans = sorted(k for k in tensors if k.startswith("prompt_features/") and f"text_features/{k[16:]}" not in tensors)
+    if orphans:
+        raise ArtifactError(f"{path} has {orphans[0]} but no text_features for it; {fix}")
     return PromptBank(
         classes=classes,
         backbone=metadata.get("backbone", ""),
         pretrained=metadata.get("pretrained", ""),
-        embed_dim=int(metadata.get("embed_dim", "0")),
+        embed_dim=embed_dim,
         metadata=metadata,
     )
 
@@ -287,13 +427,33 @@ class Artifacts:
     prompts: PromptBank
 
     def model_path(self, model: str = VISUAL) -> Path:
+        """The real path of a graph of the folder (always inside it)."""
         try:
-            return self.folder / self.manifest.models[model].file
+            entry = self.manifest.models[model]
         except KeyError:
             known = ", ".join(self.manifest.models)
             hint = {VISUAL_QKV: " (export it with `anoclip-export --qkv-tokens model`)",
                     TTA_GRAPH: " (export it with `anoclip-export --tta`)"}.get(model, "")
             raise ArtifactError(f"model '{model}' is not in {self.folder} (has: {known}){hint}") from None
+        return resolve_inside(self.folder, entry.file)
+
+    def model_files(self, model: str = VISUAL) -> list[str]:
+        """Names (relative to the folder) of a graph's file and of every external-data file it reads."""
+        path = self.model_path(model)
+        root = self.folder.resolve()
+        names = [self.manifest.models[model].file]
+        for location in onnx_external_files(path):
+            data = resolve_inside(path.parent, location, f"{self.folder / self.manifest.models[model].file}")
+            if not data.is_relative_to(root):
+                raise ArtifactError(f"{path} reads external data from {data}, outside {self.folder}; re-export it")
+            name = data.relative_to(root).as_posix()
+            if name not in self.manifest.files:
+                raise ArtifactError(
+                    f"{path} reads external data from {name}, which {self.folder / MANIFEST} does not list; "
+                    f"re-export with `anoclip-export --out {self.folder}`"
+                )
+            names.append(name)
+        return names
 
 
 def check_prompts_belong(manifest: Manifest, bank: PromptBank, where: str) -> None:
@@ -316,6 +476,10 @@ def check_prompts_belong(manifest: Manifest, bank: PromptBank, where: str) -> No
 def load_artifacts(folder: str | os.PathLike, verify: bool = True, models: list[str] | None = None) -> Artifacts:
     """Read and cross-check an artifact folder.
 
+    Every file that will be read must lie inside ``folder``, be listed in the manifest and (with
+    ``verify``) have the sha256 recorded there; a file verified before and unchanged since is not
+    hashed again (see ``integrity.VerificationRecord``).
+
     Args:
         folder: the folder written by ``anoclip-export``.
         verify: check the sha256 of the files that will be used against the manifest.
@@ -323,14 +487,23 @@ def load_artifacts(folder: str | os.PathLike, verify: bool = True, models: list[
     """
     folder = Path(folder)
     manifest = read_manifest(folder)
-    models = models or [VISUAL]
     artifacts = Artifacts(folder, manifest, PromptBank({}, "", "", 0))
-    needed = [PROMPTS] + [artifacts.model_path(m).name for m in models]
+    needed = [manifest.prompts]
+    resolve_inside(folder, manifest.prompts)
+    for model in models or [VISUAL]:
+        path = artifacts.model_path(model)
+        if not path.is_file():
+            raise ArtifactError(f"{path} is missing; re-run `anoclip-export --out {folder}` to write it")
+        needed += artifacts.model_files(model)
+    record = VerificationRecord() if verify else None
     for name in needed:
-        if not (folder / name).is_file():
+        if name not in manifest.files:
+            raise ArtifactError(f"{name} is not listed in {folder / MANIFEST}; re-run `anoclip-export --out {folder}`")
+        if not resolve_inside(folder, name).is_file():
             raise ArtifactError(f"{folder / name} is missing; re-run `anoclip-export --out {folder}` to write it")
     if verify:
-        verify_files(folder, manifest, needed)
-    artifacts.prompts = read_prompts(folder / PROMPTS)
+        verify_files(folder, manifest, needed, record)
+        record.save()
+    artifacts.prompts = read_prompts(resolve_inside(folder, manifest.prompts))
     check_prompts_belong(manifest, artifacts.prompts, str(folder))
     return artifacts

@@ -21,6 +21,14 @@ def _export_cli(args: list[str]):
     return CliRunner().invoke(export_command, args, catch_exceptions=False)
 
 
+def artifact_file(folder: Path, model: str | None = None) -> Path:
+    """The file of ``model`` (e.g. "visual", "tta") in an artifact folder; the prompt weights when None."""
+    from anoclip.runtime.artifacts import read_manifest
+
+    manifest = read_manifest(folder)
+    return folder / (manifest.prompts if model is None else manifest.models[model].file)
+
+
 @pytest.fixture(scope="session")
 def export_cli():
     """Invoke ``anoclip-export`` in-process with the given arguments."""

@@ -10,6 +10,8 @@ from anoclip.export.prompts import (
 )
 from anoclip.runtime.artifacts import read_prompts
 
+from conftest import artifact_file
+
 
 def test_object_class_sentences_in_spec_order():
     normal, abnormal = PromptRecipe.for_class("bottle").sentences()
@@ -72,7 +74,7 @@ def test_class_embeddings_are_normalised_means():
 
 @pytest.mark.parametrize("cls", ["bottle", "carpet"])
 def test_baked_embeddings_match_text_tower(tiny_artifacts, tiny_model, cls):
-    bank = read_prompts(tiny_artifacts / "prompts.safetensors")
+    bank = read_prompts(artifact_file(tiny_artifacts))
     baked = bank.get(cls)
     normal, abnormal = PromptRecipe.for_class(cls).sentences()
     raw_n = tiny_model.encode_text(normal).astype(np.float64)

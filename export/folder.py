@@ -1,0 +1,124 @@
+"""Writing an artifact folder so that it always loads.
+
+One export at a time holds a lock on the folder. New files are written in a staging folder inside
+it, then moved in under content-addressed names (``visual.<sha>.onnx``) beside the files the current
+manifest names, which are never overwritten. Replacing ``manifest.json`` is the one commit point: an
+export killed at any moment leaves the folder loading with the manifest it had. Afterwards, and at
+the start of the next export, files that no manifest names any more, staging folders and temporary
+files of killed runs are removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from anoclip.runtime.artifacts import MANIFEST, content_addressed
+from anoclip.runtime.errors import AnoclipError
+from anoclip.runtime.integrity import sha256_file
+
+log = logging.getLogger(__name__)
+
+# Files an export owns: the graphs and prompt weights, content-addressed or under format-1 names.
+OWNED = re.compile(r"^(visual|visual_qkv|tta|prompts)(\.[0-9a-f]{12})?\.(onnx|safetensors)$")
+STAGING_PREFIX = ".staging-"
+
+
+def prepare_folder(folder: Path) -> bool:
+    """Create ``folder`` if needed and check that it can be written; True when it was created."""
+    if folder.exists() and not folder.is_dir():
+        raise AnoclipError(f"--out {folder} is a file, not a folder; choose another --out")
+    created = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise AnoclipError(f"cannot create --out {folder}: {exc.strerror or exc}; choose a folder you can write") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise AnoclipError(f"cannot write to --out {folder}: permission denied; choose a folder you can write")
+    return created
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the folder itself (released by the kernel if the process dies)."""
+    import fcntl
+
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AnoclipError(f"another anoclip-export is writing {folder}; wait for it to finish and run again") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def staging_folder(folder: Path) -> Iterator[Path]:
+    """A fresh staging folder inside ``folder`` (same file system, so moves are renames)."""
+    with tempfile.TemporaryDirectory(prefix=STAGING_PREFIX, dir=folder) as staging:
+        yield Path(staging)
+
+
+def place(staging: Path, folder: Path) -> dict[str, tuple[str, str]]:
+    """Move every staged file into ``folder`` under its content-addressed name.
+
+    Returns staged name -> (final name, sha256). A file whose content is already there under that
+    name is not moved again, so re-running an export changes nothing.
+    """
+    placed = {}
+    for path in sorted(staging.iterdir()):
+        sha = sha256_file(path)
+        name = content_addressed(path.name, sha)
+        target = folder / name
+        if target.is_file() and not target.is_symlink() and sha256_file(target) == sha:
+            path.unlink()
+        else:
+            os.replace(path, target)
+        placed[path.name] = (name, sha)
+    sync_folder(folder)
+    return placed
+
+
+def sync_folder(folder: Path) -> None:
+    """Flush the folder's entries (renames) to disk."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_unreferenced(folder: Path, keep: set[str]) -> list[str]:
+    """Remove staging folders, temporary files and owned files that ``keep`` does not name.
+
+    Call it while holding :func:`folder_lock`: then no other export is using them.
+    """
+    removed = []
+    for entry in sorted(folder.iterdir()):
+        name = entry.name
+        stale_staging = name.startswith(STAGING_PREFIX) and entry.is_dir() and not entry.is_symlink()
+        stale_temp = name.startswith(".") and name.endswith(".tmp") and not entry.is_dir()
+        unreferenced = OWNED.match(name) is not None and name not in keep and not entry.is_dir()
+        if not (stale_staging or stale_temp or unreferenced):
+            continue
+        try:
+            shutil.rmtree(entry) if stale_staging else entry.unlink()
+        except OSError as exc:
+            log.warning("could not remove %s: %s", entry, exc)
+            continue
+        removed.append(name)
+    if removed:
+        log.debug("removed from %s: %s", folder, ", ".join(removed))
+    return removed
+
+
+def has_manifest(folder: Path) -> bool:
+    return (folder / MANIFEST).is_file()
