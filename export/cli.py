@@ -19,8 +19,9 @@ from anoclip.runtime.artifacts import (
 from anoclip.runtime.cli import configure_logging, run_guarded
 from anoclip.runtime.errors import AnoclipError, ArtifactError
 from anoclip.runtime.integrity import resolve_inside
+from anoclip.runtime.outputs import ensure_writable_folder
 
-from .folder import folder_lock, has_manifest, place, prepare_folder, remove_unreferenced, staging_folder, sync_folder
+from .folder import folder_lock, has_manifest, place, remove_unreferenced, staging_folder, sync_folder
 
 from .model import DEFAULT_BACKBONE, LoadedModel, load_model, register_model_config, resolve_pretrained
 from .prompts import DOMAINS, PromptRecipe, class_embeddings, encode_sentences
@@ -247,7 +248,7 @@ def run_export(opts: ExportOptions, argv: list[str]) -> Manifest:
 
     if not has_manifest(opts.out) and not opts.classes:
         raise AnoclipError("no classes given; pass --classes a,b,c or --classes-file FILE")
-    created = prepare_folder(opts.out)
+    created = ensure_writable_folder(opts.out)
     try:
         with folder_lock(opts.out):
             remove_unreferenced(opts.out, _still_named(opts.out))

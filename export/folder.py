@@ -30,20 +30,6 @@ OWNED = re.compile(r"^(visual|visual_qkv|tta|prompts)(\.[0-9a-f]{12})?\.(onnx|sa
 STAGING_PREFIX = ".staging-"
 
 
-def prepare_folder(folder: Path) -> bool:
-    """Create ``folder`` if needed and check that it can be written; True when it was created."""
-    if folder.exists() and not folder.is_dir():
-        raise AnoclipError(f"--out {folder} is a file, not a folder; choose another --out")
-    created = not folder.exists()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise AnoclipError(f"cannot create --out {folder}: {exc.strerror or exc}; choose a folder you can write") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise AnoclipError(f"cannot write to --out {folder}: permission denied; choose a folder you can write")
-    return created
-
-
 @contextlib.contextmanager
 def folder_lock(folder: Path) -> Iterator[None]:
     """Hold an exclusive lock on the folder itself (released by the kernel if the process dies)."""

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
-import os
+import math
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -16,11 +15,14 @@ import click
 import numpy as np
 
 from .errors import AnoclipError
+from .preprocess import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 EXIT_SOME_FAILED = 3
+# Overlays and maps of frames above this many pixels are written scaled down to it (a float32 map
+# of 8192 x 8192 would be 256 MiB); the map's own resolution is the model grid, upsampled.
+DEFAULT_MAX_OUTPUT_PIXELS = 4096 * 4096
 
 
 def configure_logging(verbose: bool = False) -> None:
@@ -59,6 +61,10 @@ def run_guarded(command: click.Command) -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except OSError as exc:  # a file or folder the user named cannot be read or written
+        where = f": {exc.filename}" if exc.filename else ""
+        click.echo(f"error: {exc.strerror or exc}{where}", err=True)
+        sys.exit(1)
     else:
         sys.exit(0)
 
@@ -97,26 +103,6 @@ def cli():
     """AnoCLIP zero-shot anomaly localisation: export, predict, benchmark."""
 
 
-def discover_images(paths: tuple[str, ...]) -> list[tuple[Path, str]]:
-    """(file, output key) for every image file given or found under a given folder."""
-    found: list[tuple[Path, str]] = []
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            for file in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
-                key = str(file.relative_to(path).with_suffix("")).replace(os.sep, "__")
-                found.append((file, f"{path.name}__{key}" if len(paths) > 1 else key))
-        else:
-            found.append((path, path.stem))
-    keys: dict[str, int] = {}
-    unique = []
-    for file, key in found:
-        count = keys.get(key, 0)
-        keys[key] = count + 1
-        unique.append((file, key if count == 0 else f"{key}_{count}"))
-    return unique
-
-
 def _npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
@@ -149,25 +135,32 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the TTA draws (parameters, noise).")
 @click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(0, 1), help="Heat-map opacity.")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads for onnxruntime.")
+@click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=click.IntRange(min=1),
+              help="Largest image (width x height) decoded; files claiming more are skipped unread.")
+@click.option("--max-output-pixels", default=DEFAULT_MAX_OUTPUT_PIXELS, show_default=True, type=click.IntRange(min=0),
+              help="Overlays and maps of larger frames are written scaled down to this many pixels (0: never).")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the artifacts at load.")
 @click.option("--json", "as_json", is_flag=True, help="Also print each result line to stdout.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @click.argument("paths", nargs=-1, required=True)
 def predict_command(artifacts_dir, cls, out_dir, backend, model, tiling, tta, tta_backend, tta_steps, tta_adapter,
-                    tta_init, tta_state, seed, alpha, threads, no_verify, as_json, verbose, paths):
+                    tta_init, tta_state, seed, alpha, threads, max_pixels, max_output_pixels, no_verify, as_json,
+                    verbose, paths):
     """Score images (files or folders of images) and write anomaly maps.
 
     Per image: OUT/<name>_overlay.png (heat map over the image, colour range = the map's own
-    min..max), OUT/<name>_map.npy (float32 map at the image's resolution, raw p_abnormal) and one
-    line in OUT/results.jsonl. Unreadable images are reported and skipped; the exit code is then 3.
+    min..max), OUT/<name>_map.npy (float32 map at the image's resolution, raw p_abnormal; scaled
+    down above --max-output-pixels) and one line in OUT/results.jsonl. Every input gets its own
+    <name> (images sharing a stem take their suffix: a_png, a_jpg). results.jsonl is appended to
+    under a lock, never truncated: runs at the same time or one after another keep every line, and
+    each line names its run. OUT itself is never searched for inputs. Unreadable images, and files
+    above --max-pixels, are reported and skipped; the exit code is then 3.
     """
     from tqdm import tqdm
 
-    from .artifacts import atomic_write_bytes
     from .detector import Detector
-    from .overlay import encode_png, overlay
+    from .outputs import IMAGE_SUFFIXES, ResultsLog, discover_images, ensure_writable_folder, run_id
     from .preprocess import read_image
-
     from .tta import TTAConfig
 
     configure_logging(verbose)
@@ -178,44 +171,59 @@ def predict_command(artifacts_dir, cls, out_dir, backend, model, tiling, tta, tt
                                    seed=seed)
         except ValueError as exc:
             raise click.UsageError(str(exc)) from None
-    detector = Detector.load(artifacts_dir, backend=backend, model=model, tiling=tiling, verify=not no_verify,
-                             threads=threads, tta=tta_config or False, tta_backend=tta_backend)
-    detector.class_prompts(cls)  # unknown class: fail before touching any image
-    images = discover_images(paths)
+    out = Path(out_dir)
+    images = discover_images(paths, exclude=out)
     if not images:
         raise AnoclipError(f"no images found in {', '.join(paths)} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    detector = Detector.load(artifacts_dir, backend=backend, model=model, tiling=tiling, verify=not no_verify,
+                             threads=threads, tta=tta_config or False, tta_backend=tta_backend, max_pixels=max_pixels)
+    detector.class_prompts(cls)  # unknown class: fail before touching any image
+    if tta_config is not None:
+        detector.tta_adapter(cls, tta_config)  # a TTA graph that does not fit: fail before any image too
+    ensure_writable_folder(out)
+    run = run_id()
     failed = 0
-    with open(out / "results.jsonl", "w") as results, tqdm(images, desc="predict", unit="img", file=sys.stderr,
-                                                            disable=None) as bar:
+    with ResultsLog(out) as results, tqdm(images, desc="predict", unit="img", file=sys.stderr, disable=None) as bar:
         for path, key in bar:
             try:
-                rgb = read_image(path)
+                rgb = read_image(path, max_pixels)
                 result = detector.predict(rgb, cls)
             except AnoclipError as exc:
                 failed += 1
                 log.error("skipped %s: %s", path, exc)
                 continue
-            overlay_path, map_path = out / f"{key}_overlay.png", out / f"{key}_map.npy"
-            atomic_write_bytes(overlay_path, encode_png(overlay(rgb, result.anomaly_map_full, alpha)))
-            atomic_write_bytes(map_path, _npy_bytes(result.anomaly_map_full.astype(np.float32)))
-            record = {
-                "image": str(path), "class": cls, "score": result.score,
-                "map_max": float(result.anomaly_map_full.max()), "map_mean": float(result.anomaly_map_full.mean()),
-                "overlay": str(overlay_path), "map": str(map_path), "tiles": result.tiles,
-                "timings_ms": {k: round(v, 3) for k, v in result.timings.items()},
-            }
-            line = json.dumps(record) + "\n"
-            results.write(line)
-            results.flush()
+            record = {"image": str(path), "class": cls, "run": run, "score": result.score,
+                      "map_max": float(result.anomaly_map_full.max()), "map_mean": float(result.anomaly_map_full.mean()),
+                      **_write_maps(out, key, rgb, result.anomaly_map_full, alpha, max_output_pixels),
+                      "tiles": result.tiles, "timings_ms": {k: round(v, 3) for k, v in result.timings.items()}}
+            line = results.append(record)
             if as_json:
                 click.echo(line, nl=False)
     ok = len(images) - failed
-    click.echo(f"{ok} of {len(images)} images scored; results in {out / 'results.jsonl'}", err=True)
+    click.echo(f"{ok} of {len(images)} images scored; results appended to {results.path} (run {run})", err=True)
     if failed:
         click.echo(f"{failed} image(s) could not be read and were skipped", err=True)
         sys.exit(EXIT_SOME_FAILED)
+
+
+def _write_maps(out: Path, key: str, rgb: np.ndarray, amap: np.ndarray, alpha: float,
+                max_pixels: int | None) -> dict:
+    """Write OUT/<key>_overlay.png and OUT/<key>_map.npy atomically (scaled down above ``max_pixels``)."""
+    import cv2
+
+    from .artifacts import atomic_write_bytes
+    from .overlay import encode_png, overlay
+
+    height, width = amap.shape
+    if max_pixels and height * width > max_pixels:
+        scale = math.sqrt(max_pixels / (height * width))
+        size = (max(1, int(width * scale)), max(1, int(height * scale)))
+        amap = cv2.resize(amap, size, interpolation=cv2.INTER_AREA)
+        rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+    overlay_path, map_path = out / f"{key}_overlay.png", out / f"{key}_map.npy"
+    atomic_write_bytes(overlay_path, encode_png(overlay(rgb, amap, alpha)))
+    atomic_write_bytes(map_path, _npy_bytes(amap.astype(np.float32)))
+    return {"overlay": str(overlay_path), "map": str(map_path), "map_shape": list(amap.shape)}
 
 
 def main() -> None:

@@ -12,7 +12,8 @@ import numpy as np
 
 from .artifacts import TTA_GRAPH, VISUAL, Artifacts, ClassPrompts, load_artifacts
 from .backends import Backend, create_backend
-from .preprocess import TileLayout, as_rgb_uint8, merge_tiles, preprocess, read_image
+from .errors import ArtifactError
+from .preprocess import DEFAULT_MAX_PIXELS, TileLayout, as_rgb_uint8, merge_tiles, preprocess, read_image
 from .scoring import abnormal_probability, gaussian_smooth, patch_grid, upsample_bilinear
 from .tta import OnnxTTARunner, TTAAdapter, TTAConfig
 
@@ -50,7 +51,8 @@ class Detector:
     """
 
     def __init__(self, artifacts: Artifacts, backend: Backend, tiling: str = "auto",
-                 smoothing_sigma: float = 0.0, tta: TTAConfig | None = None, tta_backend: str = "numpy"):
+                 smoothing_sigma: float = 0.0, tta: TTAConfig | None = None, tta_backend: str = "numpy",
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
         if tta_backend not in ("numpy", "onnx"):
             raise ValueError(f"tta_backend must be 'numpy' or 'onnx', got {tta_backend!r}")
         self.artifacts = artifacts
@@ -59,6 +61,7 @@ class Detector:
         self.smoothing_sigma = smoothing_sigma
         self.tta = tta  # the TTA configuration predict uses by default (None: AnoCLIP without TTA)
         self.tta_backend = tta_backend
+        self.max_pixels = max_pixels  # largest image file decoded, in pixels (None: no limit)
         # One adapter per (class, configuration): with the default "persistent" policy its AdamW
         # state carries over from image to image of that class, as in the authors' code.
         self._adapters: dict[tuple[str, TTAConfig], TTAAdapter | OnnxTTARunner] = {}
@@ -70,7 +73,8 @@ class Detector:
     @classmethod
     def load(cls, artifacts_dir: str | os.PathLike, backend: str = "auto", tta=False, *, model: str = VISUAL,
              tiling: str = "auto", smoothing_sigma: float = 0.0, verify: bool = True,
-             threads: int | None = None, tta_backend: str = "numpy") -> "Detector":
+             threads: int | None = None, tta_backend: str = "numpy",
+             max_pixels: int | None = DEFAULT_MAX_PIXELS) -> "Detector":
         """Load an artifact folder.
 
         Args:
@@ -85,12 +89,13 @@ class Detector:
             threads: CPU threads for onnxruntime (default: its own choice).
             tta_backend: ``numpy`` (array code; cupy arrays run it on a GPU) or ``onnx`` (the
                 exported ``tta.onnx`` through onnxruntime with the same providers).
+            max_pixels: image files claiming more pixels than this are refused before decoding.
         """
         models = [model] + ([TTA_GRAPH] if tta_backend == "onnx" else [])
         artifacts = load_artifacts(artifacts_dir, verify=verify, models=models)
         engine = create_backend(artifacts.model_path(model), backend, threads=threads)
         return cls(artifacts, engine, tiling=tiling, smoothing_sigma=smoothing_sigma, tta=_tta_config(tta),
-                   tta_backend=tta_backend)
+                   tta_backend=tta_backend, max_pixels=max_pixels)
 
     @property
     def classes(self) -> list[str]:
@@ -114,7 +119,7 @@ class Detector:
         t0 = time.perf_counter()
         batches, layouts, sizes = [], [], []
         for image in images:
-            rgb = read_image(image) if isinstance(image, (str, os.PathLike)) else as_rgb_uint8(image)
+            rgb = read_image(image, self.max_pixels) if isinstance(image, (str, os.PathLike)) else as_rgb_uint8(image)
             batch, layout = preprocess(rgb, self.input_size, self.mean, self.std, self.tiling)
             batches.append(batch)
             layouts.append(layout)
@@ -173,9 +178,16 @@ class Detector:
         if key not in self._adapters:
             prompts = self.class_prompts(cls)
             if self.tta_backend == "onnx":
-                self._adapters[key] = OnnxTTARunner(
-                    str(self.artifacts.model_path(TTA_GRAPH)), getattr(self.backend, "providers", None),
-                    T=prompts.prompt_features, text_features=prompts.text_features, config=config)
+                path = self.artifacts.model_path(TTA_GRAPH)
+                try:
+                    self._adapters[key] = OnnxTTARunner(
+                        str(path), getattr(self.backend, "providers", None),
+                        T=prompts.prompt_features, text_features=prompts.text_features, config=config)
+                except ValueError as exc:  # the graph bakes steps, adapter and optimiser constants
+                    raise ArtifactError(
+                        f"{str(exc).split(';')[0]}; re-export it with `anoclip-export --out {self.artifacts.folder} --tta "
+                        f"--tta-steps {config.steps} --tta-adapter {config.adapter}`, or use --tta-backend numpy"
+                    ) from None
             else:
                 self._adapters[key] = TTAAdapter(prompts.prompt_features, prompts.text_features, config)
         return self._adapters[key]

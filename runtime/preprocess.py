@@ -57,9 +57,39 @@ def as_rgb_uint8(image: np.ndarray) -> np.ndarray:
     return image
 
 
-def read_image(path) -> np.ndarray:
-    """Read an image file as [H, W, 3] uint8 RGB."""
+# Decoded frames above this many pixels are refused before they are decoded: a small compressed
+# file can claim a huge size (a 1.2 MB PNG of 20000 x 20000 decodes to 1.2 GB). 8192 x 8192 covers
+# every area camera we know of; line-scan frames beyond it need --max-pixels.
+DEFAULT_MAX_PIXELS = 8192 * 8192
+
+
+def image_header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from an encoded image's header, without decoding its pixels; None when
+    the header cannot be read. Sizes beyond Pillow's own bomb limit come back as (-1, -1)."""
+    import io
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:  # reads the header only
+                return image.size
+    except Image.DecompressionBombError:
+        return (-1, -1)
+    except Exception:  # Pillow raises many types for damaged headers
+        return None
+
+
+def read_image(path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read an image file as [H, W, 3] uint8 RGB.
+
+    ``max_pixels``: the largest width x height decoded (None: no limit); the size is read from the
+    file's header first, so a file that claims more is refused without decoding it.
+    """
     import cv2
+    from PIL import Image
 
     if not os.path.isfile(path):
         raise ImageError(f"cannot read {path}: no such file")
@@ -67,7 +97,16 @@ def read_image(path) -> np.ndarray:
         data = np.fromfile(str(path), dtype=np.uint8)
     except OSError as exc:
         raise ImageError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    size = image_header_size(data.tobytes()) if data.size else None
+    if size is None:
+        raise ImageError(f"cannot decode {path}: not an image OpenCV can read (png, jpg, bmp, tiff, webp)")
+    if max_pixels is not None:
+        too_big = size == (-1, -1) and max_pixels <= 2 * (Image.MAX_IMAGE_PIXELS or 0)
+        if too_big or size[0] * size[1] > max_pixels:
+            shown = "more than Pillow's limit" if size == (-1, -1) else f"{size[0]} x {size[1]} pixels"
+            raise ImageError(f"{path} is {shown}, above the limit of {max_pixels} pixels; it was not decoded "
+                             "(raise the limit with --max-pixels if the frame is genuine)")
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
     if image is None:
         raise ImageError(f"cannot decode {path}: not an image OpenCV can read (png, jpg, bmp, tiff, webp)")
     return image[:, :, ::-1].copy()
