@@ -24,6 +24,7 @@ from anoclip.runtime.backends import PROVIDER_ALIASES, PROVIDER_PREFERENCE
 from anoclip.runtime.cli import configure_logging
 from anoclip.runtime.detector import Detector
 from anoclip.runtime.errors import AnoclipError
+from anoclip.runtime.outputs import ensure_writable_folder
 from anoclip.runtime.overlay import overlay
 
 from .timing import machine_info
@@ -258,6 +259,8 @@ def bench_command(artifacts_dir, backends, runs, warmup, image, image_size, cls,
     from tqdm import tqdm
 
     configure_logging()
+    if markdown_path:  # fail now, not after the runs
+        ensure_writable_folder(Path(markdown_path).parent, "--markdown folder")
     providers = resolve_backends(backends)
     frame = _frame(image, image_size)
     with tqdm(total=runs * len(providers), desc="bench", unit="round", file=sys.stderr, disable=None) as bar:

@@ -51,6 +51,7 @@ import cv2
 import numpy as np
 from anoclip.runtime.artifacts import atomic_write_bytes, sha256_file
 from anoclip.runtime.errors import AnoclipError
+from anoclip.runtime.outputs import ensure_writable_folder
 
 from .augment import NUM_VIEWS, augment_views
 from .datasets import (
@@ -404,6 +405,7 @@ def evaluate(detector, dataset: str, root: str | Path, classes: Sequence[str] | 
     check_prompt_classes(detector, list(plan), artifacts_dir or detector.artifacts.folder)
     settings = EvalSettings.from_detector(detector, dataset, image_views, model)
     out = Path(out_dir) if out_dir is not None else settings.default_out_dir()
+    ensure_writable_folder(out)  # before hours of scoring, not after
     backend = detector.backend.describe()
     results: list[ClassResult] = []
     for cls, samples in plan.items():

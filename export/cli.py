@@ -22,7 +22,6 @@ from anoclip.runtime.integrity import resolve_inside
 from anoclip.runtime.outputs import ensure_writable_folder
 
 from .folder import folder_lock, has_manifest, place, remove_unreferenced, staging_folder, sync_folder
-
 from .model import DEFAULT_BACKBONE, LoadedModel, load_model, register_model_config, resolve_pretrained
 from .prompts import DOMAINS, PromptRecipe, class_embeddings, encode_sentences
 
