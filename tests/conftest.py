@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +14,28 @@ DATA = Path(__file__).parent / "data"
 TINY_CONFIG = DATA / "anoclip-tiny-vit.json"
 TINY_BACKBONE = "anoclip-tiny-vit"
 TINY_CLASSES = ("bottle", "carpet")
+
+
+def run_cli(*args: str, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "from anoclip.runtime.cli import main; main()", *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def copy_artifacts(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def one_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+def export_subprocess(*args: str, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "from anoclip.export.cli import main; main()", *args],
+                          capture_output=True, text=True, env=env, timeout=300)
 
 
 def _export_cli(args: list[str]):
@@ -27,6 +52,16 @@ def artifact_file(folder: Path, model: str | None = None) -> Path:
 
     manifest = read_manifest(folder)
     return folder / (manifest.prompts if model is None else manifest.models[model].file)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def verification_cache(tmp_path_factory) -> Path:
+    """Hashes verified during the tests are remembered in a folder of their own, not the user's cache."""
+    import os
+
+    folder = tmp_path_factory.mktemp("anoclip-cache")
+    os.environ["ANOCLIP_CACHE_DIR"] = str(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,24 +15,7 @@ from anoclip.runtime.artifacts import (
 from anoclip.runtime.detector import Detector
 from anoclip.runtime.errors import AnoclipError, ArtifactError, ImageError, UnknownClassError
 
-from conftest import TINY_CONFIG, artifact_file
-
-
-def run_cli(*args: str, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "from anoclip.runtime.cli import main; main()", *args],
-                          capture_output=True, text=True, env=env, timeout=300)
-
-
-def copy_artifacts(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
-
-
-def one_error_line(stderr: str) -> str:
-    lines = [line for line in stderr.strip().splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, stderr
-    assert "Traceback" not in stderr, stderr
-    return lines[0]
+from conftest import TINY_CONFIG, artifact_file, copy_artifacts, export_subprocess, one_error_line, run_cli
 
 
 # ------------------------------------------------------------------------------------------------
@@ -209,11 +189,6 @@ def test_failed_check_leaves_nothing_that_loads(tmp_path, export_cli):
     folder.mkdir()
     with pytest.raises(ArtifactError, match="manifest.json is missing"):
         load_artifacts(folder)
-
-
-def export_subprocess(*args: str, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "from anoclip.export.cli import main; main()", *args],
-                          capture_output=True, text=True, env=env, timeout=300)
 
 
 def test_unknown_backbone_is_one_line(tmp_path):
