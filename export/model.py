@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -30,6 +32,7 @@ class LoadedModel:
     tokenizer: object
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    checkpoint_sha256: str = ""  # sha256 hex of the checkpoint file loaded ("" for random weights)
 
     _short_context_checked: bool | None = None
 
@@ -106,9 +109,10 @@ def _is_offline_error(exc: BaseException) -> bool:
 def load_model(backbone: str = DEFAULT_BACKBONE, pretrained: str | None = None, cache_dir: str | None = None) -> LoadedModel:
     """Create the open_clip model in eval mode on the CPU.
 
-    ``pretrained``: an open_clip tag (downloaded through open_clip), a local checkpoint file
-    (``.pt``/``.pth``/``.bin`` state dict or ``.safetensors``, read without unpickling arbitrary
-    objects), or ``none`` for random weights.
+    ``pretrained``: an open_clip tag (downloaded through open_clip from the source that
+    :func:`choose_source` picks), a local checkpoint file (``.pt``/``.pth``/``.bin`` state dict or
+    ``.safetensors``, read without unpickling arbitrary objects), or ``none`` for random weights.
+    A checkpoint must hold exactly the weights of the backbone (see :func:`_load_checkpoint`).
     """
     import open_clip
 
@@ -118,9 +122,10 @@ def load_model(backbone: str = DEFAULT_BACKBONE, pretrained: str | None = None, 
     # open_clip reports on the root logger and the hub client logs each retry; what matters is
     # said once, below, by the error or the random-weights warning.
     with quiet_loggers("", "huggingface_hub", level=logging.CRITICAL):
-        model = _create(backbone, pretrained, random_weights, cache_dir)
+        model, checkpoint = _create(backbone, pretrained, random_weights, cache_dir)
+    digest = _sha256(checkpoint) if checkpoint else ""
     label = RANDOM if random_weights else (
-        f"file:{Path(pretrained).name}@{_sha256(pretrained)[:12]}" if os.path.isfile(pretrained) else pretrained)
+        f"file:{Path(pretrained).name}@{digest[:12]}" if os.path.isfile(pretrained) else pretrained)
     if random_weights:
         log.warning("RANDOM WEIGHTS (--pretrained none): %s is initialised at random; maps and scores carry no "
                     "meaning, use this only to test the pipeline", backbone)
@@ -130,7 +135,7 @@ def load_model(backbone: str = DEFAULT_BACKBONE, pretrained: str | None = None, 
     mean = tuple(float(v) for v in (cfg.get("mean") or getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN))
     std = tuple(float(v) for v in (cfg.get("std") or getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD))
     tokenizer = open_clip.get_tokenizer(backbone)
-    return LoadedModel(model, backbone, label, random_weights, tokenizer, mean, std)
+    return LoadedModel(model, backbone, label, random_weights, tokenizer, mean, std, digest)
 
 
 def _sha256(path: str) -> str:
@@ -139,25 +144,37 @@ def _sha256(path: str) -> str:
     return sha256_file(path)
 
 
-def _create(backbone: str, pretrained: str, random_weights: bool, cache_dir: str | None) -> torch.nn.Module:
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _create(backbone: str, pretrained: str, random_weights: bool,
+            cache_dir: str | None) -> tuple[torch.nn.Module, str | None]:
+    """The model and the path of the checkpoint file loaded into it (None for random weights)."""
     import open_clip
 
     try:
         if random_weights:
+            return open_clip.create_model(backbone, pretrained=None), None
+        if os.path.isfile(pretrained):
             model = open_clip.create_model(backbone, pretrained=None)
-        elif os.path.isfile(pretrained):
-            model = open_clip.create_model(backbone, pretrained=None)
-            _load_checkpoint(model, pretrained)
-        else:
-            tags = open_clip.list_pretrained_tags_by_model(backbone)
-            if pretrained not in tags:
-                looks_like_path = any(ch in pretrained for ch in "/\\.")
-                what = "no such checkpoint file" if looks_like_path else "not a pretrained tag of this backbone"
-                raise AnoclipError(
-                    f"--pretrained '{pretrained}': {what}; tags for {backbone}: {', '.join(tags) or 'none'}; "
-                    "or pass a local checkpoint file, or `none` for random weights"
-                )
-            model = open_clip.create_model(backbone, pretrained=pretrained, cache_dir=cache_dir)
+            _load_checkpoint(model, pretrained, backbone)
+            return model, pretrained
+        tags = open_clip.list_pretrained_tags_by_model(backbone)
+        if pretrained not in tags:
+            looks_like_path = any(ch in pretrained for ch in "/\\.")
+            what = "no such checkpoint file" if looks_like_path else "not a pretrained tag of this backbone"
+            raise AnoclipError(
+                f"--pretrained '{pretrained}': {what}; tags for {backbone}: {', '.join(tags) or 'none'}; "
+                "or pass a local checkpoint file, or `none` for random weights"
+            )
+        cfg = open_clip.get_pretrained_cfg(backbone, pretrained)
+        path = _download(backbone, pretrained, cfg, cache_dir)
+        model = open_clip.create_model(backbone, pretrained=None)
+        _load_checkpoint(model, path, backbone)
+        _apply_preprocess_cfg(model, backbone, pretrained, cfg)
+        return model, path
     except AnoclipError:
         raise
     except Exception as exc:
@@ -167,30 +184,112 @@ def _create(backbone: str, pretrained: str, random_weights: bool, cache_dir: str
                 "there is a network and pass the file with --pretrained /path/to/checkpoint, or run the pipeline on "
                 "random weights with --pretrained none"
             ) from exc
-        raise AnoclipError(f"cannot create {backbone} with weights '{pretrained}': {exc}") from exc
-    return model
+        raise AnoclipError(f"cannot create {backbone} with weights '{pretrained}': {_first_line(exc)}") from exc
 
 
-def _load_checkpoint(model: torch.nn.Module, path: str) -> None:
+class Source(NamedTuple):
+    """Where the checkpoint of a pretrained tag comes from: ``kind`` is "hf_hub", "url" or "file"."""
+
+    kind: str
+    location: str
+
+
+_EPOCH = re.compile(r"^e\d+$")
+
+
+def _epochs(text: str) -> set[str]:
+    """Epoch markers (``e31``, ``e32``) among the words of a tag, hub id or file name."""
+    return {word for word in re.split(r"[^A-Za-z0-9]+", text.lower()) if _EPOCH.match(word)}
+
+
+def choose_source(backbone: str, tag: str, cfg: dict, hub_available: bool = True) -> Source:
+    """The source to download ``backbone``/``tag`` from, given open_clip's pretrained cfg of the tag.
+
+    open_clip downloads from the Hugging Face hub whenever an entry names one, but an entry's hub
+    repository is not always the checkpoint its tag names: in open_clip 3.3.0,
+    ViT-B-16-plus-240/laion400m_e32 points at the ``laion400m_e31`` repository while its URL is the
+    e32 file. Rule: where the tag names an epoch (``e32``), a source that names another epoch and
+    not that one does not hold the checkpoint. The hub is used where it holds it (or the tag names
+    no epoch), else the URL where it holds it; an entry with neither is an error.
+    """
+    if cfg.get("file"):
+        return Source("file", cfg["file"])
+    url, hub = cfg.get("url", ""), cfg.get("hf_hub", "")
+    wanted = _epochs(tag)
+
+    def holds(location: str) -> bool:
+        named = _epochs(location)
+        return bool(location) and (not wanted or not named or bool(wanted & named))
+
+    if hub and hub_available and holds(hub):
+        return Source("hf_hub", hub)
+    if url and holds(url):
+        if hub and hub_available:
+            log.info("%s/%s: open_clip's hub entry %s names another epoch; downloading %s", backbone, tag, hub, url)
+        return Source("url", url)
+    if hub and holds(hub):
+        return Source("hf_hub", hub)  # needs huggingface_hub; open_clip says so when it is missing
+    raise AnoclipError(
+        f"open_clip's entry for {backbone}/{tag} names no source that holds the {'/'.join(sorted(wanted)) or tag} "
+        f"checkpoint (url: {url or 'none'}, hub: {hub or 'none'}); download it yourself and pass the file "
+        "with --pretrained /path/to/checkpoint"
+    )
+
+
+def _download(backbone: str, tag: str, cfg: dict, cache_dir: str | None) -> str:
+    """Download the tag's checkpoint through open_clip from the source :func:`choose_source` picks."""
+    from open_clip import pretrained as oc_pretrained
+
+    source = choose_source(backbone, tag, cfg, hub_available=oc_pretrained.has_hf_hub())
+    log.debug("%s/%s: downloading from %s %s", backbone, tag, source.kind, source.location)
+    picked = {key: value for key, value in cfg.items() if key not in ("url", "hf_hub", "file")}
+    picked[source.kind] = source.location
+    path = oc_pretrained.download_pretrained(picked, prefer_hf_hub=True, cache_dir=cache_dir)
+    if not path or not os.path.isfile(path):
+        raise AnoclipError(f"open_clip did not download the '{tag}' weights of {backbone} from {source.location}")
+    return path
+
+
+def _apply_preprocess_cfg(model: torch.nn.Module, backbone: str, tag: str, cfg: dict) -> None:
+    """Set the tag's preprocessing on the model, as ``open_clip.create_model(backbone, pretrained=tag)`` does."""
+    import open_clip
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    preprocess = merge_preprocess_dict(PreprocessCfg(), cfg)
+    preprocess["size"] = getattr(model.visual, "image_size", preprocess["size"])
+    open_clip.set_model_preprocess_cfg(model, preprocess)
+    model_quick_gelu = bool((open_clip.get_model_config(backbone) or {}).get("quick_gelu", False))
+    if bool(cfg.get("quick_gelu", False)) != model_quick_gelu:
+        log.warning("%s/%s was trained with quick_gelu=%s but the model config has quick_gelu=%s",
+                    backbone, tag, cfg.get("quick_gelu", False), model_quick_gelu)
+
+
+def _load_checkpoint(model: torch.nn.Module, path: str, backbone: str) -> None:
+    """Load ``path`` through open_clip's checkpoint loader (``weights_only``, its layout conversions,
+    positional-embedding resizing), then require exactly the model's keys: any missing or unexpected
+    weight is an error. Non-persistent buffers are not part of a state dict and are not required."""
     import open_clip
 
     try:
-        state = open_clip.load_state_dict(path, weights_only=True) if hasattr(open_clip, "load_state_dict") \
-            else open_clip.factory.load_state_dict(path, weights_only=True)
+        incompatible = open_clip.load_checkpoint(model, path, strict=False, weights_only=True)
     except Exception as exc:
-        raise AnoclipError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0]}") from exc
-    try:
-        incompatible = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:
+        if "Error(s) in loading state_dict" in str(exc):
+            raise AnoclipError(
+                f"checkpoint {path} does not fit {backbone} (shape mismatch: {str(exc).splitlines()[-1].strip()}); "
+                "pass the --backbone it was trained with"
+            ) from exc
+        reason = "it holds no state dict" if isinstance(exc, (StopIteration, AttributeError)) else _first_line(exc)
+        raise AnoclipError(f"cannot read checkpoint {path}: {reason}; pass an open_clip state dict "
+                           "(.pt/.pth/.bin or .safetensors)") from exc
+    missing = list(getattr(incompatible, "missing_keys", []))
+    unexpected = list(getattr(incompatible, "unexpected_keys", []))
+    problems = [f"{len(keys)} {what} (first: {keys[0]})"
+                for keys, what in ((missing, "weights missing"), (unexpected, "unexpected weights"))
+                if keys]
+    if problems:
         raise AnoclipError(
-            f"checkpoint {path} does not fit the backbone (shape mismatch: {str(exc).splitlines()[-1].strip()}); "
-            "pass the --backbone it was trained with"
-        ) from exc
-    missing = [k for k in incompatible.missing_keys if k.startswith(("visual.", "token_embedding", "transformer."))]
-    if missing:
-        raise AnoclipError(
-            f"checkpoint {path} lacks {len(missing)} weights of the backbone (first: {missing[0]}); "
-            "pass the --backbone it was trained with"
+            f"checkpoint {path} does not match {backbone}: {', '.join(problems)}; pass the --backbone it was "
+            "trained with and a complete open_clip checkpoint of that model"
         )
 
 
