@@ -27,6 +27,8 @@ from .prompts import DOMAINS, PromptRecipe, class_embeddings, encode_sentences
 
 log = logging.getLogger(__name__)
 
+TEXT_WEIGHTS_KEY = "text_weights_sha256"  # prompt weights metadata: the text tower they were encoded with
+
 
 @dataclass
 class ExportOptions:
@@ -107,10 +109,21 @@ def _visual_reusable(opts: ExportOptions, loaded: LoadedModel, manifest: Manifes
 
 
 def _same_weights(manifest: Manifest, loaded: LoadedModel) -> bool:
-    """The folder's models come from the same backbone and weights (checkpoint hash where known)."""
-    same_file = not (manifest.checkpoint_sha256 and loaded.checkpoint_sha256) \
-        or manifest.checkpoint_sha256 == loaded.checkpoint_sha256
-    return (manifest.backbone, manifest.pretrained) == (loaded.backbone, loaded.pretrained) and same_file
+    """The folder's visual models come from the same backbone and weights (by their hash where the
+    manifest records it, else by the backbone and pretrained labels)."""
+    if (manifest.backbone, manifest.pretrained) != (loaded.backbone, loaded.pretrained):
+        return False
+    return not manifest.visual_weights_sha256 or manifest.visual_weights_sha256 == loaded.weights_sha256("visual")
+
+
+def _text_changed(old: Manifest | None, bank: PromptBank | None, loaded: LoadedModel) -> bool:
+    """The classes baked in ``bank`` came from another text tower than ``loaded``'s."""
+    if bank is None:
+        return False
+    recorded = bank.metadata.get(TEXT_WEIGHTS_KEY)
+    if recorded:
+        return recorded != loaded.weights_sha256("text")
+    return (bank.backbone, bank.pretrained) != (loaded.backbone, loaded.pretrained)
 
 
 def _wanted_models(opts: ExportOptions) -> dict[str, tuple[str, int | None]]:
@@ -174,7 +187,7 @@ def _recipe_from_metadata(name: str, meta: dict) -> PromptRecipe | None:
         return None
 
 
-def _plan_classes(opts: ExportOptions, old: PromptBank | None, weights_changed: bool) -> tuple[dict, dict, list[str]]:
+def _plan_classes(opts: ExportOptions, old: PromptBank | None, text_changed: bool) -> tuple[dict, dict, list[str]]:
     """(classes kept as they are, recipes to encode, classes dropped) for the new prompt weights."""
     kept = {} if old is None or opts.replace_classes else dict(old.classes)
     unknown = [n for n in opts.drop_classes if n not in kept]
@@ -188,7 +201,7 @@ def _plan_classes(opts: ExportOptions, old: PromptBank | None, weights_changed: 
         kept.pop(name, None)
     encode: dict[str, PromptRecipe] = {}
     for name in list(kept):
-        if weights_changed or opts.reencode_prompts:
+        if text_changed or opts.reencode_prompts:
             recipe = _recipe_from_metadata(name, kept[name].recipe)
             if recipe is None:
                 raise AnoclipError(f"class {name} in {opts.out} has no recipe to re-encode it from; "
@@ -282,14 +295,14 @@ def _export_locked(opts: ExportOptions, argv: list[str], progress) -> Manifest:
     torch.manual_seed(opts.seed)  # random weights (`--pretrained none`) repeat from run to run
     loaded = load_model(opts.backbone, opts.pretrained)
     if old is not None and not _same_weights(old, loaded) and not opts.force:
+        other = f"{old.backbone} / {old.pretrained}"
         raise ArtifactError(
-            f"{opts.out} holds an export of {old.backbone} / {old.pretrained}, not {loaded.backbone} / "
-            f"{loaded.pretrained}; choose another --out, or pass --force to replace the visual model "
-            f"(its classes are kept and re-encoded)"
+            f"{opts.out} holds an export of {other if other != f'{loaded.backbone} / {loaded.pretrained}' else 'other weights'}, "
+            f"not of {loaded.backbone} / {loaded.pretrained} as loaded now; choose another --out, or pass --force to "
+            "replace the visual model (its classes are kept and re-encoded)"
         )
     reuse_visual = _visual_reusable(opts, loaded, old)
-    weights_changed = old is not None and not _same_weights(old, loaded)
-    kept, to_encode, dropped = _plan_classes(opts, old_bank, weights_changed)
+    kept, to_encode, dropped = _plan_classes(opts, old_bank, _text_changed(old, old_bank, loaded))
     if reuse_visual and not to_encode and not dropped and not opts.tta:
         progress(f"{opts.out} is up to date (classes: {', '.join(sorted(kept)) or 'none'}); nothing to do")
         return old
@@ -307,7 +320,7 @@ def _export_locked(opts: ExportOptions, argv: list[str], progress) -> Manifest:
                 image_size=geometry.image_size, mean=loaded.mean, std=loaded.std, grid=geometry.grid,
                 embed_dim=geometry.embed_dim, width=geometry.width, layers=geometry.layers, heads=geometry.heads,
                 models={name: entry for name, (entry, _) in entries.items()},
-                checkpoint_sha256=loaded.checkpoint_sha256,
+                checkpoint_sha256=loaded.checkpoint_sha256, visual_weights_sha256=loaded.weights_sha256("visual"),
                 history=list(old.history) if old else [],
             )
             if old is not None and TTA_GRAPH in old.models and not opts.tta:
@@ -322,7 +335,8 @@ def _export_locked(opts: ExportOptions, argv: list[str], progress) -> Manifest:
             progress(f"dropping {', '.join(dropped)}")
         classes = {**kept, **_encode_classes(loaded, to_encode, opts.text_batch)}
         bank = PromptBank(dict(sorted(classes.items())), loaded.backbone, loaded.pretrained, manifest.embed_dim)
-        write_prompts(staging / PROMPTS, bank, {"open_clip_version": open_clip.__version__})
+        write_prompts(staging / PROMPTS, bank, {"open_clip_version": open_clip.__version__,
+                                                TEXT_WEIGHTS_KEY: loaded.weights_sha256("text")})
         placed = place(staging, opts.out)
     import onnx
     import onnxruntime

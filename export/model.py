@@ -35,6 +35,27 @@ class LoadedModel:
     checkpoint_sha256: str = ""  # sha256 hex of the checkpoint file loaded ("" for random weights)
 
     _short_context_checked: bool | None = None
+    _weights_sha256: dict | None = None
+
+    @torch.no_grad()
+    def weights_sha256(self, tower: str) -> str:
+        """sha256 over the names, dtypes, shapes and values of one tower's weights: ``visual``, or
+        ``text`` (every weight outside the visual tower). Tells two sets of weights apart where
+        their labels cannot (two seeds of random weights, a checkpoint changed in place)."""
+        import hashlib
+
+        if self._weights_sha256 is None:
+            self._weights_sha256 = {}
+        if tower not in self._weights_sha256:
+            digest = hashlib.sha256()
+            for name, tensor in sorted(self.model.state_dict().items()):
+                if name.startswith("visual.") != (tower == "visual"):
+                    continue
+                array = tensor.detach().cpu().contiguous().reshape(-1)
+                digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+                digest.update(array.view(torch.uint8).numpy().tobytes())
+            self._weights_sha256[tower] = digest.hexdigest()
+        return self._weights_sha256[tower]
 
     @torch.no_grad()
     def encode_text(self, sentences: list[str]) -> np.ndarray:

@@ -125,6 +125,7 @@ class Manifest:
     files: dict[str, str] = field(default_factory=dict)  # name -> sha256
     prompts: str = PROMPTS  # the prompt weights file
     checkpoint_sha256: str = ""  # of the checkpoint the weights were loaded from ("" for random weights)
+    visual_weights_sha256: str = ""  # of the visual tower's weights themselves (names, shapes, values)
     resize: str = "squash-bilinear-antialias"
     versions: dict[str, str] = field(default_factory=dict)
     command: str = ""  # the command that exported the visual model
@@ -241,6 +242,7 @@ _FIELD_CHECKS = {
     "image_size": _positive_ints(2), "grid": _positive_ints(2), "mean": _floats(3), "std": _floats(3, positive=True),
     "embed_dim": _positive_int, "width": _positive_int, "layers": _positive_int, "heads": _positive_int,
     "models": _models, "files": _hashes, "prompts": _typed(str), "checkpoint_sha256": _typed(str),
+    "visual_weights_sha256": _typed(str),
     "resize": _typed(str), "versions": _str_map, "command": _typed(str), "created": _typed(str),
     "history": lambda k, v: [_typed(str)(k, item) for item in _typed(list)(k, v)], "format_version": _typed(int),
 }
