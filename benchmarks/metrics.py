@@ -62,6 +62,9 @@ DEFAULT_FPR_LIMIT = 0.3
 #: Number of thresholds of the authors' PRO.
 AUTHORS_PRO_STEPS = 200
 
+# np.trapezoid is NumPy >= 2.0; NumPy 1.x (>= 1.24, still common on Jetson images) names it np.trapz.
+_trapezoid = getattr(np, "trapezoid", None) or np.trapz
+
 
 # --------------------------------------------------------------------------------------------
 # The sorted pass
@@ -511,7 +514,7 @@ def _pro_authors_from(curve: BinaryCurve, rw: RegionWeights, maps: np.ndarray,
     # fprs fall as the threshold rises; sklearn's auc() then flips the sign of the trapezoid.
     dx = np.diff(fprs)
     direction = -1.0 if (dx < 0).any() else 1.0
-    return float(direction * np.trapezoid(pros, fprs))
+    return float(direction * _trapezoid(pros, fprs))
 
 
 def pro_authors(masks: np.ndarray, maps: np.ndarray, steps: int = AUTHORS_PRO_STEPS,
