@@ -114,7 +114,8 @@ def _npy_bytes(array: np.ndarray) -> bytes:
               help="Artifact folder written by anoclip-export.")
 @click.option("--class", "cls", required=True, help="Class name baked into the prompt weights (e.g. bottle).")
 @click.option("--out", "out_dir", default="anoclip-out", show_default=True, type=click.Path(file_okay=False),
-              help="Folder for overlays (<name>_overlay.png), raw maps (<name>_map.npy) and results.jsonl.")
+              help="Folder for results.jsonl and, per run, a folder <run>/ of overlays (<name>_overlay.png) "
+                   "and raw maps (<name>_map.npy).")
 @click.option("--backend", default="auto", show_default=True,
               type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]),
               help="onnxruntime execution provider; auto prefers TensorRT, then CUDA, then CPU.")
@@ -148,13 +149,14 @@ def predict_command(artifacts_dir, cls, out_dir, backend, model, tiling, tta, tt
                     verbose, paths):
     """Score images (files or folders of images) and write anomaly maps.
 
-    Per image: OUT/<name>_overlay.png (heat map over the image, colour range = the map's own
-    min..max), OUT/<name>_map.npy (float32 map at the image's resolution, raw p_abnormal; scaled
-    down above --max-output-pixels) and one line in OUT/results.jsonl. Every input gets its own
-    <name> (images sharing a stem take their suffix: a_png, a_jpg). results.jsonl is appended to
-    under a lock, never truncated: runs at the same time or one after another keep every line, and
-    each line names its run. OUT itself is never searched for inputs. Unreadable images, and files
-    above --max-pixels, are reported and skipped; the exit code is then 3.
+    Each run writes into OUT/<run>/ (<run> = UTC time and process id), per image:
+    <name>_overlay.png (heat map over the image, colour range = the map's own min..max) and
+    <name>_map.npy (float32 map at the image's resolution, raw p_abnormal; scaled down above
+    --max-output-pixels), and appends one line per image to OUT/results.jsonl, under a lock, never
+    truncating it: runs at the same time or one after another keep every line and every file. Every
+    input gets its own <name> (images sharing a stem take their suffix: a_png, a_jpg). OUT itself is
+    never searched for inputs. Unreadable images, and files above --max-pixels, are reported and
+    skipped; the exit code is then 3.
     """
     from tqdm import tqdm
 
@@ -182,6 +184,8 @@ def predict_command(artifacts_dir, cls, out_dir, backend, model, tiling, tta, tt
         detector.tta_adapter(cls, tta_config)  # a TTA graph that does not fit: fail before any image too
     ensure_writable_folder(out)
     run = run_id()
+    run_dir = out / run  # this run's overlays and maps: no other run, at the same time or later, writes here
+    run_dir.mkdir()
     failed = 0
     with ResultsLog(out) as results, tqdm(images, desc="predict", unit="img", file=sys.stderr, disable=None) as bar:
         for path, key in bar:
@@ -194,7 +198,7 @@ def predict_command(artifacts_dir, cls, out_dir, backend, model, tiling, tta, tt
                 continue
             record = {"image": str(path), "class": cls, "run": run, "score": result.score,
                       "map_max": float(result.anomaly_map_full.max()), "map_mean": float(result.anomaly_map_full.mean()),
-                      **_write_maps(out, key, rgb, result.anomaly_map_full, alpha, max_output_pixels),
+                      **_write_maps(run_dir, key, rgb, result.anomaly_map_full, alpha, max_output_pixels),
                       "tiles": result.tiles, "timings_ms": {k: round(v, 3) for k, v in result.timings.items()}}
             line = results.append(record)
             if as_json:
@@ -208,7 +212,7 @@ def predict_command(artifacts_dir, cls, out_dir, backend, model, tiling, tta, tt
 
 def _write_maps(out: Path, key: str, rgb: np.ndarray, amap: np.ndarray, alpha: float,
                 max_pixels: int | None) -> dict:
-    """Write OUT/<key>_overlay.png and OUT/<key>_map.npy atomically (scaled down above ``max_pixels``)."""
+    """Write <key>_overlay.png and <key>_map.npy into ``out`` atomically (scaled down above ``max_pixels``)."""
     import cv2
 
     from .artifacts import atomic_write_bytes

@@ -51,7 +51,8 @@ def test_predict_writes_overlays_maps_and_jsonl(tiny_artifacts, tmp_path):
         assert set(record["timings_ms"]) == {"preprocess", "model", "scoring"}
     wide = next(r for r in lines if r["image"].endswith("wide.jpg"))
     assert np.load(wide["map"]).shape == (60, 200) and wide["tiles"] == 4  # 48 x 160 after resizing: 4 tiles of 48
-    assert not list(out.glob(".*.tmp"))
+    assert not list(out.rglob(".*.tmp"))
+    assert {Path(r["map"]).parent for r in lines} == {out / lines[0]["run"]}  # the run's own folder
 
 
 def test_predict_skips_unreadable_images_and_says_so(tiny_artifacts, tmp_path):

@@ -265,6 +265,8 @@ def test_two_concurrent_predict_runs_keep_every_record(folder, tmp_path):
     got = [json.loads(line) for line in lines]  # every line parses
     assert sorted(r["image"] for r in got) == sorted(str(p) for p in first + second)
     assert len({r["run"] for r in got}) == 2
+    # a/img00.png and b/img00.png share a name; each run's maps are its own, none overwritten
+    assert len({r["map"] for r in got}) == 100 and all(Path(r["map"]).is_file() for r in got)
 
 
 def test_rerun_appends_instead_of_truncating(folder, image, tmp_path):
@@ -274,6 +276,7 @@ def test_rerun_appends_instead_of_truncating(folder, image, tmp_path):
         assert proc.returncode == 0 and "appended" in proc.stderr
     got = records(out)
     assert len(got) == 2 and got[0]["run"] != got[1]["run"]
+    assert got[0]["map"] != got[1]["map"] and all(Path(r["map"]).is_file() for r in got)
 
 
 def test_killed_run_leaves_no_line_that_swallows_the_next(folder, image, tmp_path):

@@ -80,7 +80,8 @@ def test_detector_and_cli_predict_without_torch(tiny_artifacts, tmp_path):
         "predict", "--artifacts", str(tiny_artifacts), "--class", "carpet", "--out", str(tmp_path / "o"), str(image),
     )
     assert proc.returncode == 0, proc.stderr
-    assert Path(tmp_path / "o" / "img_map.npy").is_file()
+    record = json.loads((tmp_path / "o" / "results.jsonl").read_text())
+    assert Path(record["map"]) == tmp_path / "o" / record["run"] / "img_map.npy" and Path(record["map"]).is_file()
 
 
 def test_export_subcommand_without_torch_says_what_to_install():
