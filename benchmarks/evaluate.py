@@ -127,8 +127,7 @@ class EvalSettings:
     @classmethod
     def from_detector(cls, detector, dataset: str, image_views: int, model: str = "visual") -> EvalSettings:
         manifest = detector.artifacts.manifest
-        path = detector.artifacts.model_path(model)
-        sha = manifest.files.get(path.name) or sha256_file(path)
+        sha = manifest.files.get(manifest.models[model].file) or sha256_file(detector.artifacts.model_path(model))
         return cls(dataset=dataset, backbone=manifest.backbone, pretrained=manifest.pretrained, model=model,
                    model_sha256=sha, tta=detector.tta is not None, image_views=image_views)
 
