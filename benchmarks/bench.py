@@ -19,13 +19,12 @@ from pathlib import Path
 import click
 import numpy as np
 
-from anoclip.runtime.artifacts import TTA_GRAPH, VISUAL, VISUAL_QKV, atomic_write_bytes, load_artifacts
-from anoclip.runtime.backends import PROVIDER_ALIASES, PROVIDER_PREFERENCE
-from anoclip.runtime.cli import configure_logging
+from anoclip.runtime.artifacts import TTA_GRAPH, VISUAL, VISUAL_QKV, load_artifacts
+from anoclip.runtime.backends import PROVIDER_ALIASES, named_providers
 from anoclip.runtime.detector import Detector
 from anoclip.runtime.errors import AnoclipError
-from anoclip.runtime.outputs import ensure_writable_folder
 from anoclip.runtime.overlay import overlay
+from anoclip.runtime.plumbing import atomic_write_bytes, configure_logging, ensure_writable_folder
 
 from .timing import machine_info
 
@@ -218,21 +217,10 @@ def update_readme(path: Path, text: str) -> None:
 
 
 def resolve_backends(backends: str) -> list[str]:
+    """One benchmark column per provider named (``auto``: every available one)."""
     import onnxruntime as ort
 
-    available = ort.get_available_providers()
-    if backends == "auto":
-        return [p for p in PROVIDER_PREFERENCE if p in available]
-    chosen = []
-    for name in backends.split(","):
-        full = PROVIDER_ALIASES.get(name.strip().lower())
-        if full is None:
-            raise AnoclipError(f"unknown backend '{name}'; use cpu, cuda, tensorrt or auto")
-        if full not in available:
-            raise AnoclipError(f"{full} is not available in this onnxruntime (has {', '.join(available)}); "
-                               "install onnxruntime-gpu on a machine with an NVIDIA GPU")
-        chosen.append(full)
-    return chosen
+    return named_providers(backends, ort.get_available_providers())
 
 
 @click.command("bench", context_settings={"help_option_names": ["-h", "--help"]})

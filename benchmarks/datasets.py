@@ -30,6 +30,8 @@ import click
 import cv2
 import numpy as np
 
+from anoclip.runtime.classes import MVTEC_CLASSES, MVTEC_TEXTURES, VISA_CLASSES
+from anoclip.runtime.outputs import IMAGE_SUFFIXES
 from anoclip.runtime.preprocess import resize_bilinear
 
 logger = logging.getLogger(__name__)
@@ -48,20 +50,10 @@ __all__ = [
     "read_mask",
 ]
 
-MVTEC_CLASSES: tuple[str, ...] = (
-    "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill",
-    "screw", "tile", "toothbrush", "transistor", "wood", "zipper",
-)
-MVTEC_TEXTURES: tuple[str, ...] = ("carpet", "grid", "leather", "tile", "wood")
-VISA_CLASSES: tuple[str, ...] = (
-    "candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2", "pcb1",
-    "pcb2", "pcb3", "pcb4", "pipe_fryum",
-)
 DEFECT_KINDS: tuple[str, ...] = ("scratch", "spot", "hole")
 
 VISA_CSV = Path("split_csv") / "1cls.csv"
 VISA_COLUMNS: tuple[str, ...] = ("object", "split", "label", "image", "mask")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 DATASETS = ("mvtec", "visa")
 
 

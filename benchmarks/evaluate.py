@@ -49,9 +49,9 @@ from typing import Any
 import click
 import cv2
 import numpy as np
-from anoclip.runtime.artifacts import atomic_write_bytes, sha256_file
+from anoclip.runtime.integrity import sha256_file
 from anoclip.runtime.errors import AnoclipError
-from anoclip.runtime.outputs import ensure_writable_folder
+from anoclip.runtime.plumbing import atomic_write_bytes, ensure_writable_folder
 
 from .augment import NUM_VIEWS, augment_views
 from .datasets import (
@@ -568,7 +568,7 @@ def eval_command(artifacts_dir, dataset, root, classes, tta, image_views, backen
     AD; the resized, tiled frame on VisA). One JSON file per class and summary.json go to --out; an
     interrupted run continues where it stopped.
     """
-    from anoclip.runtime.cli import configure_logging
+    from anoclip.runtime.plumbing import configure_logging
     from anoclip.runtime.detector import Detector
 
     configure_logging(verbose)

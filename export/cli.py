@@ -16,10 +16,9 @@ from anoclip.runtime.artifacts import (
     FORMAT_VERSION, PROMPTS, TTA_GRAPH, VISUAL, VISUAL_QKV, ClassPrompts, Manifest, ModelEntry, PromptBank,
     check_prompts_belong, read_manifest, read_prompts, verify_files, write_manifest, write_prompts,
 )
-from anoclip.runtime.cli import configure_logging, run_guarded
 from anoclip.runtime.errors import AnoclipError, ArtifactError
 from anoclip.runtime.integrity import resolve_inside
-from anoclip.runtime.outputs import ensure_writable_folder
+from anoclip.runtime.plumbing import configure_logging, ensure_writable_folder, run_guarded
 
 from .folder import folder_lock, has_manifest, place, remove_unreferenced, staging_folder, sync_folder
 from .model import DEFAULT_BACKBONE, LoadedModel, load_model, register_model_config, resolve_pretrained

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from anoclip.runtime.cli import quiet_loggers
+from anoclip.runtime.plumbing import quiet_loggers
 from anoclip.runtime.errors import AnoclipError
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ def load_model(backbone: str = DEFAULT_BACKBONE, pretrained: str | None = None, 
 
 
 def _sha256(path: str) -> str:
-    from anoclip.runtime.artifacts import sha256_file
+    from anoclip.runtime.integrity import sha256_file
 
     return sha256_file(path)
 

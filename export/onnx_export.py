@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from anoclip.runtime.artifacts import ModelEntry, atomic_path
-from anoclip.runtime.cli import quiet_loggers
+from anoclip.runtime.artifacts import ModelEntry
+from anoclip.runtime.plumbing import atomic_path, quiet_loggers
 from anoclip.runtime.errors import AnoclipError
 
 from .vv import VVVisual

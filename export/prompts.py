@@ -8,6 +8,9 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from anoclip.runtime.classes import MVTEC_TEXTURES
+from anoclip.runtime.scoring import l2_normalise
+
 log = logging.getLogger(__name__)
 
 NORMAL_STATES = (
@@ -32,7 +35,6 @@ DOMAINS = {
     "object": ("industrial photo", "industrial image", "manufacturing image"),
     "texture": ("industrial photo", "textural photo", "surface picture"),
 }
-MVTEC_TEXTURES = frozenset({"carpet", "grid", "leather", "tile", "wood"})
 CLASS_PHRASES = {"macaroni1": "macaroni", "macaroni2": "macaroni"}
 
 
@@ -42,6 +44,7 @@ def class_phrase(name: str) -> str:
 
 
 def default_domain(name: str) -> str:
+    """texture for the MVTec AD textures, object for everything else."""
     return "texture" if name in MVTEC_TEXTURES else "object"
 
 
@@ -107,14 +110,10 @@ class PromptRecipe:
         }
 
 
-def _normalise(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 def class_embeddings(raw_normal: np.ndarray, raw_abnormal: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Raw sentence embeddings -> (text_features [2,D] = t+, t-; prompt_features T [2N,D])."""
-    text = np.stack([_normalise(raw_normal.mean(axis=0)), _normalise(raw_abnormal.mean(axis=0))])
-    prompts = _normalise(np.concatenate([raw_normal, raw_abnormal]))
+    text = np.stack([l2_normalise(raw_normal.mean(axis=0)), l2_normalise(raw_abnormal.mean(axis=0))])
+    prompts = l2_normalise(np.concatenate([raw_normal, raw_abnormal]))
     return text.astype(np.float32), prompts.astype(np.float32)
 
 

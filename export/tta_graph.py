@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from anoclip.runtime.artifacts import atomic_write_bytes
+from anoclip.runtime.plumbing import atomic_write_bytes
 from anoclip.runtime.tta import (
     TTA_GRAPH_FORMAT_VERSION,
     TTA_GRAPH_INPUTS,

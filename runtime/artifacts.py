@@ -1,4 +1,4 @@
-"""Artifact formats: the manifest, the prompt weights file, atomic writes and consistency checks.
+"""Artifact formats: the manifest, the prompt weights file and their consistency checks.
 
 The runtime owns these formats; the exporter writes them through this module so that the reader
 and the writer cannot drift apart.
@@ -18,21 +18,19 @@ Folders of format version 1 (``visual.onnx``, ``prompts.safetensors``) still loa
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import logging
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from .errors import ArtifactError, UnknownClassError
 from .integrity import VerificationRecord, onnx_external_files, resolve_inside, verify_file
-from .integrity import sha256_file  # noqa: F401 (export and benchmarks hash files through this module)
+from .plumbing import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -45,44 +43,6 @@ VISUAL = "visual"
 VISUAL_QKV = "visual_qkv"
 TTA_GRAPH = "tta"
 PROMPTS_FORMAT = "anoclip-prompts"
-
-
-# ----------------------------------------------------------------------------------------------
-# Atomic writes and hashes
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, mode: int | None = None) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename.
-
-    On any exception (including KeyboardInterrupt) the temporary file is removed, so an
-    interrupted write never leaves a half-written file under the final name. The rename replaces
-    a symbolic link at ``path`` rather than writing through it. ``mode``: the file's permissions
-    (default: ordinary ones, 0666 less the umask).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    if mode is None:
-        umask = os.umask(0)
-        os.umask(umask)
-        mode = 0o666 & ~umask  # mkstemp makes 0600
-    os.chmod(tmp, mode)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None) -> None:
-    with atomic_path(path, mode) as tmp:
-        tmp.write_bytes(data)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -31,22 +31,32 @@ class Backend(Protocol):
     def describe(self) -> str: ...
 
 
-def resolve_providers(requested: Sequence[str] | str | None, available: Sequence[str]) -> list[str]:
-    """Map 'auto' / aliases / full names to the available providers, in preference order."""
+def named_providers(requested: Sequence[str] | str | None, available: Sequence[str]) -> list[str]:
+    """The execution providers that ``requested`` names (aliases such as ``cpu``/``cuda``/``tensorrt``,
+    full names, a comma-separated string, or ``auto``: every available one in preference order);
+    an error for one that this onnxruntime lacks."""
     if requested in (None, "auto", "onnxruntime", "ort"):
         chosen = [p for p in PROVIDER_PREFERENCE if p in available]
         return chosen or list(available)
-    names = [requested] if isinstance(requested, str) else list(requested)
+    names = requested.split(",") if isinstance(requested, str) else list(requested)
     chosen = []
     for name in names:
-        full = PROVIDER_ALIASES.get(name.lower(), name)
+        full = PROVIDER_ALIASES.get(name.strip().lower(), name.strip())
+        if not full.endswith("ExecutionProvider"):
+            raise BackendError(f"unknown backend '{name.strip()}'; use cpu, cuda, tensorrt or auto")
         if full not in available:
             raise BackendError(
                 f"execution provider {full} is not available in this onnxruntime (has: {', '.join(available)}); "
                 "install onnxruntime-gpu for CUDA/TensorRT, or use --backend cpu"
             )
         chosen.append(full)
-    if "CPUExecutionProvider" not in chosen:
+    return chosen
+
+
+def resolve_providers(requested: Sequence[str] | str | None, available: Sequence[str]) -> list[str]:
+    """The provider chain of a session: the named providers, with the CPU behind them as fallback."""
+    chosen = named_providers(requested, available)
+    if "CPUExecutionProvider" not in chosen and "CPUExecutionProvider" in available:
         chosen.append("CPUExecutionProvider")
     return chosen
 

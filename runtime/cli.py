@@ -3,7 +3,6 @@ through the ``anoclip.commands`` entry-point group (``export`` from the export e
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import math
@@ -15,6 +14,7 @@ import click
 import numpy as np
 
 from .errors import AnoclipError
+from .plumbing import configure_logging, run_guarded
 from .preprocess import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger(__name__)
@@ -23,50 +23,6 @@ EXIT_SOME_FAILED = 3
 # Overlays and maps of frames above this many pixels are written scaled down to it (a float32 map
 # of 8192 x 8192 would be 256 MiB); the map's own resolution is the model grid, upsampled.
 DEFAULT_MAX_OUTPUT_PIXELS = 4096 * 4096
-
-
-def configure_logging(verbose: bool = False) -> None:
-    """Warnings from every library; info (or debug with ``verbose``) from anoclip itself."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("anoclip").setLevel(logging.DEBUG if verbose else logging.INFO)
-
-
-@contextlib.contextmanager
-def quiet_loggers(*names: str, level: int = logging.ERROR):
-    """Raise the level of the named loggers ("" is the root logger) for the duration."""
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(level)
-    try:
-        yield
-    finally:
-        for lg, old in zip(loggers, levels):
-            lg.setLevel(old)
-
-
-def run_guarded(command: click.Command) -> None:
-    """Run a click command; a user error ends as one line on stderr and a nonzero exit."""
-    try:
-        command.main(standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except AnoclipError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
-    except OSError as exc:  # a file or folder the user named cannot be read or written
-        where = f": {exc.filename}" if exc.filename else ""
-        click.echo(f"error: {exc.strerror or exc}{where}", err=True)
-        sys.exit(1)
-    else:
-        sys.exit(0)
 
 
 class PluginGroup(click.Group):
@@ -161,7 +117,8 @@ def predict_command(artifacts_dir, cls, out_dir, backend, model, tiling, tta, tt
     from tqdm import tqdm
 
     from .detector import Detector
-    from .outputs import IMAGE_SUFFIXES, ResultsLog, discover_images, ensure_writable_folder, run_id
+    from .outputs import IMAGE_SUFFIXES, ResultsLog, discover_images, run_id
+    from .plumbing import ensure_writable_folder
     from .preprocess import read_image
     from .tta import TTAConfig
 
@@ -215,8 +172,8 @@ def _write_maps(out: Path, key: str, rgb: np.ndarray, amap: np.ndarray, alpha: f
     """Write <key>_overlay.png and <key>_map.npy into ``out`` atomically (scaled down above ``max_pixels``)."""
     import cv2
 
-    from .artifacts import atomic_write_bytes
     from .overlay import encode_png, overlay
+    from .plumbing import atomic_write_bytes
 
     height, width = amap.shape
     if max_pixels and height * width > max_pixels:

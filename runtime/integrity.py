@@ -208,7 +208,7 @@ class VerificationRecord:
         """Write the record (newest entries kept); a cache that cannot be written only costs hashing."""
         if not self.changed:
             return
-        from .artifacts import atomic_write_bytes
+        from .plumbing import atomic_write_bytes
 
         entries = dict(list(self.entries.items())[-MAX_RECORD_ENTRIES:])
         try:

@@ -26,21 +26,6 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 MAX_KEY_BYTES = 160  # output names stay well below the 255-byte limit of file names
 
 
-def ensure_writable_folder(path: str | os.PathLike, option: str = "--out") -> bool:
-    """Create ``path`` if needed and check that it can be written; True when it was created."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise AnoclipError(f"{option} {path} is a file, not a folder; choose a folder")
-    created = not path.exists()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise AnoclipError(f"cannot create {option} {path}: {exc.strerror or exc}; choose a folder you can write") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise AnoclipError(f"cannot write to {option} {path}: permission denied; choose a folder you can write")
-    return created
-
-
 def run_id() -> str:
     """Names one run in the lines it writes: UTC time and process id."""
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{os.getpid()}"

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 from anoclip.runtime.artifacts import (
-    ClassPrompts, PromptBank, load_artifacts, read_manifest, read_prompts, sha256_file, write_manifest,
+    ClassPrompts, PromptBank, load_artifacts, read_manifest, read_prompts, write_manifest,
     write_prompts,
 )
 from anoclip.runtime.detector import Detector
 from anoclip.runtime.errors import AnoclipError, ArtifactError, ImageError, UnknownClassError
+from anoclip.runtime.integrity import sha256_file
 
 from conftest import TINY_CONFIG, artifact_file, copy_artifacts, export_subprocess, one_error_line, run_cli
 

@@ -18,10 +18,11 @@ import pytest
 
 from anoclip.runtime import integrity
 from anoclip.runtime.artifacts import (
-    ClassPrompts, PromptBank, load_artifacts, read_manifest, read_prompts, sha256_file, write_manifest,
+    ClassPrompts, PromptBank, load_artifacts, read_manifest, read_prompts, write_manifest,
     write_prompts,
 )
 from anoclip.runtime.errors import ArtifactError
+from anoclip.runtime.integrity import sha256_file
 
 from conftest import TINY_CONFIG, artifact_file, copy_artifacts, export_subprocess, one_error_line, run_cli
 
