@@ -8,13 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anoclip.runtime.artifacts import (
-    ClassPrompts, PromptBank, load_artifacts, read_manifest, read_prompts, write_manifest,
-    write_prompts,
-)
+from anoclip.runtime.artifacts import load_artifacts, read_manifest, write_manifest
 from anoclip.runtime.detector import Detector
 from anoclip.runtime.errors import AnoclipError, ArtifactError, ImageError, UnknownClassError
 from anoclip.runtime.integrity import sha256_file
+from anoclip.runtime.prompt_weights import ClassPrompts, PromptBank, read_prompts, write_prompts
 
 from conftest import TINY_CONFIG, artifact_file, copy_artifacts, export_subprocess, one_error_line, run_cli
 

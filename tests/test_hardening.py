@@ -17,12 +17,10 @@ import numpy as np
 import pytest
 
 from anoclip.runtime import integrity
-from anoclip.runtime.artifacts import (
-    ClassPrompts, PromptBank, load_artifacts, read_manifest, read_prompts, write_manifest,
-    write_prompts,
-)
+from anoclip.runtime.artifacts import load_artifacts, read_manifest, write_manifest
 from anoclip.runtime.errors import ArtifactError
 from anoclip.runtime.integrity import sha256_file
+from anoclip.runtime.prompt_weights import ClassPrompts, PromptBank, read_prompts, write_prompts
 
 from conftest import TINY_CONFIG, artifact_file, copy_artifacts, export_subprocess, one_error_line, run_cli
 
@@ -544,6 +542,7 @@ def test_concurrent_export_is_one_line(folder):
 KILL_CHILD = r"""
 import os, signal, sys
 import anoclip.export.cli as cli
+import anoclip.export.exporter as exporter
 
 point = sys.argv[1]
 def die(*args, **kwargs):
@@ -558,7 +557,7 @@ if point == "tracing":
     import anoclip.export.onnx_export as onnx_export
     onnx_export.export_onnx = die
 elif point == "encoding":
-    cli._encode_classes = die
+    exporter._encode_classes = die
 elif point == "placing":  # right after the first file is moved into the folder
     import types
     import anoclip.export.folder as folder
@@ -568,9 +567,9 @@ elif point == "placing":  # right after the first file is moved into the folder
     folder.os = types.SimpleNamespace(**{k: getattr(os, k) for k in dir(os) if not k.startswith("__")})
     folder.os.replace = replace_then_die
 elif point == "committing":
-    cli.write_manifest = die
+    exporter.write_manifest = die
 elif point == "cleaning":
-    cli.remove_unreferenced = nth_call(cli.remove_unreferenced, 2)
+    exporter.remove_unreferenced = nth_call(exporter.remove_unreferenced, 2)
 sys.argv = ["anoclip-export", *sys.argv[2:]]
 cli.main()
 """

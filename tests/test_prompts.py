@@ -8,7 +8,7 @@ import pytest
 from anoclip.export.prompts import (
     ABNORMAL_STATES, BASE_TEMPLATES, NORMAL_STATES, PromptRecipe, class_embeddings, domain_template,
 )
-from anoclip.runtime.artifacts import read_prompts
+from anoclip.runtime.prompt_weights import read_prompts
 
 from conftest import artifact_file
 

@@ -1,0 +1,344 @@
+"""Exporting into an artifact folder as two idempotent steps, the visual models and the prompt
+weights, through ``folder`` (lock, staging, content-addressed names, the manifest as the commit)."""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from anoclip.runtime.artifacts import (
+    FORMAT_VERSION, PROMPTS, TTA_GRAPH, VISUAL, VISUAL_QKV, Manifest, ModelEntry, check_prompts_belong,
+    read_manifest, verify_files, write_manifest,
+)
+from anoclip.runtime.errors import AnoclipError, ArtifactError
+from anoclip.runtime.integrity import resolve_inside
+from anoclip.runtime.plumbing import ensure_writable_folder
+from anoclip.runtime.prompt_weights import ClassPrompts, PromptBank, read_prompts, write_prompts
+
+from .folder import folder_lock, has_manifest, place, remove_unreferenced, staging_folder, sync_folder
+from .model import LoadedModel, load_model, resolve_pretrained
+from .prompts import PromptRecipe, class_embeddings, encode_sentences
+
+log = logging.getLogger(__name__)
+
+TEXT_WEIGHTS_KEY = "text_weights_sha256"  # prompt weights metadata: the text tower they were encoded with
+
+
+@dataclass
+class ExportOptions:
+    backbone: str
+    pretrained: str | None
+    out: Path
+    classes: list[str]
+    domains: dict[str, str]
+    opset: int
+    dynamic_batch: bool
+    vv_blocks: int | None
+    qkv_tokens: str
+    force: bool
+    check: bool
+    atol: float
+    text_batch: int
+    seed: int
+    tta: bool = False
+    tta_steps: int = 5
+    tta_adapter: str = "text"
+    drop_classes: tuple[str, ...] = ()
+    replace_classes: bool = False
+    reencode_prompts: bool = False
+
+
+def _visual_reusable(opts: ExportOptions, loaded: LoadedModel, manifest: Manifest | None) -> bool:
+    """True when the folder's visual models are the ones these options would export."""
+    if manifest is None or opts.force or not _same_weights(manifest, loaded):
+        return False
+    wanted = _wanted_models(opts)
+    for name, (patch_outputs, vv_blocks) in wanted.items():
+        entry = manifest.models.get(name)
+        if entry is None or entry.opset != opts.opset or (entry.inputs["image"][0] == -1) != opts.dynamic_batch:
+            return False
+        if name == VISUAL and (entry.vv_blocks != (vv_blocks or manifest.layers)
+                               or ("qkv_patch_embeds" in entry.outputs) != (patch_outputs == "both")):
+            return False
+    try:
+        verify_files(opts.out, manifest, [manifest.models[n].file for n in wanted])
+    except ArtifactError:
+        return False
+    return True
+
+
+def _same_weights(manifest: Manifest, loaded: LoadedModel) -> bool:
+    """The folder's visual models come from the same backbone and weights (by their hash where the
+    manifest records it, else by the backbone and pretrained labels)."""
+    if (manifest.backbone, manifest.pretrained) != (loaded.backbone, loaded.pretrained):
+        return False
+    return not manifest.visual_weights_sha256 or manifest.visual_weights_sha256 == loaded.weights_sha256("visual")
+
+
+def _text_changed(old: Manifest | None, bank: PromptBank | None, loaded: LoadedModel) -> bool:
+    """The classes baked in ``bank`` came from another text tower than ``loaded``'s."""
+    if bank is None:
+        return False
+    recorded = bank.metadata.get(TEXT_WEIGHTS_KEY)
+    if recorded:
+        return recorded != loaded.weights_sha256("text")
+    return (bank.backbone, bank.pretrained) != (loaded.backbone, loaded.pretrained)
+
+
+def _wanted_models(opts: ExportOptions) -> dict[str, tuple[str, int | None]]:
+    vv_blocks = opts.vv_blocks
+    wanted = {VISUAL: ("both" if opts.qkv_tokens == "add" else "vv", vv_blocks)}
+    if opts.qkv_tokens == "model":
+        wanted[VISUAL_QKV] = ("qkv", None)
+    return wanted
+
+
+def _export_visual(opts: ExportOptions, loaded: LoadedModel, staging: Path, progress) -> dict:
+    from .onnx_export import check_parity, export_onnx
+    from .vv import VVVisual
+
+    entries = {}
+    for name, (patch_outputs, vv_blocks) in _wanted_models(opts).items():
+        module = VVVisual(loaded.model.visual, vv_blocks=vv_blocks, patch_outputs=patch_outputs)
+        progress(f"tracing {name}.onnx (opset {opts.opset}, {'dynamic' if opts.dynamic_batch else 'static'} batch)")
+        t0 = time.perf_counter()
+        entry = export_onnx(module, staging / f"{name}.onnx", opset=opts.opset, dynamic_batch=opts.dynamic_batch)
+        log.info("traced %s.onnx in %.1f s", name, time.perf_counter() - t0)
+        if opts.check:
+            progress(f"checking {name}.onnx against PyTorch")
+            report = check_parity(module, staging / entry.file, atol=opts.atol)
+            for line in report.lines():
+                click.echo(f"  {name} {line}")
+            if not report.ok:
+                raise AnoclipError(
+                    f"{name}.onnx differs from the PyTorch reference by more than {opts.atol:g}; nothing was written "
+                    "(try another --opset, or report the backbone and versions)"
+                )
+        entries[name] = (entry, module.geometry)
+    return entries
+
+
+def _write_tta_graph(opts: ExportOptions, staging: Path) -> ModelEntry:
+    """The AnoCLIP+ loop as one ONNX graph; it takes T and t± as inputs, so it serves every class."""
+    import onnx
+
+    from anoclip.runtime.tta import TTAConfig
+
+    from .tta_graph import write_tta_graph
+
+    path = write_tta_graph(staging / f"{TTA_GRAPH}.onnx", config=TTAConfig(steps=opts.tta_steps, adapter=opts.tta_adapter))
+    model = onnx.load(str(path))
+
+    def shapes(values) -> dict[str, list[int]]:
+        return {v.name: [d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim]
+                for v in values}
+
+    opset = {o.domain: o.version for o in model.opset_import}.get("", 17)
+    return ModelEntry(file=path.name, inputs=shapes(model.graph.input), outputs=shapes(model.graph.output),
+                      patch_tokens="", vv_blocks=None, opset=opset)
+
+
+def _recipe_from_metadata(name: str, meta: dict) -> PromptRecipe | None:
+    """The recipe a class was baked with, from the prompt weights' metadata (None if incomplete)."""
+    try:
+        return PromptRecipe(name, str(meta["class_phrase"]), str(meta["domain"]), tuple(meta["domain_phrases"]))
+    except (KeyError, TypeError):
+        return None
+
+
+def _plan_classes(opts: ExportOptions, old: PromptBank | None, text_changed: bool) -> tuple[dict, dict, list[str]]:
+    """(classes kept as they are, recipes to encode, classes dropped) for the new prompt weights."""
+    kept = {} if old is None or opts.replace_classes else dict(old.classes)
+    unknown = [n for n in opts.drop_classes if n not in kept]
+    if unknown:
+        have = ", ".join(sorted(kept)) or "none"
+        raise AnoclipError(f"--drop-classes {unknown[0]}: no such class in {opts.out} (has: {have})")
+    dropped = [n for n in kept if n in opts.drop_classes]
+    if old is not None and opts.replace_classes:
+        dropped = sorted(set(old.classes) - set(opts.classes))
+    for name in dropped:
+        kept.pop(name, None)
+    encode: dict[str, PromptRecipe] = {}
+    for name in list(kept):
+        if text_changed or opts.reencode_prompts:
+            recipe = _recipe_from_metadata(name, kept[name].recipe)
+            if recipe is None:
+                raise AnoclipError(f"class {name} in {opts.out} has no recipe to re-encode it from; "
+                                   f"pass it again with --classes {name} (and its --domain)")
+            encode[name] = recipe
+            del kept[name]
+    for name in opts.classes:
+        recipe = PromptRecipe.for_class(name, opts.domains.get(name))
+        stored = _recipe_from_metadata(name, kept[name].recipe) if name in kept else None
+        if stored is not None and (stored.phrase, stored.domain_phrases) == (recipe.phrase, recipe.domain_phrases):
+            continue  # baked already with the same sentences
+        kept.pop(name, None)
+        encode[name] = recipe
+    return kept, encode, dropped
+
+
+def _encode_classes(loaded: LoadedModel, recipes: dict[str, PromptRecipe], text_batch: int) -> dict[str, ClassPrompts]:
+    from tqdm import tqdm
+
+    encoded = {}
+    for name, recipe in recipes.items():
+        normal, abnormal = recipe.sentences()
+        with tqdm(total=len(normal) + len(abnormal), desc=f"prompts {name}", unit="sent", file=sys.stderr,
+                  disable=None) as bar:
+            raw_normal = encode_sentences(loaded.encode_text, normal, text_batch, bar)
+            raw_abnormal = encode_sentences(loaded.encode_text, abnormal, text_batch, bar)
+        text, prompts = class_embeddings(raw_normal, raw_abnormal)
+        meta = recipe.as_metadata()
+        meta["sentences_per_state"] = len(normal)
+        encoded[name] = ClassPrompts(name, text, prompts, meta)
+    return encoded
+
+
+def _read_old(folder: Path) -> tuple[Manifest | None, PromptBank | None]:
+    """The folder's manifest and prompt weights, if it holds a loadable export."""
+    if not has_manifest(folder):
+        return None, None
+    manifest = read_manifest(folder)
+    prompts = resolve_inside(folder, manifest.prompts)
+    bank = read_prompts(prompts) if prompts.is_file() else None
+    if bank is not None:
+        check_prompts_belong(manifest, bank, str(folder))
+    return manifest, bank
+
+
+def run_export(opts: ExportOptions, argv: list[str]) -> Manifest:
+    """Export into ``opts.out`` as two idempotent steps, visual models and prompt weights.
+
+    The visual models are kept when they match the options; the prompt weights keep every class
+    already baked (re-encoded from their recipes when the weights changed) unless
+    ``--drop-classes``/``--replace-classes`` say otherwise. Files are placed under new names and
+    the manifest is replaced last, so a folder that loaded before loads after any interruption.
+    """
+    def progress(message: str) -> None:
+        click.echo(f"[anoclip-export] {message}", err=True)
+
+    if not has_manifest(opts.out) and not opts.classes:
+        raise AnoclipError("no classes given; pass --classes a,b,c or --classes-file FILE")
+    created = ensure_writable_folder(opts.out)
+    try:
+        with folder_lock(opts.out):
+            remove_unreferenced(opts.out, _still_named(opts.out))
+            return _export_locked(opts, argv, progress)
+    except BaseException:
+        if created and not has_manifest(opts.out):
+            shutil.rmtree(opts.out, ignore_errors=True)
+        raise
+
+
+def _still_named(folder: Path) -> set[str]:
+    """The files the folder's manifest names (all owned files when it cannot be read)."""
+    try:
+        manifest, _ = _read_old(folder)
+    except ArtifactError:
+        return {p.name for p in folder.iterdir()}
+    return set(manifest.files) | {manifest.prompts} if manifest else set()
+
+
+def _export_locked(opts: ExportOptions, argv: list[str], progress) -> Manifest:
+    import open_clip
+    import torch
+
+    try:
+        old, old_bank = _read_old(opts.out)
+    except ArtifactError as exc:
+        if not opts.force:
+            raise ArtifactError(f"{exc}; or pass --force to export into it anew") from None
+        log.warning("%s cannot be read (%s); exporting into it anew", opts.out, exc)
+        old, old_bank = None, None
+    progress(f"creating {opts.backbone} with weights '{resolve_pretrained(opts.backbone, opts.pretrained)}'")
+    torch.manual_seed(opts.seed)  # random weights (`--pretrained none`) repeat from run to run
+    loaded = load_model(opts.backbone, opts.pretrained)
+    if old is not None and not _same_weights(old, loaded) and not opts.force:
+        other = f"{old.backbone} / {old.pretrained}"
+        raise ArtifactError(
+            f"{opts.out} holds an export of {other if other != f'{loaded.backbone} / {loaded.pretrained}' else 'other weights'}, "
+            f"not of {loaded.backbone} / {loaded.pretrained} as loaded now; choose another --out, or pass --force to "
+            "replace the visual model (its classes are kept and re-encoded)"
+        )
+    reuse_visual = _visual_reusable(opts, loaded, old)
+    kept, to_encode, dropped = _plan_classes(opts, old_bank, _text_changed(old, old_bank, loaded))
+    if reuse_visual and not to_encode and not dropped and not opts.tta:
+        progress(f"{opts.out} is up to date (classes: {', '.join(sorted(kept)) or 'none'}); nothing to do")
+        return old
+    if not kept and not to_encode:
+        raise AnoclipError(f"the export would leave {opts.out} without classes; pass --classes")
+    with staging_folder(opts.out) as staging:
+        if reuse_visual:
+            progress(f"visual model in {opts.out} is up to date; writing prompts only")
+            manifest = old
+        else:
+            entries = _export_visual(opts, loaded, staging, progress)
+            geometry = next(iter(entries.values()))[1]
+            manifest = Manifest(
+                backbone=loaded.backbone, pretrained=loaded.pretrained, random_weights=loaded.random_weights,
+                image_size=geometry.image_size, mean=loaded.mean, std=loaded.std, grid=geometry.grid,
+                embed_dim=geometry.embed_dim, width=geometry.width, layers=geometry.layers, heads=geometry.heads,
+                models={name: entry for name, (entry, _) in entries.items()},
+                checkpoint_sha256=loaded.checkpoint_sha256, visual_weights_sha256=loaded.weights_sha256("visual"),
+                history=list(old.history) if old else [],
+            )
+            if old is not None and TTA_GRAPH in old.models and not opts.tta:
+                manifest.models[TTA_GRAPH] = old.models[TTA_GRAPH]  # class- and weight-independent
+        if opts.tta:
+            progress(f"writing {TTA_GRAPH}.onnx ({opts.tta_steps} unrolled steps, {opts.tta_adapter} adapter)")
+            manifest.models[TTA_GRAPH] = _write_tta_graph(opts, staging)
+        if to_encode:
+            progress(f"encoding prompts of {', '.join(to_encode)}"
+                     + (f"; keeping {', '.join(sorted(kept))}" if kept else ""))
+        if dropped:
+            progress(f"dropping {', '.join(dropped)}")
+        classes = {**kept, **_encode_classes(loaded, to_encode, opts.text_batch)}
+        bank = PromptBank(dict(sorted(classes.items())), loaded.backbone, loaded.pretrained, manifest.embed_dim)
+        write_prompts(staging / PROMPTS, bank, {"open_clip_version": open_clip.__version__,
+                                                TEXT_WEIGHTS_KEY: loaded.weights_sha256("text")})
+        placed = place(staging, opts.out)
+    import onnx
+    import onnxruntime
+
+    for entry in manifest.models.values():
+        if entry.file in placed:
+            entry.file = placed[entry.file][0]
+    manifest.prompts = placed[PROMPTS][0]
+    old_files = old.files if old else {}
+    manifest.files = {entry.file: _sha_of(entry.file, placed, old_files) for entry in manifest.models.values()}
+    manifest.files[manifest.prompts] = placed[PROMPTS][1]
+    manifest.format_version = FORMAT_VERSION
+    manifest.versions = {"anoclip": _version(), "open_clip": open_clip.__version__, "torch": torch.__version__,
+                         "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    command = " ".join(shlex.quote(a) for a in argv)
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    if not reuse_visual or not manifest.command:  # the run that exported the visual model
+        manifest.command, manifest.created = command, now
+    manifest.history.append(f"{now} {command}")
+    write_manifest(opts.out, manifest)  # the commit point
+    sync_folder(opts.out)
+    remove_unreferenced(opts.out, set(manifest.files) | {manifest.prompts})
+    return manifest
+
+
+def _sha_of(name: str, placed: dict[str, tuple[str, str]], old_files: dict[str, str]) -> str:
+    for final, sha in placed.values():
+        if final == name:
+            return sha
+    return old_files[name]
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("anoclip")
+    except PackageNotFoundError:
+        return "unknown"
