@@ -158,6 +158,11 @@ class Detector:
         grids = patch_grid(probs, self.grid)
         tile_maps = upsample_bilinear(grids, self.input_size)
         model_map = merge_tiles(tile_maps, layout)
+        # Two resamplers on purpose. A single tile's map is the patch grid itself, so it is upsampled
+        # straight to the image size with align_corners, as the method does to the model size
+        # (docs/method.md): one interpolation, not two. A tiled frame's map exists only as pixels of
+        # the resized frame (tiles merged), so it is resized back like an image, pixel centres
+        # aligned (OpenCV's INTER_LINEAR), the inverse of the resize that made the tiles.
         if layout.single:
             full = upsample_bilinear(grids[0], size)
         else:
