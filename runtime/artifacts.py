@@ -30,7 +30,7 @@ from typing import Any
 from .errors import ArtifactError
 from .integrity import VerificationRecord, onnx_external_files, resolve_inside, verify_file
 from .plumbing import atomic_write_bytes
-from .prompt_weights import ClassPrompts, PromptBank, read_prompts  # noqa: F401 (ClassPrompts: importers move)
+from .prompt_weights import PromptBank, read_prompts
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,11 @@ from typing import Sequence
 
 import numpy as np
 
-from .artifacts import TTA_GRAPH, VISUAL, Artifacts, ClassPrompts, load_artifacts
+from .artifacts import TTA_GRAPH, VISUAL, Artifacts, load_artifacts
 from .backends import Backend, create_backend
 from .errors import ArtifactError
 from .preprocess import DEFAULT_MAX_PIXELS, TileLayout, as_rgb_uint8, merge_tiles, preprocess, read_image
+from .prompt_weights import ClassPrompts
 from .scoring import abnormal_probability, gaussian_smooth, patch_grid, upsample_bilinear
 from .tta import OnnxTTARunner, TTAAdapter, TTAConfig
 

@@ -1,31 +1,89 @@
-"""Scores and anomaly maps (SPEC section 4) as plain numpy functions.
+"""Scores and anomaly maps (SPEC section 4) as plain array functions.
 
 p_abnormal(x) = softmax([cos(x, t+), cos(x, t-)])[1] at temperature 1 (CLIP's logit scale is not
 used, so values stay near 0.5). The map is p_abnormal of every patch token on the patch grid,
 a 3x3 mean filter with replicate padding, then bilinear upsampling with ``align_corners=True``.
+
+``l2_normalise`` and ``abnormal_probability`` take numpy or cupy arrays (the namespace of their
+inputs) and are the definitions the test-time adaptation loop uses too; the map functions below
+them are numpy only.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 
-_EPS = 1e-12
+_EPS = 1e-12  # as torch.nn.functional.normalize
 
 
-def l2_normalise(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    norm = np.sqrt(np.sum(x * x, axis=axis, keepdims=True))
-    return x / np.maximum(norm, _EPS)
+def array_namespace(*arrays: Any) -> ModuleType:
+    """``cupy`` if any argument is a cupy array, else ``numpy``."""
+    for a in arrays:
+        if a is not None and type(a).__module__.split(".", 1)[0] == "cupy":
+            import cupy  # optional dependency
+
+            return cupy
+    return np
 
 
-def abnormal_probability(tokens: np.ndarray, text_features: np.ndarray) -> np.ndarray:
-    """tokens [..., D] (any norm), text_features [2, D] (t+, t-) -> p_abnormal [...]."""
-    x = l2_normalise(tokens.astype(np.float32, copy=False))
-    t = l2_normalise(text_features.astype(np.float32, copy=False))
-    cos = x @ t.T  # [..., 2]
+def float_dtype(a: Any) -> Any:
+    """``a``'s dtype when it is float32 or float64, else float32."""
+    return a.dtype if a.dtype in (np.float32, np.float64) else np.dtype(np.float32)
+
+
+def vector_norm(x: Any, axis: int = -1, *, xp: ModuleType | None = None) -> Any:
+    """Euclidean norm along ``axis`` (kept as a size-1 axis), without overflow for huge entries."""
+    xp = array_namespace(x) if xp is None else xp
+    x = xp.moveaxis(x, axis, -1)
+    rows = x.reshape(-1, x.shape[-1])
+    r = xp.sqrt(xp.einsum("ij,ij->i", rows, rows))  # einsum: an overflow gives inf, never an error
+    if xp is np:  # rescale only the rows whose squares overflowed
+        bad = ~np.isfinite(r)
+        if bad.any():
+            r[bad] = _rescaled_norm(rows[bad], np)
+    else:  # no data-dependent branch (a device sync): rescale every row, keep where needed
+        r = xp.where(xp.isfinite(r), r, _rescaled_norm(rows, xp))
+    return xp.moveaxis(r.reshape(*x.shape[:-1], 1), -1, axis)
+
+
+def _rescaled_norm(rows: Any, xp: ModuleType) -> Any:
+    scale = xp.max(xp.abs(rows), axis=1)
+    safe = xp.where(scale > 0, scale, 1).astype(rows.dtype)
+    scaled = rows / safe[:, None]
+    return xp.sqrt(xp.einsum("ij,ij->i", scaled, scaled)) * safe
+
+
+def l2_normalise(x: Any, axis: int = -1, *, eps: float = _EPS, xp: ModuleType | None = None) -> Any:
+    """``x / max(|x|, eps)`` along ``axis`` (torch.nn.functional.normalize semantics)."""
+    return x / (array_namespace(x) if xp is None else xp).maximum(vector_norm(x, axis, xp=xp), eps)
+
+
+def sigmoid(x: Any, *, xp: ModuleType | None = None) -> Any:
+    """``1 / (1 + exp(-x))`` without overflow for any x."""
+    xp = array_namespace(x) if xp is None else xp
+    e = xp.exp(-xp.abs(x))
+    big = 1.0 / (1.0 + e)
+    return xp.where(x >= 0, big, e * big)
+
+
+def abnormal_probability(tokens: Any, text_features: Any, *, normalise_text: bool = True, eps: float = _EPS,
+                         xp: ModuleType | None = None) -> Any:
+    """tokens [..., D] (any norm), text_features [2, D] (t+, t-) -> p_abnormal [...].
+
+    The dtype follows the tokens (float32 or float64). ``normalise_text=False`` takes the text
+    features as they are (the adaptation loss does; CLIP's are unit rows anyway).
+    """
+    xp = array_namespace(tokens, text_features) if xp is None else xp
+    x = tokens.astype(float_dtype(tokens), copy=False)
+    t = xp.asarray(text_features, dtype=x.dtype)
+    if normalise_text:
+        t = l2_normalise(t, eps=eps, xp=xp)
     # softmax over two logits, index 1  ==  sigmoid(cos- - cos+)
-    return 1.0 / (1.0 + np.exp(cos[..., 0] - cos[..., 1]))
+    return sigmoid(l2_normalise(x, eps=eps, xp=xp) @ (t[1] - t[0]), xp=xp)
 
 
 def mean_filter3(grid: np.ndarray) -> np.ndarray:

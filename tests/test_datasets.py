@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from anoclip.benchmarks import datasets as D
+from anoclip.benchmarks.accuracy import datasets as D
+from anoclip.benchmarks.accuracy import synthetic as S
 from anoclip.runtime.preprocess import read_image
 
 
@@ -58,7 +59,7 @@ def test_synthetic_sets_are_deterministic(tmp_path: Path) -> None:
 @pytest.mark.parametrize("cls", ["tile", "bottle", "pcb1", "candle"])
 def test_defect_mask_is_where_the_image_changed(cls: str) -> None:
     for i, kind in enumerate(D.DEFECT_KINDS):
-        clean, image, mask = D._synth_sample(cls, 0, "test", i, 96, 128, kind)
+        clean, image, mask = S._synth_sample(cls, 0, "test", i, 96, 128, kind)
         assert mask is not None and set(np.unique(mask)) == {0, 255}
         changed = (clean != image).any(axis=-1)
         inside = mask > 0

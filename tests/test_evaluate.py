@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from anoclip.benchmarks.augment import (
+from anoclip.benchmarks.accuracy.augment import (
     NUM_VIEWS,
     ROTATIONS,
     TRANSLATIONS,
@@ -17,14 +17,14 @@ from anoclip.benchmarks.augment import (
     affine_view,
     augment_views,
 )
-from anoclip.benchmarks.datasets import (
+from anoclip.benchmarks.accuracy.datasets import (
     load_mvtec,
     make_mvtec_like,
     make_visa_like,
     read_mask,
 )
-from anoclip.benchmarks.evaluate import predict_views
-from anoclip.benchmarks.metrics import evaluate_class
+from anoclip.benchmarks.accuracy.evaluate import predict_views
+from anoclip.benchmarks.accuracy.metrics import evaluate_class
 from anoclip.runtime.cli import cli
 from anoclip.runtime.detector import Detector
 from anoclip.runtime.errors import AnoclipError

@@ -350,7 +350,7 @@ def test_unwritable_out_is_one_line_in_export(tmp_path):
 
 
 def test_unwritable_out_is_one_line_in_eval(folder, tmp_path):
-    from anoclip.benchmarks.datasets import make_mvtec_like
+    from anoclip.benchmarks.accuracy.datasets import make_mvtec_like
 
     root = make_mvtec_like(tmp_path / "mvtec", classes=("bottle",), n_good=1, n_defect=1, size=32, seed=0)
     blocker = tmp_path / "file"

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from anoclip.benchmarks import metrics as M
+from anoclip.benchmarks.accuracy import metrics as M
 
 skm = pytest.importorskip("sklearn.metrics")
 

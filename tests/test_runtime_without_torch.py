@@ -96,7 +96,7 @@ def test_benchmarks_import_without_torch():
         """
         import importlib, pkgutil
         import anoclip.benchmarks as benchmarks
-        names = [m.name for m in pkgutil.iter_modules(benchmarks.__path__, "anoclip.benchmarks.")]
+        names = [m.name for m in pkgutil.walk_packages(benchmarks.__path__, "anoclip.benchmarks.")]
         for name in names:
             importlib.import_module(name)
         leaked = [m for m in sys.modules if m.split(".")[0] in Block.blocked]

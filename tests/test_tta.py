@@ -599,6 +599,8 @@ def test_generic_namespace_path(monkeypatch):
     branch taken for a non-numpy namespace must give the numpy results."""
     import types
 
+    from anoclip.runtime.tta import loop as tta  # the module whose array_namespace TTAAdapter calls
+
     class NumpyLike(types.ModuleType):
         def __getattr__(self, name):
             return getattr(np, name)
@@ -614,3 +616,63 @@ def test_generic_namespace_path(monkeypatch):
     np.testing.assert_allclose(out.tokens, ref.tokens, rtol=1e-6, atol=0)
     np.testing.assert_allclose(out.probs, ref.probs, rtol=1e-6, atol=0)
     assert ad.run(P).tokens.shape == P.shape  # seeded draws through the namespace's generator
+
+
+# ---------------------------------------------------------------------------------------------
+# one definition of the step, the scores and the default seed
+# ---------------------------------------------------------------------------------------------
+
+
+def test_graph_ops_and_array_ops_share_one_vocabulary():
+    """The ONNX graph is the array loop's own code on symbolic tensors: both op sets must offer
+    the same operations."""
+    pytest.importorskip("onnx")
+    from anoclip.export.tta_graph import GraphOps
+    from anoclip.runtime.tta.adapter import ArrayOps
+
+    def names(cls):
+        return {n for n in vars(cls) if not n.startswith("_")}
+
+    assert names(ArrayOps) == names(GraphOps)
+
+
+def test_probabilities_are_the_scoring_definition():
+    from anoclip.runtime.scoring import abnormal_probability
+
+    P, T, tf, w, b, noise = make_data(*SMALL)
+    r = TTAAdapter(T, tf).run(P, init=(w, b), noise=noise)
+    np.testing.assert_array_equal(r.probs, abnormal_probability(r.tokens, tf, normalise_text=False))
+    # unit text features: the same as the map's probabilities
+    np.testing.assert_allclose(r.probs, abnormal_probability(r.tokens, tf), rtol=1e-12)
+
+
+def test_shared_l2_normalise_is_overflow_safe_and_any_axis():
+    from anoclip.runtime.scoring import l2_normalise
+
+    x = np.array([[3e30, 4e30], [3.0, 4.0], [0.0, 0.0]], np.float32)
+    with np.errstate(over="raise", invalid="raise"):
+        np.testing.assert_allclose(l2_normalise(x), [[0.6, 0.8], [0.6, 0.8], [0, 0]], rtol=1e-6)
+    np.testing.assert_allclose(l2_normalise(x.T, axis=0), l2_normalise(x).T)
+    np.testing.assert_allclose(l2_normalise(np.array([3.0, 4.0])), [0.6, 0.8])
+
+
+def test_default_seed_repeats_run_to_run():
+    P, T, tf, *_ = make_data(*SMALL, dtype=np.float32)
+    assert TTAConfig().seed == tta.DEFAULT_SEED == TTAConfig(seed=None).seed
+    a = TTAAdapter(T, tf).run(P)
+    b = TTAAdapter(T, tf, TTAConfig(seed=None)).run(P)
+    c = TTAAdapter(T, tf, TTAConfig(seed=tta.DEFAULT_SEED)).run(P)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(a.weight, c.weight)
+    code = textwrap.dedent(
+        """
+        import numpy as np
+        from anoclip.runtime.tta import TTAAdapter
+        rng = np.random.default_rng(0)
+        T, tf, P = (rng.standard_normal(s).astype(np.float32) for s in ((6, 8), (2, 8), (5, 8)))
+        print(TTAAdapter(T, tf).run(P).tokens.tobytes().hex())
+        """
+    )
+    runs = [subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+            for _ in range(2)]
+    assert runs[0] == runs[1] and runs[0].strip()

@@ -5,6 +5,14 @@ AnoCLIP+ (V-V tokens + test-time adaptation, with the numpy loop and, when expor
 for every onnxruntime execution provider asked for and present. All rows of one backend run
 round-robin in one process on the same frame, so the ratio to the CLIP row is measured side by
 side. Needs only the runtime (no PyTorch).
+
+A default export's ``visual.onnx`` takes a last-block shortcut: after the last block only the class
+token of the standard stream is read, so that block runs its query and MLP on that token alone
+(same outputs, less work). The authors' code timed in the paper's Table 7 runs the full last block,
+so the shortcut's "x CLIP" is smaller than Table 7's. An export with ``--qkv-tokens add`` computes
+every token in the last block; its AnoCLIP rows are labelled "full last block", and
+``--full-last-block DIR`` adds such a row beside the others. The header says which rows take the
+shortcut and what the full last block cost where it was measured.
 """
 
 from __future__ import annotations
@@ -26,12 +34,18 @@ from anoclip.runtime.errors import AnoclipError
 from anoclip.runtime.overlay import overlay
 from anoclip.runtime.plumbing import atomic_write_bytes, configure_logging, ensure_writable_folder
 
+from .. import paper
 from .timing import machine_info
 
 log = logging.getLogger(__name__)
 
-# Table 7 of the paper: ms per image on an RTX 3090, MVTec AD.
-PAPER_MS = {"CLIP (QKV patch tokens)": 6.2, "AnoCLIP": 7.6, "AnoCLIP+ (TTA numpy)": 20.1, "AnoCLIP+ (TTA onnx)": 20.1}
+FULL = "full last block"
+#: The full last block against the shortcut, as ``python -m anoclip.benchmarks.latency.visual_latency``
+#: measured it (ORT CPU, batch 1, random weights): ms of the full-last-block visual.onnx / ms of the
+#: shortcut one, and the AnoCLIP / CLIP ratio of each.
+SHORTCUT_MEASURED = {"backbone": "ViT-B-16-plus-240", "cpu": "AMD EPYC, 2 cores, 2 threads, onnxruntime 1.32.0 CPU",
+                     "date": "2026-11-30", "full_over_shortcut": 315.50 / 296.39, "shortcut_x_clip": 1.044,
+                     "full_x_clip": 1.111}
 STAGES = ("preprocess", "model", "scoring", "tta", "postprocess")
 README_START = "<!-- anoclip bench: start -->"
 README_END = "<!-- anoclip bench: end -->"
@@ -57,14 +71,51 @@ class Variant:
     model: str
     tta: bool
     tta_backend: str = "numpy"
+    paper: str = "AnoCLIP"  # its row in the paper's Table 7
+    folder: str = "main"  # "main": --artifacts; "full": --full-last-block
 
 
 VARIANTS = (
-    Variant("CLIP (QKV patch tokens)", VISUAL_QKV, False),
+    Variant("CLIP (QKV patch tokens)", VISUAL_QKV, False, paper="CLIP (QKV patch tokens)"),
     Variant("AnoCLIP", VISUAL, False),
-    Variant("AnoCLIP+ (TTA numpy)", VISUAL, True, "numpy"),
-    Variant("AnoCLIP+ (TTA onnx)", VISUAL, True, "onnx"),
+    Variant("AnoCLIP+ (TTA numpy)", VISUAL, True, "numpy", paper="AnoCLIP+"),
+    Variant("AnoCLIP+ (TTA onnx)", VISUAL, True, "onnx", paper="AnoCLIP+"),
 )
+
+
+def full_last_block(manifest) -> bool:
+    """True when the folder's visual.onnx computes every token in the last block (``--qkv-tokens add``)."""
+    return "qkv_patch_embeds" in manifest.models[VISUAL].outputs
+
+
+def variants(main_full: bool, with_full_folder: bool) -> list[Variant]:
+    """The rows to time: AnoCLIP rows of a full-last-block folder say so in their name."""
+    rows = [Variant(full_name(v.name) if main_full and v.model == VISUAL else v.name, v.model, v.tta, v.tta_backend,
+                    v.paper) for v in VARIANTS]
+    if with_full_folder:
+        rows.insert(2, Variant(full_name("AnoCLIP"), VISUAL, False, folder="full"))
+    return rows
+
+
+def full_name(name: str) -> str:
+    """"AnoCLIP" -> "AnoCLIP (full last block)"; "AnoCLIP+ (TTA onnx)" -> "AnoCLIP+ (TTA onnx, full last block)"."""
+    return f"{name[:-1]}, {FULL})" if name.endswith(")") else f"{name} ({FULL})"
+
+
+def shortcut_note(rows: list[Row]) -> str:
+    """Which rows take the last-block shortcut, and what the full last block cost where it was measured."""
+    anoclip = [r.name for r in rows if r.name.startswith("AnoCLIP") and FULL not in r.name]
+    if not anoclip:
+        return "no row takes the last-block shortcut: every visual model computes all tokens in its last block, as Table 7 does"
+    m = SHORTCUT_MEASURED
+    measured = (f" Measured on {m['backbone']}, {m['cpu']}, {m['date']} (python -m anoclip.benchmarks.latency.visual_latency): "
+                f"the full last block costs {m['full_over_shortcut']:.3f}x the shortcut's ms; AnoCLIP / CLIP "
+                f"{m['shortcut_x_clip']:.3f}x with the shortcut, {m['full_x_clip']:.3f}x without"
+                if m["full_over_shortcut"] else "")
+    return (f"{', '.join(dict.fromkeys(r.split(' (')[0] for r in anoclip))} rows use the last-block shortcut (the last "
+            "block runs its query and MLP on the class token only: same outputs, less work); the authors' code timed "
+            "in Table 7 runs the full last block, so these rows' x CLIP is below Table 7's. Rows marked 'full last "
+            "block' compute every token (export with --qkv-tokens add; bench --full-last-block DIR)." + measured)
 
 
 def _frame(image: str | None, size: int) -> np.ndarray:
@@ -92,30 +143,52 @@ def _timed_predict(detector: Detector, frame: np.ndarray, cls: str) -> tuple[flo
     return (end - start) * 1e3, dict(result.timings, postprocess=(end - t_post) * 1e3)
 
 
+def _full_folder(full_dir: str, manifest):
+    """The --full-last-block artifacts; refused unless they are a full-last-block export of the same
+    weights as the --artifacts folder, which itself takes the shortcut."""
+    if full_last_block(manifest):
+        raise AnoclipError("the --artifacts folder already computes the full last block: drop --full-last-block")
+    loaded = load_artifacts(full_dir, verify=True, models=[VISUAL])
+    other = loaded.manifest
+    if not full_last_block(other):
+        raise AnoclipError(f"{full_dir}: its visual.onnx takes the last-block shortcut; export it with "
+                           "`anoclip-export --qkv-tokens add` for --full-last-block")
+    if (other.backbone, other.pretrained, other.visual_weights_sha256) != (
+            manifest.backbone, manifest.pretrained, manifest.visual_weights_sha256):
+        raise AnoclipError(f"{full_dir} was exported from other weights than the --artifacts folder "
+                           f"({other.backbone} / {other.pretrained}); export both from the same backbone and weights")
+    return loaded
+
+
 def run_bench(artifacts_dir: str, providers: list[str], runs: int, warmup: int, frame: np.ndarray, cls: str | None,
-              threads: int | None, progress=None) -> tuple[list[Row], dict]:
+              threads: int | None, progress=None, full_dir: str | None = None) -> tuple[list[Row], dict]:
     """Time every variant on every provider; return the rows and the method description."""
     artifacts = load_artifacts(artifacts_dir, verify=True, models=[VISUAL])
     manifest = artifacts.manifest
     cls = cls or sorted(artifacts.prompts.classes)[0]
+    folders = {"main": (artifacts_dir, manifest, artifacts.folder)}
+    if full_dir:
+        full = _full_folder(full_dir, manifest)
+        folders["full"] = (full_dir, full.manifest, full.folder)
     rows: list[Row] = []
     for provider in providers:
         short = provider.replace("ExecutionProvider", "")
         backend_name = {full: alias for alias, full in PROVIDER_ALIASES.items() if alias != "trt"}[provider]
         detectors: dict[str, Detector] = {}
         group: list[Row] = []
-        for variant in VARIANTS:
-            row = Row(variant.name, f"onnxruntime {short}", "fp32", paper_ms=PAPER_MS.get(variant.name))
+        for variant in variants(full_last_block(manifest), full_dir is not None):
+            row = Row(variant.name, f"onnxruntime {short}", "fp32", paper_ms=paper.LATENCY_MS[variant.paper])
             group.append(row)
+            source, source_manifest, source_folder = folders[variant.folder]
             needed = [variant.model] + ([TTA_GRAPH] if variant.tta_backend == "onnx" and variant.tta else [])
-            missing = [m for m in needed if m not in manifest.models]
+            missing = [m for m in needed if m not in source_manifest.models]
             if missing:
                 hint = {VISUAL_QKV: "--qkv-tokens model", TTA_GRAPH: "--tta"}[missing[0]]
                 row.status = f"not exported (anoclip-export {hint})"
                 continue
-            row.size_mb = sum((artifacts.folder / manifest.models[m].file).stat().st_size for m in needed) / 1e6
+            row.size_mb = sum((source_folder / source_manifest.models[m].file).stat().st_size for m in needed) / 1e6
             try:
-                detectors[variant.name] = Detector.load(artifacts_dir, backend=backend_name, model=variant.model,
+                detectors[variant.name] = Detector.load(source, backend=backend_name, model=variant.model,
                                                         tta=variant.tta, tta_backend=variant.tta_backend,
                                                         verify=False, threads=threads)
             except AnoclipError as exc:
@@ -142,7 +215,7 @@ def run_bench(artifacts_dir: str, providers: list[str], runs: int, warmup: int, 
             if clip is not None and row.ms:
                 row.vs_clip = row.ms["p50"] / clip.ms["p50"]
             if row.paper_ms is not None:
-                row.paper_vs_clip = row.paper_ms / PAPER_MS["CLIP (QKV patch tokens)"]
+                row.paper_vs_clip = row.paper_ms / paper.CLIP_MS
         rows += group
     import onnxruntime
 
@@ -161,7 +234,9 @@ def run_bench(artifacts_dir: str, providers: list[str], runs: int, warmup: int, 
         "timing": "wall clock per predict() call incl. overlay; rows interleaved round-robin; onnxruntime run() "
                   "returns host arrays, so GPU work is complete (synchronised) when each stage is timed",
         "ratio": "x CLIP = median of the row / median of the CLIP row of the same backend, same run",
-        "paper": "Table 7, RTX 3090, MVTec AD",
+        "paper": paper.LATENCY_SOURCE,
+        "last_block": shortcut_note(rows),
+        "full_last_block_artifacts": full_dir,
     }
     return rows, method
 
@@ -198,6 +273,7 @@ def method_lines(method: dict) -> list[str]:
         f"{method['backbone']}, weights {method['weights']}; {method['input']}; class {method['class']}; "
         f"{method['runs']} runs after {method['warmup']} warm-up",
         f"timing: {method['timing']}. {method['ratio']}. Paper: {method['paper']}.",
+        f"last block: {method['last_block']}",
         "Stage columns are medians in ms; mean/p50/p90/p99 cover the whole call.",
     ]
 
@@ -237,12 +313,15 @@ def resolve_backends(backends: str) -> list[str]:
 @click.option("--class", "cls", default=None, help="Class to score (default: the first in the prompt weights).")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads for onnxruntime.")
 @click.option("--json", "as_json", is_flag=True, help="Print rows and method as JSON instead of the table.")
+@click.option("--full-last-block", "full_dir", type=click.Path(file_okay=False), default=None,
+              help="Second artifact folder, exported from the same weights with --qkv-tokens add: adds an "
+                   "'AnoCLIP (full last block)' row without the last-block shortcut, as the paper's Table 7 timed it.")
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the table as Markdown to this file.")
 @click.option("--readme", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Replace the block between the anoclip bench markers in this README with the Markdown table.")
-def bench_command(artifacts_dir, backends, runs, warmup, image, image_size, cls, threads, as_json, markdown_path,
-                  readme):
+def bench_command(artifacts_dir, backends, runs, warmup, image, image_size, cls, threads, as_json, full_dir,
+                  markdown_path, readme):
     """Benchmark ms per image of CLIP, AnoCLIP and AnoCLIP+ per stage and backend, beside the paper's Table 7."""
     from tqdm import tqdm
 
@@ -252,7 +331,7 @@ def bench_command(artifacts_dir, backends, runs, warmup, image, image_size, cls,
     providers = resolve_backends(backends)
     frame = _frame(image, image_size)
     with tqdm(total=runs * len(providers), desc="bench", unit="round", file=sys.stderr, disable=None) as bar:
-        rows, method = run_bench(artifacts_dir, providers, runs, warmup, frame, cls, threads, bar.update)
+        rows, method = run_bench(artifacts_dir, providers, runs, warmup, frame, cls, threads, bar.update, full_dir)
     md = markdown(rows, method)
     if markdown_path:
         atomic_write_bytes(markdown_path, md.encode())

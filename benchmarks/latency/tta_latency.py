@@ -1,6 +1,6 @@
 """Latency of the AnoCLIP+ test-time adaptation loop per image.
 
-    python -m anoclip.benchmarks.tta_latency [--json] [--runs 30] [--warmup 3]
+    python -m anoclip.benchmarks.latency.tta_latency [--json] [--runs 30] [--warmup 3]
 
 Rows: the numpy loop (explicit parameters and noise, and with the seeded draws included), the
 ONNX graph through onnxruntime's CPU provider (built in a temporary folder when
@@ -26,9 +26,11 @@ import numpy as np
 
 from anoclip.runtime.tta import OnnxTTARunner, TTAAdapter, TTAConfig, draw_noise
 
+from .. import paper
 from .timing import machine_info
 
-PAPER_NOTE = "paper Table 7: AnoCLIP+ 20.1 ms vs AnoCLIP 7.6 ms per image on an RTX 3090 (TTA ~12.5 ms)"
+PAPER_NOTE = (f"paper {paper.LATENCY_SOURCE}: AnoCLIP+ {paper.ANOCLIP_PLUS_MS} ms vs AnoCLIP {paper.ANOCLIP_MS} ms "
+              f"per image (TTA ~{paper.TTA_MS:.1f} ms)")
 
 
 @dataclass

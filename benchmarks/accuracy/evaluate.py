@@ -4,12 +4,13 @@
     anoclip eval --artifacts DIR --dataset visa --root /data/VisA_20220922 --classes candle,pcb1 --tta
 
 Per class: every test image is scored by :class:`anoclip.runtime.detector.Detector`; the anomaly
-maps and ground-truth masks go to :func:`anoclip.benchmarks.metrics.evaluate_class`; the table
-reports the unweighted mean over classes (:func:`~anoclip.benchmarks.metrics.mean_over_classes`).
+maps and ground-truth masks go to :func:`anoclip.benchmarks.accuracy.metrics.evaluate_class`; the
+table reports the unweighted mean over classes
+(:func:`~anoclip.benchmarks.accuracy.metrics.mean_over_classes`).
 
 Evaluation resolution (one rule for both layouts): the map is ``Result.anomaly_map``, the map at
 model resolution, and each mask is resized bilinearly (as Pillow does) to that map's (height,
-width) and thresholded at > 0.5 (:func:`anoclip.benchmarks.datasets.read_mask`).
+width) and thresholded at > 0.5 (:func:`anoclip.benchmarks.accuracy.datasets.read_mask`).
 
 * MVTec AD (square images): the map is at the model input size (240x240 for the default
   ViT-B-16-plus-240; always ``Detector.input_size``), as the authors evaluate.
@@ -19,8 +20,8 @@ width) and thresholded at > 0.5 (:func:`anoclip.benchmarks.datasets.read_mask`).
   class differ in size, maps are resized (bilinear) to the first image's map size.
 
 Image score: p_abnormal of the global token (mean over tiles). With ``--image-views 22`` it is the
-mean over the 22 views of :mod:`anoclip.benchmarks.augment`, made on the frame the model sees
-(the image resized to the input size, or the resized frame that tiling cuts) and run through the
+mean over the 22 views of :mod:`anoclip.benchmarks.accuracy.augment`, made on the frame the model
+sees (the image resized to the input size, or the resized frame that tiling cuts) and run through the
 Detector as one batch; the map always comes from the unaltered view. With TTA the adapter runs on
 the unaltered view only (TTA never changes the score), so its optimiser state advances once per
 image, as in single-view evaluation.
@@ -29,7 +30,8 @@ Results: one JSON file per class in the output folder, written atomically, plus 
 with the mean. A resumed run reuses a class file when its recorded settings (dataset, backbone,
 pretrained tag, graph and its sha256, the class's prompt embeddings, TTA, views, evaluation
 format, number of test images) match the current run, so interrupted evaluations continue where
-they stopped and changed artifacts are evaluated afresh.
+they stopped and changed artifacts are evaluated afresh. The records are :mod:`.results`, the
+printed tables :mod:`.report`.
 """
 
 from __future__ import annotations
@@ -37,39 +39,27 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
-import re
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
 
 import click
 import cv2
 import numpy as np
-from anoclip.runtime.integrity import sha256_file
+
 from anoclip.runtime.errors import AnoclipError
-from anoclip.runtime.plumbing import atomic_write_bytes, ensure_writable_folder
+from anoclip.runtime.plumbing import ensure_writable_folder
 
 from .augment import NUM_VIEWS, augment_views
-from .datasets import (
-    DATASETS,
-    VISA_CSV,
-    Sample,
-    list_classes,
-    load_mvtec,
-    load_visa,
-    read_mask,
-)
-from .metrics import ClassMetrics, evaluate_class, mean_over_classes
+from .layouts import DATASET_TITLES, DATASETS, VISA_CSV, Sample, list_classes, load_mvtec, load_visa, read_mask
+from .metrics import evaluate_class, mean_over_classes
+from .report import RANDOM_WEIGHTS_WARNING, format_report
+from .results import SUMMARY, ClassResult, EvalSettings, EvalSummary, _load_previous, _safe_name, _write_json
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "PAPER_DETECTION",
-    "PAPER_LOCALISATION",
     "ClassResult",
     "EvalSettings",
     "EvalSummary",
@@ -80,153 +70,7 @@ __all__ = [
     "predict_views",
 ]
 
-#: Bumped whenever the evaluation protocol changes, so that older class files are not reused.
-EVAL_FORMAT = 1
-SUMMARY = "summary.json"
-DATASET_TITLES = {"mvtec": "MVTec AD", "visa": "VisA"}
 LOADERS: dict[str, Callable[[str | Path, str], list[Sample]]] = {"mvtec": load_mvtec, "visa": load_visa}
-
-#: Paper Table 1 (localisation): pixel AUROC, F1-max, PRO (authors' definition), in percent.
-PAPER_LOCALISATION: dict[str, dict[str, tuple[float, float, float]]] = {
-    "mvtec": {"CLIP (QKV patch tokens)": (19.5, 6.2, 1.6), "AnoCLIP": (86.6, 30.1, 70.4),
-              "AnoCLIP+": (90.6, 36.5, 77.8)},
-    "visa": {"CLIP (QKV patch tokens)": (22.3, 1.4, 0.8), "AnoCLIP": (85.9, 14.7, 65.1),
-             "AnoCLIP+": (91.4, 17.4, 75.0)},
-}
-#: Paper Table 2 (detection): image AUROC, F1-max, AUPR, in percent (AnoCLIP+ scores as AnoCLIP).
-PAPER_DETECTION: dict[str, dict[str, tuple[float, float, float]]] = {
-    "mvtec": {"CLIP": (74.0, 88.5, 89.1), "AnoCLIP": (92.5, 93.2, 96.7)},
-    "visa": {"CLIP": (59.3, 74.4, 67.0), "AnoCLIP": (79.2, 79.7, 81.7)},
-}
-
-RANDOM_WEIGHTS_WARNING = ("WARNING: these artifacts were exported with RANDOM weights (--pretrained none): "
-                          "the numbers below carry no meaning; they only show that the pipeline runs.")
-
-
-# --------------------------------------------------------------------------------------------
-# Settings and results
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    """What a class result depends on besides the class's own prompt embeddings and images."""
-
-    dataset: str
-    backbone: str
-    pretrained: str
-    model: str
-    model_sha256: str
-    tta: bool
-    image_views: int
-    eval_format: int = EVAL_FORMAT
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_detector(cls, detector, dataset: str, image_views: int, model: str = "visual") -> EvalSettings:
-        manifest = detector.artifacts.manifest
-        sha = manifest.files.get(manifest.models[model].file) or sha256_file(detector.artifacts.model_path(model))
-        return cls(dataset=dataset, backbone=manifest.backbone, pretrained=manifest.pretrained, model=model,
-                   model_sha256=sha, tta=detector.tta is not None, image_views=image_views)
-
-    def default_out_dir(self) -> Path:
-        """``eval-results/<dataset>-<backbone>[-qkv][-tta]-v<views>``."""
-        name = f"{self.dataset}-{_safe_name(self.backbone)}"
-        name += "-qkv" if self.model != "visual" else ""
-        name += "-tta" if self.tta else ""
-        return Path("eval-results") / f"{name}-v{self.image_views}"
-
-
-def _safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "unnamed"
-
-
-def _metrics_to_json(metrics: ClassMetrics) -> dict[str, float | None]:
-    return {k: (None if math.isnan(v) else v) for k, v in metrics.as_dict().items()}
-
-
-def _metrics_from_json(data: dict[str, Any]) -> ClassMetrics:
-    return ClassMetrics(**{f.name: math.nan if data.get(f.name) is None else float(data[f.name])
-                           for f in fields(ClassMetrics)})
-
-
-@dataclass
-class ClassResult:
-    """Metrics of one class and what they were computed from."""
-
-    cls: str
-    metrics: ClassMetrics
-    images: int
-    anomalous: int
-    eval_size: tuple[int, int]
-    settings: EvalSettings
-    prompts_sha256: str
-    backend: str = ""
-    seconds_predict: float = 0.0
-    seconds_metrics: float = 0.0
-    image_scores: list[dict[str, Any]] = field(default_factory=list)
-    reused: bool = False
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "class": self.cls,
-            "metrics": _metrics_to_json(self.metrics),
-            "images": self.images,
-            "anomalous": self.anomalous,
-            "eval_size": list(self.eval_size),
-            "settings": self.settings.as_dict(),
-            "prompts_sha256": self.prompts_sha256,
-            "backend": self.backend,
-            "seconds_predict": round(self.seconds_predict, 3),
-            "seconds_metrics": round(self.seconds_metrics, 3),
-            "ms_per_image": round(1e3 * self.seconds_predict / max(self.images, 1), 2),
-            "image_scores": self.image_scores,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ClassResult:
-        return cls(cls=data["class"], metrics=_metrics_from_json(data["metrics"]), images=int(data["images"]),
-                   anomalous=int(data["anomalous"]), eval_size=tuple(data["eval_size"]),
-                   settings=EvalSettings(**data["settings"]), prompts_sha256=data["prompts_sha256"],
-                   backend=data.get("backend", ""), seconds_predict=float(data.get("seconds_predict", 0.0)),
-                   seconds_metrics=float(data.get("seconds_metrics", 0.0)),
-                   image_scores=list(data.get("image_scores", [])), reused=True)
-
-
-@dataclass
-class EvalSummary:
-    """Per-class results and their unweighted mean."""
-
-    settings: EvalSettings
-    root: str
-    artifacts: str
-    classes: list[ClassResult]
-    mean: ClassMetrics
-    random_weights: bool
-    backend: str
-    out_dir: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "dataset": self.settings.dataset,
-            "root": self.root,
-            "artifacts": self.artifacts,
-            "settings": self.settings.as_dict(),
-            "backend": self.backend,
-            "random_weights": self.random_weights,
-            "out_dir": self.out_dir,
-            "mean": _metrics_to_json(self.mean),
-            "classes": {r.cls: {**_metrics_to_json(r.metrics), "images": r.images, "anomalous": r.anomalous,
-                                "reused": r.reused} for r in self.classes},
-            "paper": {"localisation": {k: dict(zip(("pixel_auroc", "pixel_f1_max", "pro_authors"), v))
-                                       for k, v in PAPER_LOCALISATION[self.settings.dataset].items()},
-                      "detection": {k: dict(zip(("image_auroc", "image_f1_max", "image_aupr"), v))
-                                    for k, v in PAPER_DETECTION[self.settings.dataset].items()},
-                      "unit": "percent"},
-            "metrics_unit": "fraction",
-        }
 
 
 def _prompts_sha256(detector, cls: str) -> str:
@@ -358,25 +202,6 @@ def _predict_class(detector, samples: Sequence[Sample], cls: str, image_views: i
     labels = np.array([s.label for s in samples], dtype=np.int64)
     return np.stack(masks), np.stack(maps), labels, scores
 
-
-def _load_previous(path: Path, settings: EvalSettings, prompts_sha: str, images: int) -> ClassResult | None:
-    if not path.is_file():
-        return None
-    try:
-        previous = ClassResult.from_json(json.loads(path.read_text()))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        log.warning("%s is unreadable (%s); evaluating the class again", path, exc)
-        return None
-    if previous.settings != settings or previous.prompts_sha256 != prompts_sha or previous.images != images:
-        log.info("%s was made with other settings; evaluating the class again", path)
-        return None
-    return previous
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=2, allow_nan=False) + "\n").encode())
-
-
 def evaluate(detector, dataset: str, root: str | Path, classes: Sequence[str] | None = None, *,
              out_dir: str | Path | None = None, image_views: int = 1, resume: bool = True, batch_size: int = 8,
              model: str = "visual", artifacts_dir: str | Path | None = None, progress: bool = True,
@@ -446,92 +271,6 @@ def _relative(path: Path, root: str | Path) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Report
-# --------------------------------------------------------------------------------------------
-
-
-def _pct(value: float | None) -> str:
-    if value is None or math.isnan(value):
-        return "n/a"
-    return f"{100 * value + 0.0:.1f}"  # + 0.0 prints -0.0 as 0.0
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: Sequence[str]) -> str:
-        first = f"{cells[0]:<{widths[0]}}"
-        return "  ".join([first] + [f"{c:>{w}}" for c, w in zip(cells[1:], widths[1:])]).rstrip()
-
-    return [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
-
-
-def _method(settings: EvalSettings) -> str:
-    if settings.model != "visual":
-        return "CLIP (QKV patch tokens)" + (" + TTA" if settings.tta else "")
-    return "AnoCLIP+" if settings.tta else "AnoCLIP"
-
-
-PRO_NOTE = ("PRO (authors, rescaled): the paper's PRO - 200 thresholds, FPR < 0.3 kept, the kept FPRs "
-            "min-max rescaled to [0, 1]. AUPRO@0.3: standard area over FPR [0, 0.3] divided by 0.3.")
-
-
-def format_report(summary: EvalSummary) -> str:
-    """Per-class table, then the paper's Tables 1 and 2 with the published figures beside."""
-    s = summary.settings
-    title = DATASET_TITLES[s.dataset]
-    method = _method(s)
-    lines: list[str] = []
-    if summary.random_weights:
-        lines += [RANDOM_WEIGHTS_WARNING, ""]
-    lines.append(f"{title}: {s.backbone} ({s.pretrained}), {method}, image score over {s.image_views} "
-                 f"view{'s' if s.image_views > 1 else ''}, backend {summary.backend}")
-    lines.append("")
-    per_class = [[r.cls, str(r.images), str(r.anomalous), *(_pct(v) for v in (
-        r.metrics.pixel_auroc, r.metrics.pixel_ap, r.metrics.pixel_f1_max, r.metrics.pro_authors,
-        r.metrics.aupro_03, r.metrics.image_auroc, r.metrics.image_f1_max, r.metrics.image_aupr))]
-        for r in summary.classes]
-    m = summary.mean
-    per_class.append([f"mean ({len(summary.classes)})", str(sum(r.images for r in summary.classes)),
-                      str(sum(r.anomalous for r in summary.classes)),
-                      *(_pct(v) for v in (m.pixel_auroc, m.pixel_ap, m.pixel_f1_max, m.pro_authors, m.aupro_03,
-                                          m.image_auroc, m.image_f1_max, m.image_aupr))])
-    lines += _table(["class", "images", "anomalous", "px AUROC", "px AP", "px F1-max", "PRO (authors, rescaled)",
-                     "AUPRO@0.3", "img AUROC", "img F1-max", "img AUPR"], per_class)
-
-    lines += ["", f"Table 1 - zero-shot anomaly localisation, {title} (mean over classes, %)"]
-    rows = [[f"this run: {method}", _pct(m.pixel_auroc), _pct(m.pixel_f1_max), _pct(m.pro_authors),
-             _pct(m.aupro_03), _pct(m.pixel_ap)]]
-    for name, (auroc, f1, pro) in PAPER_LOCALISATION[s.dataset].items():
-        if name.startswith("CLIP") and s.model == "visual":
-            continue
-        rows.append([f"paper: {name}", f"{auroc:.1f}", f"{f1:.1f}", f"{pro:.1f}", "-", "-"])
-    lines += _table(["method", "pixel AUROC", "pixel F1-max", "PRO (authors, rescaled)", "AUPRO@0.3", "pixel AP"],
-                    rows)
-
-    lines += ["", f"Table 2 - zero-shot anomaly detection, {title} (mean over classes, %)"]
-    rows = [[f"this run: {method}", _pct(m.image_auroc), _pct(m.image_f1_max), _pct(m.image_aupr)]]
-    for name, (auroc, f1, aupr) in PAPER_DETECTION[s.dataset].items():
-        if name == "CLIP" and s.model == "visual":
-            continue
-        rows.append([f"paper: {name}", f"{auroc:.1f}", f"{f1:.1f}", f"{aupr:.1f}"])
-    lines += _table(["method", "image AUROC", "image F1-max", "image AUPR"], rows)
-
-    lines += ["", PRO_NOTE]
-    if s.dataset == "mvtec" and s.image_views == 1:
-        lines.append(f"The paper's MVTec AD image scores average {NUM_VIEWS} augmented views; this run used one "
-                     f"(--image-views {NUM_VIEWS} for the paper's protocol).")
-    reused = [r.cls for r in summary.classes if r.reused]
-    if reused:
-        lines.append(f"Reused from earlier runs: {', '.join(reused)} (--no-resume to evaluate again).")
-    lines.append(f"Results: {Path(summary.out_dir) / SUMMARY}")
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
-
 
 @click.command("eval", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--artifacts", "artifacts_dir", required=True, type=click.Path(file_okay=False),

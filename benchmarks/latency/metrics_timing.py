@@ -1,6 +1,6 @@
-"""Time :func:`anoclip.benchmarks.metrics.evaluate_class` on a set as large as MVTec AD's test set.
+"""Time :func:`anoclip.benchmarks.accuracy.metrics.evaluate_class` on a set as large as MVTec AD's test set.
 
-    python -m anoclip.benchmarks.metrics_timing [--images 1725 --size 240 --classes 15]
+    python -m anoclip.benchmarks.latency.metrics_timing [--images 1725 --size 240 --classes 15]
 
 Maps are random, masks hold one to three elliptic blobs on about a third of the images. The set
 is evaluated per class (``--classes`` equal groups, as the benchmark does) and pooled as one class;
@@ -17,7 +17,7 @@ import click
 import cv2
 import numpy as np
 
-from .metrics import evaluate_class
+from ..accuracy.metrics import evaluate_class
 from .timing import machine_info
 
 

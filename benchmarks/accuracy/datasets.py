@@ -1,0 +1,90 @@
+"""MVTec AD / VisA folder layouts and synthetic sets, and the command that writes a synthetic set.
+
+Loaders and mask reading live in :mod:`.layouts` (SPEC section 6), the procedural generators in
+:mod:`.synthetic`; this module re-exports both.
+
+Command line::
+
+    python -m anoclip.benchmarks.accuracy.datasets make --layout mvtec --out samples/mvtec
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .layouts import (DATASET_TITLES, DATASETS, MVTEC_CLASSES, MVTEC_TEXTURES, VISA_CLASSES, VISA_COLUMNS, VISA_CSV,
+                      Sample, list_classes, load_mvtec, load_visa, read_mask)
+from .synthetic import DEFECT_KINDS, make_mvtec_like, make_visa_like
+
+__all__ = ["DATASETS", "DATASET_TITLES", "DEFECT_KINDS", "MVTEC_CLASSES", "MVTEC_TEXTURES", "VISA_CLASSES",
+           "VISA_COLUMNS", "VISA_CSV", "Sample", "list_classes", "load_mvtec", "load_visa", "main", "make_mvtec_like",
+           "make_visa_like", "read_mask"]
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def _parse_size(text: str | None) -> tuple[int, int] | None:
+    """'N' -> (N, N); 'WxH' -> (W, H); None stays None (the layout's default)."""
+    if text is None:
+        return None
+    try:
+        parts = [int(v) for v in text.lower().split("x")]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not N or WxH", param_hint="--size") from None
+    if len(parts) == 1:
+        return parts[0], parts[0]
+    if len(parts) == 2:
+        return parts[0], parts[1]
+    raise click.BadParameter(f"{text!r} is not N or WxH", param_hint="--size")
+
+
+@click.group()
+def main() -> None:
+    """Dataset tools for the AnoCLIP benchmarks."""
+
+
+@main.command("make")
+@click.option("--layout", type=click.Choice(DATASETS), required=True,
+              help="Folder layout to write: 'mvtec' (MVTec AD) or 'visa' (VisA with 1cls.csv).")
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Root folder to write the set into (created if missing).")
+@click.option("--classes", default=None,
+              help="Comma-separated class names. Default: carpet,bottle (mvtec) or candle,pcb1 "
+                   "(visa). MVTec texture names get textures, other names objects.")
+@click.option("--n-normal", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Normal images per class and split (train and test each).")
+@click.option("--n-anomalous", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Anomalous test images per class (scratch, spot, hole in turn).")
+@click.option("--size", default=None,
+              help="Image size: N (square) or WxH. Default: 256 (mvtec), 320x240 (visa).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed; the same seed always writes the same images.")
+def make_command(layout: str, out: Path, classes: str | None, n_normal: int, n_anomalous: int,
+                 size: str | None, seed: int) -> None:
+    """Write a small license-clean synthetic set (procedural images with exact masks)."""
+    names = tuple(c.strip() for c in classes.split(",") if c.strip()) if classes else None
+    parsed = _parse_size(size)
+    try:
+        if layout == "mvtec":
+            if parsed is not None and parsed[0] != parsed[1]:
+                raise click.BadParameter("MVTec-like images are square: give one number",
+                                         param_hint="--size")
+            root = make_mvtec_like(out, names or ("carpet", "bottle"), n_good=n_normal,
+                                   n_defect=n_anomalous, size=parsed[0] if parsed else 256,
+                                   seed=seed)
+        else:
+            root = make_visa_like(out, names or ("candle", "pcb1"), n_normal=n_normal,
+                                  n_anomaly=n_anomalous, size=parsed or (320, 240), seed=seed)
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    found = list_classes(root, layout)
+    click.echo(f"wrote a {layout} layout with classes {', '.join(found)} to {root}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Latency: ``anoclip bench``, the visual-tower and TTA latency scripts, metric timing."""
