@@ -40,6 +40,7 @@ from anoclip.runtime.tta import (
     TTAConfig,
 )
 from anoclip.runtime.tta.adapter import adapt, logit_gap, prepare
+from anoclip.runtime.tta.optim import adamw_update
 
 __all__ = ["OPSET", "build_tta_graph", "write_tta_graph"]
 
@@ -136,6 +137,9 @@ class GraphOps:
 
     def __init__(self, g: _Graph, eps: float, num_patches: int | None) -> None:
         self.g, self.eps, self.num_patches = g, g.const(eps), num_patches
+
+    def adamw(self, param: Sym, grad: Sym, m: Sym, v: Sym, step: Sym, config: TTAConfig) -> tuple[Sym, Sym, Sym]:
+        return adamw_update(param, grad, m, v, step, config)
 
     def tanh(self, x: Sym) -> Sym:
         return self.g.op("Tanh", x)

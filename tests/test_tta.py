@@ -676,3 +676,18 @@ def test_default_seed_repeats_run_to_run():
     runs = [subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
             for _ in range(2)]
     assert runs[0] == runs[1] and runs[0].strip()
+
+
+def test_in_place_adamw_is_the_formula_to_the_bit():
+    """The array loop's in-place AdamW performs the graph's formula operation by operation."""
+    from anoclip.runtime.tta.optim import adamw_update, adamw_update_in_place
+
+    rng = np.random.default_rng(3)
+    param, grad, m, v = (rng.standard_normal((7, 5)).astype(np.float32) for _ in range(4))
+    v = np.abs(v)
+    config = TTAConfig()
+    for step in (1, 2, 40):
+        expected = adamw_update(param, grad, m, v, step, config)
+        got = adamw_update_in_place(param.copy(), grad, m.copy(), v.copy(), step, config, np)
+        for a, b in zip(expected, got):
+            np.testing.assert_array_equal(a, b)

@@ -146,8 +146,10 @@ class TTAAdapter(_AdapterLoop):
 
     def _steps(self, P: Array, weight: Array, bias: Array, noise: Array, state: AdamWState) -> TTAResult:
         cfg, ops, xp = self.config, self._ops, self.xp
-        tokens, weight, bias, moments, losses = adapt(ops, prepare(ops, P, self._T, self._tf), noise, weight,
-                                                      bias, state.moments, state.step, cfg)
+        # The steps update parameters and moments in place: work on copies the loop owns.
+        owned = [weight.copy(), bias.copy(), *(moment.copy() for moment in state.moments)]
+        tokens, weight, bias, moments, losses = adapt(ops, prepare(ops, P, self._T, self._tf), noise, owned[0],
+                                                      owned[1], tuple(owned[2:]), state.step, cfg)
         probs = abnormal_probability(tokens, self._tf, normalise_text=False, eps=cfg.norm_eps, xp=xp)
         losses = xp.stack(losses) if losses else xp.zeros((0,), dtype=self.dtype)
         return TTAResult(tokens, probs, weight, bias, losses, AdamWState(*moments, state.step + cfg.steps))

@@ -32,6 +32,34 @@ def adamw_update(param: Array, grad: Array, m: Array, v: Array, step: Any,
     return param - m / denom * (lr / bias_correction1), m, v
 
 
+def adamw_update_in_place(param: Array, grad: Array, m: Array, v: Array, step: int, config: TTAConfig,
+                          xp: Any) -> tuple[Array, Array, Array]:
+    """:func:`adamw_update`, the same operations in the same order, written into ``param``, ``m``
+    and ``v`` (numpy/cupy arrays the caller owns) through one scratch array instead of a
+    temporary per operation: the array loop's path (the [2N, C] temporaries cost it ~10 ms per image
+    at ViT-B-16-plus-240 shapes on a CPU)."""
+    lr, (beta1, beta2), eps, wd = config.lr, config.betas, config.eps, config.weight_decay
+    scratch = xp.empty_like(param)
+    if wd != 0:
+        param *= 1.0 - lr * wd
+    xp.subtract(grad, m, out=scratch)
+    scratch *= 1.0 - beta1
+    m += scratch
+    v *= beta2
+    xp.multiply(grad, grad, out=scratch)
+    scratch *= 1.0 - beta2
+    v += scratch
+    bias_correction1 = 1.0 - beta1**step
+    bias_correction2_sqrt = (1.0 - beta2**step) ** 0.5
+    xp.sqrt(v, out=scratch)
+    scratch /= bias_correction2_sqrt
+    scratch += eps
+    xp.divide(m, scratch, out=scratch)
+    scratch *= lr / bias_correction1
+    param -= scratch
+    return param, m, v
+
+
 def adamw_step(weight: Array, bias: Array, grad_weight: Array, grad_bias: Array, state: AdamWState,
                config: TTAConfig) -> tuple[Array, Array, AdamWState]:
     """AdamW step on (weight, bias). Returns new ``(weight, bias, state)``; the inputs are left
