@@ -40,12 +40,6 @@ from .timing import machine_info
 log = logging.getLogger(__name__)
 
 FULL = "full last block"
-#: The full last block against the shortcut, as ``python -m anoclip.benchmarks.latency.visual_latency``
-#: measured it (ORT CPU, batch 1, random weights): ms of the full-last-block visual.onnx / ms of the
-#: shortcut one, and the AnoCLIP / CLIP ratio of each.
-SHORTCUT_MEASURED = {"backbone": "ViT-B-16-plus-240", "cpu": "AMD EPYC, 2 cores, 2 threads, onnxruntime 1.32.0 CPU",
-                     "date": "2026-11-30", "full_over_shortcut": 315.50 / 296.39, "shortcut_x_clip": 1.044,
-                     "full_x_clip": 1.111}
 STAGES = ("preprocess", "model", "scoring", "tta", "postprocess")
 README_START = "<!-- anoclip bench: start -->"
 README_END = "<!-- anoclip bench: end -->"
@@ -103,15 +97,13 @@ def full_name(name: str) -> str:
 
 
 def shortcut_note(rows: list[Row]) -> str:
-    """Which rows take the last-block shortcut, and what the full last block cost where it was measured."""
+    """Which rows take the last-block shortcut, and how to time the full last block beside them."""
     anoclip = [r.name for r in rows if r.name.startswith("AnoCLIP") and FULL not in r.name]
     if not anoclip:
         return "no row takes the last-block shortcut: every visual model computes all tokens in its last block, as Table 7 does"
-    m = SHORTCUT_MEASURED
-    measured = (f" Measured on {m['backbone']}, {m['cpu']}, {m['date']} (python -m anoclip.benchmarks.latency.visual_latency): "
-                f"the full last block costs {m['full_over_shortcut']:.3f}x the shortcut's ms; AnoCLIP / CLIP "
-                f"{m['shortcut_x_clip']:.3f}x with the shortcut, {m['full_x_clip']:.3f}x without"
-                if m["full_over_shortcut"] else "")
+    measured = "" if any(FULL in r.name for r in rows) else (
+        " This run has no such row: pass --full-last-block DIR, or run python -m "
+        "anoclip.benchmarks.latency.visual_latency, to measure it")
     return (f"{', '.join(dict.fromkeys(r.split(' (')[0] for r in anoclip))} rows use the last-block shortcut (the last "
             "block runs its query and MLP on the class token only: same outputs, less work); the authors' code timed "
             "in Table 7 runs the full last block, so these rows' x CLIP is below Table 7's. Rows marked 'full last "
