@@ -129,7 +129,7 @@ def export_command(backbone, pretrained, model_config, classes, classes_file, do
     if as_json:
         click.echo(manifest.to_json())
     else:
-        click.echo(f"wrote {folder}: {', '.join(sorted(manifest.files))}")
+        click.echo(f"{folder} holds: {', '.join(sorted(manifest.files))}")
         click.echo(f"classes: {', '.join(sorted(bank.classes))}")
 
 
