@@ -18,7 +18,7 @@ from anoclip.runtime.artifacts import (
     read_manifest, verify_files, write_manifest,
 )
 from anoclip.runtime.errors import AnoclipError, ArtifactError
-from anoclip.runtime.integrity import resolve_inside
+from anoclip.runtime.integrity import VerificationRecord, resolve_inside
 from anoclip.runtime.plumbing import ensure_writable_folder
 from anoclip.runtime.prompt_weights import ClassPrompts, PromptBank, read_prompts, write_prompts
 
@@ -68,9 +68,11 @@ def _visual_reusable(opts: ExportOptions, loaded: LoadedModel, manifest: Manifes
                                or ("qkv_patch_embeds" in entry.outputs) != (patch_outputs == "both")):
             return False
     try:
-        verify_files(opts.out, manifest, [manifest.models[n].file for n in wanted])
+        record = VerificationRecord()  # the runtime's record: an unchanged model is not hashed again
+        verify_files(opts.out, manifest, [manifest.models[n].file for n in wanted], record)
     except ArtifactError:
         return False
+    record.save()
     return True
 
 
@@ -201,15 +203,22 @@ def _encode_classes(loaded: LoadedModel, recipes: dict[str, PromptRecipe], text_
     return encoded
 
 
-def _read_old(folder: Path) -> tuple[Manifest | None, PromptBank | None]:
-    """The folder's manifest and prompt weights, if it holds a loadable export."""
+def _read_old(folder: Path, force: bool) -> tuple[Manifest | None, PromptBank | None]:
+    """The folder's manifest and prompt weights, if it holds a loadable export; with ``force``, a
+    folder that cannot be read counts as empty."""
     if not has_manifest(folder):
         return None, None
-    manifest = read_manifest(folder)
-    prompts = resolve_inside(folder, manifest.prompts)
-    bank = read_prompts(prompts) if prompts.is_file() else None
-    if bank is not None:
-        check_prompts_belong(manifest, bank, str(folder))
+    try:
+        manifest = read_manifest(folder)
+        prompts = resolve_inside(folder, manifest.prompts)
+        bank = read_prompts(prompts) if prompts.is_file() else None
+        if bank is not None:
+            check_prompts_belong(manifest, bank, str(folder))
+    except ArtifactError as exc:
+        if not force:
+            raise ArtifactError(f"{exc}; or pass --force to export into it anew") from None
+        log.warning("%s cannot be read (%s); exporting into it anew", folder, exc)
+        return None, None
     return manifest, bank
 
 
@@ -229,34 +238,20 @@ def run_export(opts: ExportOptions, argv: list[str]) -> Manifest:
     created = ensure_writable_folder(opts.out)
     try:
         with folder_lock(opts.out):
-            remove_unreferenced(opts.out, _still_named(opts.out))
-            return _export_locked(opts, argv, progress)
+            old, old_bank = _read_old(opts.out, opts.force)
+            remove_unreferenced(opts.out, set(old.files) if old else set())  # what killed runs left
+            return _export_locked(opts, argv, progress, old, old_bank)
     except BaseException:
         if created and not has_manifest(opts.out):
             shutil.rmtree(opts.out, ignore_errors=True)
         raise
 
 
-def _still_named(folder: Path) -> set[str]:
-    """The files the folder's manifest names (all owned files when it cannot be read)."""
-    try:
-        manifest, _ = _read_old(folder)
-    except ArtifactError:
-        return {p.name for p in folder.iterdir()}
-    return set(manifest.files) | {manifest.prompts} if manifest else set()
-
-
-def _export_locked(opts: ExportOptions, argv: list[str], progress) -> Manifest:
+def _export_locked(opts: ExportOptions, argv: list[str], progress, old: Manifest | None,
+                   old_bank: PromptBank | None) -> Manifest:
     import open_clip
     import torch
 
-    try:
-        old, old_bank = _read_old(opts.out)
-    except ArtifactError as exc:
-        if not opts.force:
-            raise ArtifactError(f"{exc}; or pass --force to export into it anew") from None
-        log.warning("%s cannot be read (%s); exporting into it anew", opts.out, exc)
-        old, old_bank = None, None
     progress(f"creating {opts.backbone} with weights '{resolve_pretrained(opts.backbone, opts.pretrained)}'")
     torch.manual_seed(opts.seed)  # random weights (`--pretrained none`) repeat from run to run
     loaded = load_model(opts.backbone, opts.pretrained)
@@ -311,9 +306,9 @@ def _export_locked(opts: ExportOptions, argv: list[str], progress) -> Manifest:
         if entry.file in placed:
             entry.file = placed[entry.file][0]
     manifest.prompts = placed[PROMPTS][0]
-    old_files = old.files if old else {}
-    manifest.files = {entry.file: _sha_of(entry.file, placed, old_files) for entry in manifest.models.values()}
-    manifest.files[manifest.prompts] = placed[PROMPTS][1]
+    shas = {**(old.files if old else {}), **dict(placed.values())}
+    named = [entry.file for entry in manifest.models.values()] + [manifest.prompts]
+    manifest.files = {name: shas[name] for name in named}
     manifest.format_version = FORMAT_VERSION
     manifest.versions = {"anoclip": _version(), "open_clip": open_clip.__version__, "torch": torch.__version__,
                          "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
@@ -324,15 +319,8 @@ def _export_locked(opts: ExportOptions, argv: list[str], progress) -> Manifest:
     manifest.history.append(f"{now} {command}")
     write_manifest(opts.out, manifest)  # the commit point
     sync_folder(opts.out)
-    remove_unreferenced(opts.out, set(manifest.files) | {manifest.prompts})
+    remove_unreferenced(opts.out, set(manifest.files))
     return manifest
-
-
-def _sha_of(name: str, placed: dict[str, tuple[str, str]], old_files: dict[str, str]) -> str:
-    for final, sha in placed.values():
-        if final == name:
-            return sha
-    return old_files[name]
 
 
 def _version() -> str:

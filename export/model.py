@@ -13,8 +13,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from anoclip.runtime.plumbing import quiet_loggers
 from anoclip.runtime.errors import AnoclipError
+from anoclip.runtime.integrity import sha256_file
+from anoclip.runtime.plumbing import quiet_loggers
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ def load_model(backbone: str = DEFAULT_BACKBONE, pretrained: str | None = None, 
     # said once, below, by the error or the random-weights warning.
     with quiet_loggers("", "huggingface_hub", level=logging.CRITICAL):
         model, checkpoint = _create(backbone, pretrained, random_weights, cache_dir)
-    digest = _sha256(checkpoint) if checkpoint else ""
+    digest = sha256_file(checkpoint) if checkpoint else ""
     label = RANDOM if random_weights else (
         f"file:{Path(pretrained).name}@{digest[:12]}" if os.path.isfile(pretrained) else pretrained)
     if random_weights:
@@ -157,12 +158,6 @@ def load_model(backbone: str = DEFAULT_BACKBONE, pretrained: str | None = None, 
     std = tuple(float(v) for v in (cfg.get("std") or getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD))
     tokenizer = open_clip.get_tokenizer(backbone)
     return LoadedModel(model, backbone, label, random_weights, tokenizer, mean, std, digest)
-
-
-def _sha256(path: str) -> str:
-    from anoclip.runtime.integrity import sha256_file
-
-    return sha256_file(path)
 
 
 def _first_line(exc: BaseException) -> str:

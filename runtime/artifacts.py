@@ -229,8 +229,9 @@ def write_manifest(folder: str | os.PathLike, manifest: Manifest) -> None:
 
 
 def verify_files(folder: str | os.PathLike, manifest: Manifest, names: list[str] | None = None,
-                 record: VerificationRecord | None = None) -> None:
-    """Check that each listed file lies inside the folder and has the sha256 the manifest records.
+                 record: VerificationRecord | None = None, hashes: bool = True) -> None:
+    """Check that each named file lies inside the folder, is listed in the manifest, exists and
+    (with ``hashes``) has the sha256 the manifest records.
 
     ``record``: hashes remembered from earlier checks; an unchanged file is not hashed again.
     """
@@ -241,7 +242,8 @@ def verify_files(folder: str | os.PathLike, manifest: Manifest, names: list[str]
             raise ArtifactError(f"{name} is not listed in {folder / MANIFEST}; re-run `anoclip-export --out {folder}`")
         if not path.is_file():
             raise ArtifactError(f"{folder / name} is missing; re-run `anoclip-export --out {folder}` to write it")
-        verify_file(path, manifest.files[name], record, str(folder / name))
+        if hashes:
+            verify_file(path, manifest.files[name], record, str(folder / name))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,13 +270,14 @@ class Artifacts:
     def model_files(self, model: str = VISUAL) -> list[str]:
         """Names (relative to the folder) of a graph's file and of every external-data file it reads."""
         path = self.model_path(model)
+        shown = self.folder / self.manifest.models[model].file
+        if not path.is_file():
+            raise ArtifactError(f"{shown} is missing; re-run `anoclip-export --out {self.folder}` to write it")
         root = self.folder.resolve()
         names = [self.manifest.models[model].file]
         for location in onnx_external_files(path):
-            data = resolve_inside(path.parent, location, f"{self.folder / self.manifest.models[model].file}")
-            if not data.is_relative_to(root):
-                raise ArtifactError(f"{path} reads external data from {data}, outside {self.folder}; re-export it")
-            name = data.relative_to(root).as_posix()
+            # ONNX Runtime reads external data relative to the graph's folder, which is inside ours
+            name = resolve_inside(path.parent, location, str(shown)).relative_to(root).as_posix()
             if name not in self.manifest.files:
                 raise ArtifactError(
                     f"{path} reads external data from {name}, which {self.folder / MANIFEST} does not list; "
@@ -316,21 +319,10 @@ def load_artifacts(folder: str | os.PathLike, verify: bool = True, models: list[
     folder = Path(folder)
     manifest = read_manifest(folder)
     artifacts = Artifacts(folder, manifest, PromptBank({}, "", "", 0))
-    needed = [manifest.prompts]
-    resolve_inside(folder, manifest.prompts)
-    for model in models or [VISUAL]:
-        path = artifacts.model_path(model)
-        if not path.is_file():
-            raise ArtifactError(f"{path} is missing; re-run `anoclip-export --out {folder}` to write it")
-        needed += artifacts.model_files(model)
+    needed = [manifest.prompts] + [name for model in models or [VISUAL] for name in artifacts.model_files(model)]
     record = VerificationRecord() if verify else None
-    for name in needed:
-        if name not in manifest.files:
-            raise ArtifactError(f"{name} is not listed in {folder / MANIFEST}; re-run `anoclip-export --out {folder}`")
-        if not resolve_inside(folder, name).is_file():
-            raise ArtifactError(f"{folder / name} is missing; re-run `anoclip-export --out {folder}` to write it")
-    if verify:
-        verify_files(folder, manifest, needed, record)
+    verify_files(folder, manifest, needed, record, hashes=verify)
+    if record is not None:
         record.save()
     artifacts.prompts = read_prompts(resolve_inside(folder, manifest.prompts))
     check_prompts_belong(manifest, artifacts.prompts, str(folder))

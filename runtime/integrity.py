@@ -21,6 +21,7 @@ import os
 from pathlib import Path, PurePosixPath
 
 from .errors import ArtifactError
+from .plumbing import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -208,8 +209,6 @@ class VerificationRecord:
         """Write the record (newest entries kept); a cache that cannot be written only costs hashing."""
         if not self.changed:
             return
-        from .plumbing import atomic_write_bytes
-
         entries = dict(list(self.entries.items())[-MAX_RECORD_ENTRIES:])
         try:
             self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)

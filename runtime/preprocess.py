@@ -94,10 +94,11 @@ def read_image(path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     if not os.path.isfile(path):
         raise ImageError(f"cannot read {path}: no such file")
     try:
-        data = np.fromfile(str(path), dtype=np.uint8)
+        with open(path, "rb") as handle:
+            raw = handle.read()
     except OSError as exc:
         raise ImageError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    size = image_header_size(data.tobytes()) if data.size else None
+    size = image_header_size(raw) if raw else None
     if size is None:
         raise ImageError(f"cannot decode {path}: not an image OpenCV can read (png, jpg, bmp, tiff, webp)")
     if max_pixels is not None:
@@ -106,6 +107,7 @@ def read_image(path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
             shown = "more than Pillow's limit" if size == (-1, -1) else f"{size[0]} x {size[1]} pixels"
             raise ImageError(f"{path} is {shown}, above the limit of {max_pixels} pixels; it was not decoded "
                              "(raise the limit with --max-pixels if the frame is genuine)")
+    data = np.frombuffer(raw, dtype=np.uint8)  # a view: the file's bytes are held once
     image = cv2.imdecode(data, cv2.IMREAD_COLOR)
     if image is None:
         raise ImageError(f"cannot decode {path}: not an image OpenCV can read (png, jpg, bmp, tiff, webp)")
