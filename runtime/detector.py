@@ -63,9 +63,10 @@ class Detector:
         self.tta = tta  # the TTA configuration predict uses by default (None: AnoCLIP without TTA)
         self.tta_backend = tta_backend
         self.max_pixels = max_pixels  # largest image file decoded, in pixels (None: no limit)
-        # One adapter per (class, configuration): with the default "persistent" policy its AdamW
-        # state carries over from image to image of that class, as in the authors' code.
-        self._adapters: dict[tuple[str, TTAConfig], TTAAdapter | OnnxTTARunner] = {}
+        # One adapter per (class, configuration, state key): with the default "persistent" policy
+        # its AdamW state carries over from image to image of that class, as in the authors' code.
+        # The state key keeps independent streams apart (a camera's adapter sees only its frames).
+        self._adapters: dict[tuple[str, TTAConfig, str], TTAAdapter | OnnxTTARunner] = {}
         manifest = artifacts.manifest
         self.input_size = tuple(manifest.image_size)
         self.grid = tuple(manifest.grid)
@@ -111,12 +112,19 @@ class Detector:
         """Score one image (array or path) for class ``cls``."""
         return self.predict_batch([image], cls, tta=tta)[0]
 
-    def predict_batch(self, images: Sequence, cls: str, tta=None) -> list[Result]:
-        """Score several images of one class, running all their tiles through the model together."""
+    def predict_batch(self, images: Sequence, cls: str, tta=None,
+                      tta_keys: Sequence[str] | None = None) -> list[Result]:
+        """Score several images of one class, running all their tiles through the model together.
+
+        ``tta_keys``: per image, the name of the TTA state it adapts (default: one state per class);
+        images of different camera streams pass their stream's name so that each keeps its own.
+        """
         prompts = self.class_prompts(cls)
         tta_config = self.tta if tta is None else _tta_config(tta)
         if not images:
             return []
+        if tta_keys is not None and len(tta_keys) != len(images):
+            raise ValueError(f"tta_keys has {len(tta_keys)} entries for {len(images)} images")
         t0 = time.perf_counter()
         batches, layouts, sizes = [], [], []
         for image in images:
@@ -130,14 +138,14 @@ class Detector:
         t2 = time.perf_counter()
         n = len(images)
         results, start = [], 0
-        for layout, size in zip(layouts, sizes):
+        for i, (layout, size) in enumerate(zip(layouts, sizes)):
             count = len(layout.offsets)
             stop = start + count
             t3 = time.perf_counter()
             patches = patch_embeds[start:stop]
             tta_ms = 0.0
             if tta_config is not None:
-                patches = self._adapt(cls, patches, tta_config)
+                patches = self._adapt(cls, patches, tta_config, "" if tta_keys is None else tta_keys[i])
                 tta_ms = (time.perf_counter() - t3) * 1e3
             result = self._score(image_embeds[start:stop], patches, prompts, layout, size, cls)
             result.timings = {
@@ -177,10 +185,10 @@ class Detector:
         return Result(score=score, anomaly_map=model_map, anomaly_map_full=full, patch_probabilities=probs,
                       cls=cls, image_size=(int(size[0]), int(size[1])), tiles=len(layout.offsets))
 
-    def tta_adapter(self, cls: str, config: TTAConfig | None = None) -> TTAAdapter | OnnxTTARunner:
-        """The adapter (and its optimiser state) that TTA uses for ``cls``."""
+    def tta_adapter(self, cls: str, config: TTAConfig | None = None, state: str = "") -> TTAAdapter | OnnxTTARunner:
+        """The adapter (and its optimiser state) that TTA uses for ``cls`` (and the state key ``state``)."""
         config = config or self.tta or TTAConfig()
-        key = (cls, config)
+        key = (cls, config, state)
         if key not in self._adapters:
             prompts = self.class_prompts(cls)
             if self.tta_backend == "onnx":
@@ -198,14 +206,15 @@ class Detector:
                 self._adapters[key] = TTAAdapter(prompts.prompt_features, prompts.text_features, config)
         return self._adapters[key]
 
-    def reset_tta(self, cls: str | None = None) -> None:
-        """Forget the TTA optimiser state of ``cls`` (all classes when None), e.g. for a new stream."""
-        for key in [k for k in self._adapters if cls is None or k[0] == cls]:
+    def reset_tta(self, cls: str | None = None, state: str | None = None) -> None:
+        """Forget the TTA optimiser state of ``cls`` (all classes when None) under the state key
+        ``state`` (all keys when None), e.g. when a camera stream reconnects."""
+        for key in [k for k in self._adapters if (cls is None or k[0] == cls) and (state is None or k[2] == state)]:
             del self._adapters[key]
 
-    def _adapt(self, cls: str, patches: np.ndarray, config: TTAConfig) -> np.ndarray:
+    def _adapt(self, cls: str, patches: np.ndarray, config: TTAConfig, state: str = "") -> np.ndarray:
         """Adapt the patch tokens of every tile (each tile is one image for the adapter)."""
-        adapter = self.tta_adapter(cls, config)
+        adapter = self.tta_adapter(cls, config, state)
         return np.stack([np.asarray(adapter.adapt(tile)) for tile in patches])
 
 
