@@ -39,19 +39,19 @@ class ResultsLog:
     opened with ``O_NOFOLLOW``: a link in its place is an error, never a way out of the folder.
     """
 
-    def __init__(self, folder: str | os.PathLike):
-        self.path = Path(folder) / RESULTS
+    def __init__(self, folder: str | os.PathLike, name: str = RESULTS):
+        self.path = Path(folder) / name
         flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
         try:
             self.fd = os.open(self.path, flags, 0o666)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise AnoclipError(f"{self.path} is a symbolic link; results are not written through links, "
-                                   "remove it or choose another --out") from None
-            raise AnoclipError(f"cannot write {self.path}: {exc.strerror or exc}; choose another --out") from None
+                                   "remove it or write elsewhere") from None
+            raise AnoclipError(f"cannot write {self.path}: {exc.strerror or exc}; write elsewhere") from None
         if not stat.S_ISREG(os.fstat(self.fd).st_mode):
             os.close(self.fd)
-            raise AnoclipError(f"{self.path} is not a regular file; remove it or choose another --out")
+            raise AnoclipError(f"{self.path} is not a regular file; remove it or write elsewhere")
 
     def append(self, record: dict) -> str:
         """Append ``record`` as one line (strict JSON: NaN and infinity are refused) and return it."""

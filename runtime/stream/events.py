@@ -39,7 +39,8 @@ class FrameEvent:
     frame: np.ndarray
     anomaly_map: np.ndarray
     annotated: np.ndarray | None = None
-    threshold: float | None = None
+    threshold: float | None = None  # the image-score threshold the decision used
+    pixel_threshold: float | None = None  # the map threshold the regions used
     extra: dict[str, Any] = field(default_factory=dict)
 
     def record(self) -> dict[str, Any]:
@@ -47,7 +48,7 @@ class FrameEvent:
         return {
             "source": self.source, "frame": self.frame_index, "captured": round(self.captured, 6),
             "class": self.cls, "score": self.score, "anomalous": self.anomalous, "threshold": self.threshold,
-            "regions": self.regions, "map_max": float(self.anomaly_map.max()),
+            "pixel_threshold": self.pixel_threshold, "regions": self.regions, "map_max": float(self.anomaly_map.max()),
             "latency_ms": {k: round(v, 3) for k, v in self.latency_ms.items()}, **self.extra,
         }
 

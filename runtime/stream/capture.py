@@ -1,0 +1,202 @@
+"""One capture thread per source, keeping only the newest frame.
+
+A live source (camera, network stream) is read as fast as it delivers; the frame slot holds one
+frame, so a frame not taken before the next arrives is dropped (and counted): the pipeline's latency
+never grows, whatever the model's speed. A live source that stops delivering is reopened with
+exponential backoff; every reopen is counted and bumps the source's generation (the pipeline then
+resets that source's test-time adaptation). A video file is read frame by frame with back-pressure
+(the thread waits until its frame is taken, so nothing is dropped) unless ``realtime`` paces it at
+its own frame rate like a camera; at its end the source finishes (``loop``: it starts again).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import AnoclipError
+from .sources import SourceSpec, check_backend, open_capture
+
+log = logging.getLogger(__name__)
+
+BACKOFF_START_S = 0.5
+BACKOFF_MAX_S = 30.0
+
+
+@dataclass
+class Frame:
+    """A frame as read: BGR uint8, its index in the source and when it was read."""
+
+    source: int  # index of the source in the pipeline
+    index: int
+    captured: float  # time.time()
+    captured_perf: float  # time.perf_counter(), for latencies
+    image: np.ndarray
+    generation: int  # bumped at every reopen of the source
+
+
+@dataclass
+class CaptureCounters:
+    read: int = 0  # frames read from the source
+    offered: int = 0  # frames put in the slot (after stride and max-fps)
+    dropped: int = 0  # offered frames replaced by a newer one before the pipeline took them
+    corrupt: int = 0  # reads that returned no usable image
+    reconnects: int = 0
+
+
+class FrameBoard:
+    """The newest frame of every source, and one condition the inference worker waits on."""
+
+    def __init__(self, sources: int):
+        self.condition = threading.Condition()
+        self.slots: list[Frame | None] = [None] * sources
+        self.finished = [False] * sources
+
+    def put(self, frame: Frame, wait: bool, stop: threading.Event) -> bool:
+        """Place a frame; returns True when it replaced one that was never taken (a drop).
+
+        ``wait``: block until the previous frame of this source is taken (video files)."""
+        with self.condition:
+            if wait:
+                while self.slots[frame.source] is not None and not stop.is_set():
+                    self.condition.wait(0.1)
+            dropped = self.slots[frame.source] is not None
+            self.slots[frame.source] = frame
+            self.condition.notify_all()
+            return dropped
+
+    def finish(self, source: int) -> None:
+        with self.condition:
+            self.finished[source] = True
+            self.condition.notify_all()
+
+    def take(self, timeout: float) -> list[Frame]:
+        """The frames waiting (at most one per source), waiting up to ``timeout`` for one."""
+        with self.condition:
+            if not any(self.slots):
+                self.condition.wait(timeout)
+            frames = [f for f in self.slots if f is not None]
+            self.slots = [None] * len(self.slots)
+            if frames:
+                self.condition.notify_all()  # wake file readers waiting for their slot
+            return frames
+
+    def all_finished(self) -> bool:
+        with self.condition:
+            return all(self.finished) and not any(self.slots)
+
+
+class CaptureThread(threading.Thread):
+    """Reads one source into its slot of the board until stopped or (files) finished."""
+
+    def __init__(self, index: int, spec: SourceSpec, board: FrameBoard, stop: threading.Event, *,
+                 stride: int = 1, max_fps: float | None = None, loop: bool = False, realtime: bool = False,
+                 roi: tuple[int, int, int, int] | None = None):
+        super().__init__(name=f"capture-{index}", daemon=True)
+        self.index, self.spec, self.board, self.stop = index, spec, board, stop
+        self.stride, self.max_fps, self.loop, self.realtime, self.roi = stride, max_fps, loop, realtime, roi
+        self.counters = CaptureCounters()
+        self.generation = 0
+        self.fps: float | None = None  # the source's own frame rate, when it reports one
+        self.size: tuple[int, int] | None = None  # (height, width) of the frames as read
+        self.capture = None
+
+    def open(self) -> None:
+        """Open the source now; one clear error when it cannot be opened (before the pipeline starts)."""
+        check_backend(self.spec)
+        self.capture = open_capture(self.spec)
+        if self.capture is None:
+            raise AnoclipError(f"cannot open source {self.spec.name!r}; check that it exists and is reachable "
+                               "(a camera in use by another program, a wrong URL or a file OpenCV cannot decode)")
+        self._read_properties()
+
+    def _read_properties(self) -> None:
+        import cv2
+
+        fps = self.capture.get(cv2.CAP_PROP_FPS)
+        self.fps = float(fps) if fps and 0 < fps < 1000 else None
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except Exception:  # a capture thread must never take the process down; the pipeline sees it finish
+            log.exception("source %s: capture stopped", self.spec.name)
+        finally:
+            if self.capture is not None:
+                self.capture.release()
+            self.board.finish(self.index)
+
+    def _run(self) -> None:
+        index = -1
+        last_offer = 0.0
+        due = time.perf_counter()  # when the next file frame is due, paced like a camera (realtime)
+        while not self.stop.is_set():
+            index += 1
+            skip = index % self.stride != 0
+            if skip and self.capture.grab():  # decode-free skip where the backend allows it
+                self.counters.read += 1
+                continue
+            ok, image = (False, None) if skip else self.capture.read()
+            if not ok:
+                if not self._recover():
+                    return
+                due = time.perf_counter()
+                continue
+            self.counters.read += 1
+            if not _usable(image):
+                self.counters.corrupt += 1
+                continue
+            now = time.perf_counter()
+            if self.realtime and not self.spec.live and self.fps:
+                due = max(due + 1.0 / self.fps, now - 1.0)
+                if due > now and self.stop.wait(due - now):
+                    return
+            if self.max_fps:
+                if self.spec.live and now - last_offer < 1.0 / self.max_fps:
+                    continue
+                if not self.spec.live:
+                    wait = last_offer + 1.0 / self.max_fps - now
+                    if wait > 0 and self.stop.wait(wait):
+                        return
+            last_offer = time.perf_counter()
+            if self.roi is not None:
+                x, y, w, h = self.roi
+                image = np.ascontiguousarray(image[y:y + h, x:x + w])
+            self.size = image.shape[:2]
+            frame = Frame(self.index, index, time.time(), time.perf_counter(), image, self.generation)
+            self.counters.offered += 1
+            if self.board.put(frame, wait=not (self.spec.live or self.realtime), stop=self.stop):
+                self.counters.dropped += 1
+
+    def _recover(self) -> bool:
+        """After a failed read: False when the source is finished, True once it is readable again."""
+        if not self.spec.live:
+            if self.loop and self.counters.read:
+                self.capture.release()
+                self.capture = open_capture(self.spec)
+                return self.capture is not None
+            return False
+        self.capture.release()
+        delay = BACKOFF_START_S
+        while not self.stop.is_set():
+            log.warning("source %s: no frame; reopening in %.1f s", self.spec.name, delay)
+            if self.stop.wait(delay):
+                return False
+            self.capture = open_capture(self.spec)
+            if self.capture is not None:
+                self.counters.reconnects += 1
+                self.generation += 1
+                self._read_properties()
+                log.warning("source %s: reopened (reconnect %d)", self.spec.name, self.counters.reconnects)
+                return True
+            delay = min(delay * 2, BACKOFF_MAX_S)
+        return False
+
+
+def _usable(image) -> bool:
+    return (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+            and image.shape[0] > 0 and image.shape[1] > 0)

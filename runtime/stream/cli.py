@@ -1,0 +1,168 @@
+"""``anoclip stream``: inspect camera streams, video files and network streams live."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+
+import click
+
+from ..errors import AnoclipError
+from ..plumbing import configure_logging
+from .pipeline import StreamOptions, StreamPipeline
+from .sources import parse_source
+
+log = logging.getLogger(__name__)
+
+EXIT_SINK_FAILED = 3
+DEFAULT_RECORD_FPS = 10.0
+
+
+def _roi(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        numbers = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        numbers = ()
+    if len(numbers) != 4 or numbers[0] < 0 or numbers[1] < 0 or numbers[2] <= 0 or numbers[3] <= 0:
+        raise click.BadParameter("write X,Y,WIDTH,HEIGHT in frame pixels, e.g. 100,0,640,480")
+    return numbers
+
+
+@click.command("stream")
+@click.option("--artifacts", "artifacts_dir", required=True, type=click.Path(file_okay=False),
+              help="Artifact folder written by anoclip-export.")
+@click.option("--source", "sources", multiple=True, required=True, metavar="SRC[=CLASS]",
+              help="Repeatable. A camera index (0), /dev/videoN, a video file, rtsp:// or http(s):// (anything "
+                   "FFmpeg opens), a GStreamer pipeline ending in appsink, or csi://N (Jetson CSI camera, "
+                   "?width=&height=&fps= optional). =CLASS scores this source for CLASS instead of --class.")
+@click.option("--class", "cls", default=None, help="Class for every source without its own =CLASS.")
+@click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]),
+              help="onnxruntime execution provider; auto prefers TensorRT, then CUDA, then CPU.")
+@click.option("--model", default="visual", show_default=True, type=click.Choice(["visual", "visual_qkv"]),
+              help="visual: AnoCLIP V-V tokens; visual_qkv: the plain-CLIP baseline (if exported).")
+@click.option("--tiling", default="auto", show_default=True, type=click.Choice(["auto", "never", "always"]),
+              help="Cut wide frames (aspect > 1.2) into overlapping square tiles, as predict does.")
+@click.option("--tta", is_flag=True, help="AnoCLIP+: adapt the patch tokens at test time, one adapter state per "
+                                          "source, reset when the source reconnects.")
+@click.option("--tta-steps", default=5, show_default=True, type=click.IntRange(min=1), help="Adapter steps per frame.")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads for onnxruntime.")
+@click.option("--threshold", default=None, type=float,
+              help="Image-score threshold (overrides the calibrated one): a frame scoring above it is anomalous.")
+@click.option("--pixel-threshold", default=None, type=float,
+              help="Map threshold (overrides the calibrated one): pixels above it form the anomalous regions.")
+@click.option("--roi", default=None, callback=_roi, metavar="X,Y,W,H",
+              help="Inspect only this rectangle of every frame (maps, regions and recordings are of the crop).")
+@click.option("--stride", default=1, show_default=True, type=click.IntRange(min=1), help="Score every Nth frame.")
+@click.option("--max-fps", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="Score at most this many frames a second per source (files are slowed down to it).")
+@click.option("--loop", is_flag=True, help="Start video files again at their end (until stopped).")
+@click.option("--realtime", is_flag=True,
+              help="Read video files at their own frame rate like a camera, dropping what the model cannot keep up "
+                   "with (default: every frame of a file is scored).")
+@click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Most frames (of different sources) scored in one model run.")
+@click.option("--record", default=None, type=click.Path(dir_okay=False),
+              help="Write the annotated frames as a video (.mp4 or .avi; FILE-<n> per source when there are several).")
+@click.option("--record-fps", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="Frame rate of the recording (default: the source's rate divided by --stride, else 10).")
+@click.option("--events", default=None, type=click.Path(dir_okay=False),
+              help="Append one JSON line per scored frame: source, frame index, capture time, score, decision, "
+                   "regions, per-stage latency.")
+@click.option("--save-dir", default=None, type=click.Path(file_okay=False),
+              help="Save every anomalous frame (annotated .jpg) and its map (.npy) here.")
+@click.option("--show", is_flag=True, help="Show the annotated frames in a window (needs OpenCV with GUI support).")
+@click.option("--web", default=None, metavar="HOST:PORT",
+              help="Serve a live view (MJPEG per source, stats as JSON) on this address, e.g. 127.0.0.1:8080. "
+                   "It has no authentication: keep it on loopback or a trusted network.")
+@click.option("--mqtt", default=None, metavar="URL", help="Publish each decision to this broker "
+                                                           "(mqtt://host[:port] or mqtts://; QoS 1, reconnecting).")
+@click.option("--topic", default="anoclip/events", show_default=True,
+              help="MQTT topic; {source} is replaced by the source name.")
+@click.option("--alpha", default=0.4, show_default=True, type=click.FloatRange(0, 1), help="Heat-map opacity.")
+@click.option("--stats-interval", default=10.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds between stats lines in the log (0: none).")
+@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the artifacts at load.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def stream_command(artifacts_dir, sources, cls, backend, model, tiling, tta, tta_steps, threads, threshold,
+                   pixel_threshold, roi, stride, max_fps, loop, realtime, batch, record, record_fps, events, save_dir,
+                   show, web, mqtt, topic, alpha, stats_interval, no_verify, verbose):
+    """Score camera streams, network streams and video files frame by frame.
+
+    One capture thread per source keeps only its newest frame (a live source never builds a backlog;
+    dropped frames are counted); one inference worker scores the newest frames of all sources in
+    batches; sinks (--record, --events, --save-dir, --show, --web, --mqtt) run beside it. A live
+    source that dies is reopened with backoff; a file ends the stream at its end (--loop repeats it).
+    Thresholds come from `anoclip calibrate threshold` (or --threshold/--pixel-threshold); without
+    them, scores and maps are reported with no decision. Ctrl-C or SIGTERM stops cleanly: the
+    recording is finalised, the events file holds whole lines. Prints a JSON summary at the end.
+    """
+    from ..detector import Detector
+    from ..tta import TTAConfig
+
+    configure_logging(verbose)
+    if not (record or events or save_dir or show or web or mqtt):
+        log.warning("no sink given (--events, --record, --save-dir, --web, --mqtt, --show): only the summary is printed")
+    detector = Detector.load(artifacts_dir, backend=backend, model=model, tiling=tiling, verify=not no_verify,
+                             threads=threads, tta=TTAConfig(steps=tta_steps) if tta else False)
+    specs = [parse_source(text, detector.classes, cls) for text in sources]
+    for spec in specs:
+        if spec.cls is None:
+            raise click.UsageError(f"source {spec.name!r} has no class: give --class or --source {spec.name}=CLASS")
+        detector.class_prompts(spec.cls)  # an unknown class fails before any source opens
+    options = StreamOptions(stride=stride, max_fps=max_fps, loop=loop, realtime=realtime, roi=roi, threshold=threshold,
+                            pixel_threshold=pixel_threshold, alpha=alpha, max_batch=batch, stats_interval=stats_interval)
+    pipeline = StreamPipeline(detector, specs, [], options)
+    pipeline.open()
+    pipeline.sinks.extend(_sinks(pipeline, record, record_fps, events, save_dir, show, web, mqtt, topic))
+    _stop_on_signals(pipeline)
+    summary = pipeline.run()
+    summary["sink_errors"] = pipeline.sink_errors
+    click.echo(json.dumps(summary))
+    if pipeline.sink_errors:
+        sys.exit(EXIT_SINK_FAILED)
+
+
+def _sinks(pipeline: StreamPipeline, record, record_fps, events, save_dir, show, web, mqtt, topic) -> list:
+    from .sinks import EventsLog, SavedFrames, VideoRecorder, Window
+
+    sinks = []
+    if events:
+        sinks.append(EventsLog(events))
+    if record:
+        rates = [record_fps or _record_rate(capture, pipeline.options) for capture in pipeline.captures]
+        sinks.append(VideoRecorder(record, len(pipeline.captures), rates))
+    if save_dir:
+        sinks.append(SavedFrames(save_dir))
+    if show:
+        sinks.append(Window(pipeline.stop.set))
+    if mqtt:
+        from .mqtt import MqttSink
+
+        sinks.append(MqttSink(mqtt, topic))
+    if web:
+        from .web import WebView
+
+        sinks.append(WebView(web, [spec.name for spec in pipeline.sources]))
+    return sinks
+
+
+def _record_rate(capture, options: StreamOptions) -> float:
+    rate = capture.fps / options.stride if capture.fps else DEFAULT_RECORD_FPS
+    return min(rate, options.max_fps) if options.max_fps else rate
+
+
+def _stop_on_signals(pipeline: StreamPipeline) -> None:
+    """SIGINT and SIGTERM end the stream cleanly (a second SIGINT interrupts at once)."""
+
+    def stop(signum, frame):
+        if pipeline.stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        log.info("stopping (%s): finishing the frames in flight and closing the outputs", signal.Signals(signum).name)
+        pipeline.stop.set()
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)

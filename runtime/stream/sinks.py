@@ -1,0 +1,163 @@
+"""Sinks that write to files or the screen: recording, events file, saved anomalous frames, window.
+(The live web view and MQTT have modules of their own.)"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..errors import AnoclipError
+from ..outputs import ResultsLog
+from ..plumbing import atomic_write_bytes, ensure_writable_folder
+from .events import FrameEvent, Sink
+
+log = logging.getLogger(__name__)
+
+FOURCC = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "MJPG"}
+
+
+class VideoRecorder(Sink):
+    """``--record FILE``: the annotated frames as a video (one file per source: FILE, or FILE's stem
+    with ``-<n>`` for source n when there are several).
+
+    Each file is written under a hidden temporary name beside it and renamed into place when the
+    stream ends (SIGINT and SIGTERM included), so FILE is always a finished, playable video.
+    Frames of another size than the first (a camera that reconnected at another resolution) are
+    resized to it.
+    """
+
+    name = "recording"
+
+    def __init__(self, path: str | os.PathLike, sources: int, fps: list[float]):
+        self.path = Path(path)
+        suffix = self.path.suffix.lower()
+        if suffix not in FOURCC:
+            raise AnoclipError(f"--record {path}: unknown video type {suffix or '(none)'}; use one of {', '.join(FOURCC)}")
+        ensure_writable_folder(self.path.parent if str(self.path.parent) else Path("."), "--record")
+        self.fourcc = FOURCC[suffix]
+        self.targets = [self.path] if sources == 1 else [self.path.with_name(f"{self.path.stem}-{i}{self.path.suffix}")
+                                                          for i in range(sources)]
+        self.fps = fps
+        self.writers: dict[int, object] = {}
+        self.sizes: dict[int, tuple[int, int]] = {}
+        self.frames = [0] * sources
+
+    def _partial(self, index: int) -> Path:
+        target = self.targets[index]
+        return target.with_name(f".{target.stem}.recording{target.suffix}")
+
+    def write(self, event: FrameEvent) -> None:
+        import cv2
+
+        index = event.extra["source_index"]
+        image = event.annotated
+        if index not in self.writers:
+            height, width = image.shape[:2]
+            writer = cv2.VideoWriter(str(self._partial(index)), cv2.VideoWriter_fourcc(*self.fourcc),
+                                     self.fps[index], (width, height))
+            if not writer.isOpened():
+                raise AnoclipError(f"OpenCV cannot write {self.targets[index]} ({self.fourcc}); try another suffix")
+            self.writers[index], self.sizes[index] = writer, (width, height)
+        if image.shape[1::-1] != self.sizes[index]:
+            image = cv2.resize(image, self.sizes[index], interpolation=cv2.INTER_AREA)
+        self.writers[index].write(image)
+        self.frames[index] += 1
+
+    def close(self) -> None:
+        for index, writer in self.writers.items():
+            writer.release()
+            os.replace(self._partial(index), self.targets[index])
+            log.info("recorded %d frames to %s", self.frames[index], self.targets[index])
+
+
+class EventsLog(Sink):
+    """``--events FILE.jsonl``: one JSON line per processed frame, appended whole under a lock
+    (a killed run never leaves half a line that the next run would continue)."""
+
+    name = "events"
+
+    def __init__(self, path: str | os.PathLike):
+        path = Path(path)
+        ensure_writable_folder(path.parent if str(path.parent) else Path("."), "--events")
+        self.log = ResultsLog(path.parent, path.name)
+
+    def write(self, event: FrameEvent) -> None:
+        self.log.append(event.record())
+
+    def close(self) -> None:
+        self.log.close()
+
+
+class SavedFrames(Sink):
+    """``--save-dir DIR``: for every anomalous frame, ``<n>-<source>_<frame>.jpg`` (annotated) and
+    ``<n>-<source>_<frame>_map.npy`` (n: the source's position on the command line) (float32 p_abnormal at the frame's resolution), written atomically."""
+
+    name = "saved frames"
+
+    def __init__(self, folder: str | os.PathLike, quality: int = 90):
+        self.folder = Path(folder)
+        ensure_writable_folder(self.folder, "--save-dir")
+        self.quality = quality
+        self.saved = 0
+
+    def write(self, event: FrameEvent) -> None:
+        import cv2
+
+        if not event.anomalous:
+            return
+        stem = f"{event.extra['source_index']}-{_safe(event.source)}_{event.frame_index:08d}"
+        ok, jpeg = cv2.imencode(".jpg", event.annotated, [cv2.IMWRITE_JPEG_QUALITY, self.quality])
+        if not ok:
+            raise AnoclipError("JPEG encoding of an annotated frame failed")
+        buffer = io.BytesIO()
+        np.save(buffer, event.anomaly_map.astype(np.float32), allow_pickle=False)
+        atomic_write_bytes(self.folder / f"{stem}_map.npy", buffer.getvalue())
+        atomic_write_bytes(self.folder / f"{stem}.jpg", jpeg.tobytes())
+        self.saved += 1
+
+
+class Window(Sink):
+    """``--show``: one OpenCV window per source; ``q`` or Esc in a window stops the stream."""
+
+    name = "window"
+
+    def __init__(self, on_quit: Callable[[], None]):
+        import cv2
+
+        if not has_gui():
+            raise AnoclipError(f"--show needs OpenCV with GUI support, and this OpenCV {cv2.__version__} has none "
+                               "(opencv-python-headless); use --web 127.0.0.1:8080 to watch in a browser, or "
+                               "install opencv-python instead")
+        self.on_quit = on_quit
+
+    def write(self, event: FrameEvent) -> None:
+        import cv2
+
+        cv2.imshow(f"anoclip: {event.source}", event.annotated)
+        if cv2.waitKey(1) & 0xFF in (ord("q"), 27):
+            self.on_quit()
+
+    def close(self) -> None:
+        import cv2
+
+        cv2.destroyAllWindows()
+
+
+def has_gui() -> bool:
+    import cv2
+
+    info = cv2.getBuildInformation()
+    match = re.search(r"^\s*GUI:\s*(\S+)", info, re.MULTILINE)
+    return bool(match) and match.group(1).upper() != "NONE"
+
+
+def _safe(name: str) -> str:
+    """A source name as a short file-name part: its last path element, in letters, digits, dot,
+    dash and underscore."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name.rstrip("/").rsplit("/", 1)[-1]).strip("._")[:60] or "source"

@@ -1,0 +1,138 @@
+"""Video sources by name: what ``--source`` accepts and how OpenCV opens each kind.
+
+    0, 1, ...                    a camera by index (V4L2 on Linux)
+    /dev/video0                  a camera by device path
+    clip.mp4                     a video file (read to its end, every frame; ``--loop`` repeats it)
+    rtsp://, rtsps://, rtmp://,  network streams, opened with OpenCV's FFmpeg backend
+    http(s)://, udp://, tcp://
+    csi://0[?width=&height=&fps=]  a Jetson CSI camera: the nvarguscamerasrc pipeline below
+    "... ! appsink"              any GStreamer pipeline (needs an OpenCV built with GStreamer)
+
+``SRC=CLASS`` names the class a source is scored for; it is split off only when the text after the
+last ``=`` is one of the artifact's classes, so URLs and pipelines with ``=`` in them stay whole.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+from ..errors import AnoclipError
+
+URL_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https", "udp", "tcp", "srt")
+CSI_DEFAULTS = {"width": 1920, "height": 1080, "fps": 30}
+# Network streams: bound how long opening and reading may block, so that a dead camera is noticed
+# and reopened instead of hanging its capture thread (OpenCV passes these to FFmpeg).
+OPEN_TIMEOUT_MS = 10_000
+READ_TIMEOUT_MS = 5_000
+
+
+def csi_pipeline(sensor: int, width: int, height: int, fps: int) -> str:
+    """The GStreamer pipeline of a Jetson CSI camera, ending in an appsink of BGR frames that keeps
+    only the newest buffer."""
+    return (f"nvarguscamerasrc sensor-id={sensor} ! video/x-raw(memory:NVMM),width={width},height={height},"
+            f"framerate={fps}/1 ! nvvidconv ! video/x-raw,format=BGRx ! videoconvert ! video/x-raw,format=BGR ! "
+            "appsink drop=true max-buffers=1 sync=false")
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """One ``--source``: its display name, what OpenCV opens, and how.
+
+    live: a camera or network stream (frames arrive in real time: only the newest is kept, and a
+        stream that dies is reopened); False for a video file (every frame is read, in order).
+    """
+
+    name: str
+    kind: str  # device, file, url, gstreamer
+    target: str | int
+    cls: str | None
+    live: bool
+
+    @property
+    def api(self) -> int:
+        import cv2
+
+        return {"url": cv2.CAP_FFMPEG, "file": cv2.CAP_FFMPEG, "gstreamer": cv2.CAP_GSTREAMER}.get(self.kind, cv2.CAP_ANY)
+
+
+def split_class(text: str, classes: list[str]) -> tuple[str, str | None]:
+    """``SRC=CLASS`` -> (SRC, CLASS) when CLASS is one of ``classes``; otherwise (text, None)."""
+    source, sep, cls = text.rpartition("=")
+    if sep and source and cls in classes:
+        return source, cls
+    return text, None
+
+
+def parse_source(text: str, classes: list[str], default_cls: str | None = None) -> SourceSpec:
+    """Read one ``--source`` value (see the module docstring)."""
+    raw, cls = split_class(text.strip(), classes)
+    cls = cls or default_cls
+    if not raw:
+        raise AnoclipError("an empty --source was given; pass a camera index, a device, a file, a URL or a pipeline")
+    if raw.isdigit():
+        return SourceSpec(raw, "device", int(raw), cls, live=True)
+    if re.fullmatch(r"/dev/video\d+", raw):
+        return SourceSpec(raw, "device", raw, cls, live=True)
+    scheme = urlsplit(raw).scheme.lower() if "://" in raw else ""
+    if scheme == "csi":
+        return SourceSpec(raw, "gstreamer", _csi(raw), cls, live=True)
+    if scheme in URL_SCHEMES:
+        return SourceSpec(raw, "url", raw, cls, live=True)
+    if "!" in raw:
+        if "appsink" not in raw.rsplit("!", 1)[-1]:
+            raise AnoclipError(f"GStreamer source {raw!r} must end in `! appsink` for OpenCV to read its frames")
+        return SourceSpec(raw, "gstreamer", raw, cls, live=True)
+    if scheme:
+        raise AnoclipError(f"source {raw!r}: unknown scheme {scheme}:// (known: csi, {', '.join(URL_SCHEMES)})")
+    path = Path(raw)
+    if path.is_file():
+        return SourceSpec(raw, "file", str(path), cls, live=False)
+    if path.exists():
+        raise AnoclipError(f"source {raw!r} is not a video file")
+    raise AnoclipError(f"source {raw!r}: no such file, camera index, /dev/videoN device, URL or GStreamer pipeline")
+
+
+def _csi(raw: str) -> str:
+    parts = urlsplit(raw)
+    sensor = parts.netloc or "0"
+    if not sensor.isdigit():
+        raise AnoclipError(f"source {raw!r}: write csi://N with N the sensor id (csi://0)")
+    settings = dict(CSI_DEFAULTS)
+    for key, values in parse_qs(parts.query).items():
+        if key not in settings or not values[-1].isdigit():
+            raise AnoclipError(f"source {raw!r}: {key}= is not a csi:// setting (width, height, fps; whole numbers)")
+        settings[key] = int(values[-1])
+    return csi_pipeline(int(sensor), settings["width"], settings["height"], settings["fps"])
+
+
+def check_backend(spec: SourceSpec) -> None:
+    """Raise when this OpenCV cannot open the kind of source at all (before any thread starts)."""
+    import cv2
+
+    if spec.kind == "gstreamer" and not cv2.videoio_registry.hasBackend(cv2.CAP_GSTREAMER):
+        raise AnoclipError(
+            f"source {spec.name!r} needs OpenCV built with GStreamer, and this OpenCV {cv2.__version__} has none "
+            "(cv2.getBuildInformation(): GStreamer NO); on a Jetson use JetPack's OpenCV (python3-opencv, with "
+            "`pip uninstall opencv-python-headless`), elsewhere an OpenCV built with -DWITH_GSTREAMER=ON"
+        )
+
+
+def open_capture(spec: SourceSpec):
+    """A ``cv2.VideoCapture`` of the source, or None when it does not open."""
+    import cv2
+
+    params: list[int] = []
+    if spec.kind == "url":
+        params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, OPEN_TIMEOUT_MS, cv2.CAP_PROP_READ_TIMEOUT_MSEC, READ_TIMEOUT_MS]
+        os.environ.setdefault("OPENCV_FFMPEG_CAPTURE_OPTIONS", "rtsp_transport;tcp")
+    capture = cv2.VideoCapture(spec.target, spec.api, params)
+    if not capture.isOpened():
+        capture.release()
+        return None
+    if spec.kind == "device":
+        capture.set(cv2.CAP_PROP_BUFFERSIZE, 1)  # the driver keeps one frame, not a backlog
+    return capture
