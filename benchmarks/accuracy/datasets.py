@@ -6,6 +6,7 @@ Loaders and mask reading live in :mod:`.layouts` (SPEC section 6), the procedura
 Command line::
 
     python -m anoclip.benchmarks.accuracy.datasets make --layout mvtec --out samples/mvtec
+    python -m anoclip.benchmarks.accuracy.datasets clip --out samples/line.avi
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import click
 
 from .layouts import (DATASET_TITLES, DATASETS, MVTEC_CLASSES, MVTEC_TEXTURES, VISA_CLASSES, VISA_COLUMNS, VISA_CSV,
                       Sample, list_classes, load_mvtec, load_visa, read_mask)
-from .synthetic import DEFECT_KINDS, make_mvtec_like, make_visa_like
+from .synthetic import DEFECT_KINDS, make_clip, make_mvtec_like, make_visa_like
 
 __all__ = ["DATASETS", "DATASET_TITLES", "DEFECT_KINDS", "MVTEC_CLASSES", "MVTEC_TEXTURES", "VISA_CLASSES",
            "VISA_COLUMNS", "VISA_CSV", "Sample", "list_classes", "load_mvtec", "load_visa", "main", "make_mvtec_like",
@@ -84,6 +85,28 @@ def make_command(layout: str, out: Path, classes: str | None, n_normal: int, n_a
         raise click.ClickException(str(exc)) from None
     found = list_classes(root, layout)
     click.echo(f"wrote a {layout} layout with classes {', '.join(found)} to {root}")
+
+
+@main.command("clip")
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Video file to write: .avi (MJPEG) or .mp4 (MPEG-4).")
+@click.option("--class", "cls", default="bottle", show_default=True, help="Synthetic class of the part shown.")
+@click.option("--frames", type=click.IntRange(min=1), default=150, show_default=True, help="Length in frames.")
+@click.option("--defect-from", type=click.IntRange(min=0), default=100, show_default=True,
+              help="First frame showing the defect (>= --frames: none does).")
+@click.option("--defect", type=click.Choice(DEFECT_KINDS), default="scratch", show_default=True, help="Kind of defect.")
+@click.option("--size", default="320x240", show_default=True, help="WIDTHxHEIGHT of the frames.")
+@click.option("--fps", type=click.FloatRange(min=1), default=25.0, show_default=True, help="Frame rate stored in the file.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed; the same seed writes the same clip.")
+def clip_command(out: Path, cls: str, frames: int, defect_from: int, defect: str, size: str, fps: float,
+                 seed: int) -> None:
+    """Write a synthetic inspection clip: a part jittering under the camera, defective from a known frame."""
+    try:
+        make_clip(out, cls, frames, defect_from, _parse_size(size) or (320, 240), fps, seed, defect)
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    shown = f"from frame {defect_from}" if defect_from < frames else "in no frame"
+    click.echo(f"wrote {frames} frames of {cls} to {out}; the {defect} shows {shown}")
 
 
 if __name__ == "__main__":

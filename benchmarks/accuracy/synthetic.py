@@ -302,3 +302,35 @@ def make_visa_like(root: str | Path, classes: Sequence[str] = ("candle", "pcb1")
         writer.writerows(rows)
     logger.info("wrote a VisA-like set with %d classes to %s", len(classes), root)
     return root
+
+
+CLIP_FOURCC = {".avi": "MJPG", ".mp4": "mp4v", ".mkv": "MJPG"}
+
+
+def make_clip(path: str | Path, cls: str = "bottle", frames: int = 150, defect_from: int | None = 100,
+              size: tuple[int, int] = (320, 240), fps: float = 25.0, seed: int = 0, defect: str = "scratch") -> Path:
+    """A short video of one synthetic part passing under a camera: the same normal image sliding
+    a few pixels a frame, then, from frame ``defect_from`` on, the same image with a defect.
+
+    ``size`` is (width, height); ``.avi`` is written as MJPEG, ``.mp4`` as MPEG-4 part 2.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in CLIP_FOURCC:
+        raise ValueError(f"{path}: write the clip as one of {', '.join(CLIP_FOURCC)}")
+    if defect is not None and defect not in DEFECT_KINDS:
+        raise ValueError(f"unknown defect {defect!r}; one of {', '.join(DEFECT_KINDS)}")
+    width, height = size
+    clean, damaged, _ = _synth_sample(cls, seed, "test", 0, height, width, defect)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*CLIP_FOURCC[suffix]), fps, (width, height))
+    if not writer.isOpened():
+        raise OSError(f"could not write {path}: check the output folder is writable")
+    try:
+        for i in range(frames):
+            image = damaged if defect_from is not None and i >= defect_from else clean
+            shift = int(round(3 * np.sin(i / 8.0)))  # the part jitters on the belt
+            writer.write(np.roll(image, shift, axis=1))
+    finally:
+        writer.release()
+    return path
