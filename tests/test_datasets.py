@@ -172,3 +172,28 @@ def test_cli_make(tmp_path: Path) -> None:
     bad = runner.invoke(D.main, ["make", "--layout", "mvtec", "--out", str(tmp_path / "m"),
                                  "--size", "big"])
     assert bad.exit_code == 2 and "--size" in bad.output
+
+
+def _clip_frames(path: Path) -> list[np.ndarray]:
+    capture = cv2.VideoCapture(str(path))
+    frames = []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            return frames
+        frames.append(frame.astype(np.int16))
+
+
+def test_clip_shows_the_defect_from_its_frame(tmp_path: Path) -> None:
+    out = tmp_path / "line.avi"
+    result = CliRunner().invoke(D.main, ["clip", "--out", str(out), "--frames", "12", "--defect-from", "8",
+                                         "--size", "96x64"])
+    assert result.exit_code == 0, result.output
+    assert "from frame 8" in result.output
+    clean = S.make_clip(tmp_path / "clean.avi", frames=12, defect_from=None, size=(96, 64))
+    frames, reference = _clip_frames(out), _clip_frames(clean)
+    assert len(frames) == len(reference) == 12 and frames[0].shape == (64, 96, 3)
+    changed = [int(np.abs(a - b).max() > 60) for a, b in zip(frames, reference)]
+    assert changed == [0] * 8 + [1] * 4
+    bad = CliRunner().invoke(D.main, ["clip", "--out", str(tmp_path / "line.gif")])
+    assert bad.exit_code != 0 and "write the clip as one of" in bad.output

@@ -98,3 +98,16 @@ def test_tta_graph_is_in_the_manifest(tiny_artifacts):
     file = manifest.models["tta"].file
     assert re.fullmatch(r"tta\.[0-9a-f]{12}\.onnx", file) and file in manifest.files
     assert "patch_tokens" in manifest.models["tta"].inputs
+
+
+def test_each_stream_keeps_its_own_optimiser_state(tiny_artifacts, images):
+    detector = Detector.load(tiny_artifacts, backend="cpu", tta=TTAConfig(seed=2))
+    detector.predict_batch(images[:2], "bottle", tta_keys=["cam-a", "cam-b"])
+    detector.predict_batch(images[2:], "bottle", tta_keys=["cam-a"])
+    assert detector.tta_adapter("bottle", state="cam-a").state.step == 10
+    assert detector.tta_adapter("bottle", state="cam-b").state.step == 5
+    detector.reset_tta("bottle", "cam-a")
+    assert detector.tta_adapter("bottle", state="cam-a").state is None  # a new adapter, no step taken
+    assert detector.tta_adapter("bottle", state="cam-b").state.step == 5
+    with pytest.raises(ValueError, match="tta_keys"):
+        detector.predict_batch(images, "bottle", tta_keys=["cam-a"])
