@@ -8,7 +8,8 @@ Use the fixtures by importing them into a test module (pytest then finds them th
 - ``mosquitto``: the :class:`Mosquitto` behind it, to ``stop()``/``start()``/``restart()`` it on the
   same port (reconnect tests) and to read its log;
 - ``chromium``: a :class:`Chromium` driven through the DevTools protocol: ``chromium.open(url)``
-  gives a :class:`Page` with ``evaluate``, ``screenshot`` and ``element_box``.
+  gives a :class:`Page` with ``evaluate``, ``screenshot`` and ``element_box``;
+- :class:`Subscriber`: an MQTT client that keeps every record it receives on a topic.
 
 Chromium is driven over ``--remote-debugging-pipe`` (file descriptors 3 and 4, messages ended by a NUL
 byte), so no websocket client is needed; ``--screenshot`` cannot be used for pages with an MJPEG image,
@@ -21,6 +22,7 @@ import base64
 import fcntl
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -323,3 +325,36 @@ def chromium(tmp_path) -> Iterator[Chromium]:
         yield browser
     finally:
         browser.close()
+
+
+class Subscriber:
+    """A paho client that subscribes (again after each reconnect) and keeps every record it receives."""
+
+    def __init__(self, url: str, topic: str):
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        host, port = url.removeprefix("mqtt://").split(":")
+        self.topic = topic
+        self.messages: list[tuple[str, dict]] = []
+        self.subscriptions = 0
+        self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                                  client_id=f"test-subscriber-{secrets.token_hex(4)}", protocol=mqtt.MQTTv311)
+        self.client.reconnect_delay_set(min_delay=1, max_delay=1)
+        self.client.on_connect = lambda client, *_: client.subscribe(topic, qos=1)
+        self.client.on_subscribe = self._subscribed
+        self.client.on_message = lambda client, userdata, msg: self.messages.append((msg.topic,
+                                                                                      json.loads(msg.payload)))
+        self.client.connect_async(host, int(port))
+        self.client.loop_start()
+        wait_until(lambda: self.subscriptions >= 1, what="the test subscriber to subscribe")
+
+    def _subscribed(self, *args) -> None:
+        self.subscriptions += 1
+
+    def frames(self) -> list[int]:
+        return [record["frame"] for _, record in list(self.messages)]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()

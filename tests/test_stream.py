@@ -8,7 +8,6 @@ line runs the real tiny ONNX model (random weights: scores mean nothing there, t
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -22,9 +21,9 @@ from anoclip.runtime.errors import AnoclipError
 from anoclip.runtime.stream import StreamOptions, StreamPipeline, parse_source
 from anoclip.runtime.stream import capture as capture_module
 from anoclip.runtime.stream.sinks import EventsLog, SavedFrames, VideoRecorder
-from anoclip.runtime.stream.sources import check_backend, csi_pipeline
+from anoclip.runtime.stream.sources import check_backend, csi_pipeline, unique_names
 from conftest import one_error_line
-from fakes import defect_frame, normal_frame, red_defect_detector, write_clip
+from fakes import normal_frame, red_defect_detector, write_clip
 
 CLASSES = ["bottle", "carpet"]
 
@@ -50,19 +49,22 @@ def _read_events(path) -> list[dict]:
 
 def test_sources_by_kind(tmp_path):
     clip = write_clip(tmp_path / "clip.avi", 3)
-    assert parse_source("0", CLASSES, "bottle").kind == "device"
-    assert parse_source("0", CLASSES, "bottle").target == 0
-    assert parse_source("/dev/video2", CLASSES).live
+    camera = parse_source("0", CLASSES, "bottle")
+    assert (camera.kind, camera.target, camera.name) == ("device", 0, "camera0")
+    assert parse_source("/dev/video2", CLASSES).live and parse_source("/dev/video2", CLASSES).name == "video2"
     spec = parse_source(f"{clip}=carpet", CLASSES, "bottle")
-    assert (spec.kind, spec.cls, spec.live, spec.target) == ("file", "carpet", False, str(clip))
-    url = "rtsp://10.0.0.5:554/stream?channel=1&subtype=0"
+    assert (spec.kind, spec.cls, spec.live, spec.target, spec.name) == ("file", "carpet", False, str(clip), "clip.avi")
+    url = "rtsp://admin:secret@10.0.0.5:554/stream?channel=1&subtype=0"
     spec = parse_source(url, CLASSES, "bottle")
     assert (spec.kind, spec.target, spec.cls) == ("url", url, "bottle")  # '=' inside a URL stays in it
+    assert spec.name == "10.0.0.5/stream"  # no credentials in event names
     assert parse_source(url + "=carpet", CLASSES).cls == "carpet"
     pipeline = "videotestsrc ! video/x-raw,width=64 ! appsink"
     assert parse_source(pipeline, CLASSES, "bottle").kind == "gstreamer"
     spec = parse_source("csi://1?width=1280&height=720&fps=60", CLASSES, "bottle")
-    assert spec.target == csi_pipeline(1, 1280, 720, 60)
+    assert spec.target == csi_pipeline(1, 1280, 720, 60) and spec.name == "csi1"
+    names = [s.name for s in unique_names([parse_source(str(clip), CLASSES, "bottle")] * 3)]
+    assert names == ["clip.avi", "clip.avi-2", "clip.avi-3"]
     assert "nvarguscamerasrc sensor-id=1" in spec.target and spec.target.endswith("appsink drop=true max-buffers=1 sync=false")
 
 
@@ -141,10 +143,10 @@ def test_sources_of_two_classes_batch_and_stride(tmp_path, defect_detector, thre
     specs = [parse_source(str(first), CLASSES, "bottle"), parse_source(str(second), CLASSES, "bottle")]
     summary = _run(defect_detector, specs, [EventsLog(events)], stride=2, threshold=thresholds[0])
     records = _read_events(events)
-    by_source = {name: [r for r in records if r["source"] == name] for name in (str(first), str(second))}
-    assert [r["frame"] for r in by_source[str(first)]] == [0, 2, 4, 6, 8, 10]
-    assert [r["anomalous"] for r in by_source[str(first)]] == [False] * 3 + [True] * 3
-    assert not any(r["anomalous"] for r in by_source[str(second)])
+    by_source = {name: [r for r in records if r["source"] == name] for name in ("a.avi", "b.avi")}
+    assert [r["frame"] for r in by_source["a.avi"]] == [0, 2, 4, 6, 8, 10]
+    assert [r["anomalous"] for r in by_source["a.avi"]] == [False] * 3 + [True] * 3
+    assert not any(r["anomalous"] for r in by_source["b.avi"])
     assert summary["frames_processed"] == 12 and summary["mean_batch"] > 1  # both sources in one model run
 
 
@@ -224,7 +226,7 @@ def test_live_source_reconnects_resets_tta_and_counts(tmp_path, tiny_artifacts, 
     assert source["reconnects"] == 2  # the second session ended, one reopen failed, the third opened
     assert source["corrupt"] == 1
     assert source["read"] == 14 and summary["frames_processed"] + source["dropped"] == 13
-    assert resets and set(resets) == {"0:rtsp://camera.invalid/line"}
+    assert resets and set(resets) == {"camera.invalid/line"}
     assert opened[2] - opened[1] >= 0.05 and opened[3] - opened[2] >= 0.1  # backoff doubles
 
 

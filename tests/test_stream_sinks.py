@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 import shutil
 import socket
 import subprocess
@@ -19,7 +18,7 @@ import cv2
 import numpy as np
 import pytest
 from fakes import defect_frame, normal_frame
-from services import chromium, free_port, mosquitto, mosquitto_broker, wait_until  # noqa: F401 (fixtures)
+from services import Subscriber, chromium, free_port, mosquitto, mosquitto_broker, wait_until  # noqa: F401 (fixtures)
 
 from anoclip.runtime.errors import AnoclipError
 from anoclip.runtime.stream.events import FrameEvent
@@ -273,39 +272,6 @@ def test_web_view_in_headless_chromium(chromium, tmp_path):  # noqa: F811 (the f
 
 
 # -- MQTT -------------------------------------------------------------------------------------------
-
-class Subscriber:
-    """A paho client that subscribes (again after each reconnect) and keeps every record it receives."""
-
-    def __init__(self, url: str, topic: str):
-        import paho.mqtt.client as mqtt
-        from paho.mqtt.enums import CallbackAPIVersion
-
-        host, port = url.removeprefix("mqtt://").split(":")
-        self.topic = topic
-        self.messages: list[tuple[str, dict]] = []
-        self.subscriptions = 0
-        self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                                  client_id=f"test-subscriber-{secrets.token_hex(4)}", protocol=mqtt.MQTTv311)
-        self.client.reconnect_delay_set(min_delay=1, max_delay=1)
-        self.client.on_connect = lambda client, *_: client.subscribe(topic, qos=1)
-        self.client.on_subscribe = self._subscribed
-        self.client.on_message = lambda client, userdata, msg: self.messages.append((msg.topic,
-                                                                                      json.loads(msg.payload)))
-        self.client.connect_async(host, int(port))
-        self.client.loop_start()
-        wait_until(lambda: self.subscriptions >= 1, what="the test subscriber to subscribe")
-
-    def _subscribed(self, *args) -> None:
-        self.subscriptions += 1
-
-    def frames(self) -> list[int]:
-        return [record["frame"] for _, record in list(self.messages)]
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
 
 @pytest.fixture
 def subscriber(mosquitto_broker):  # noqa: F811 (the fixture)

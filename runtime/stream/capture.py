@@ -110,7 +110,7 @@ class CaptureThread(threading.Thread):
         check_backend(self.spec)
         self.capture = open_capture(self.spec)
         if self.capture is None:
-            raise AnoclipError(f"cannot open source {self.spec.name!r}; check that it exists and is reachable "
+            raise AnoclipError(f"cannot open source {self.spec.uri!r}; check that it exists and is reachable "
                                "(a camera in use by another program, a wrong URL or a file OpenCV cannot decode)")
         self._read_properties()
 

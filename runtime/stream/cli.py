@@ -9,7 +9,6 @@ import sys
 
 import click
 
-from ..errors import AnoclipError
 from ..plumbing import configure_logging
 from .pipeline import StreamOptions, StreamPipeline
 from .sources import parse_source
@@ -111,7 +110,7 @@ def stream_command(artifacts_dir, sources, cls, backend, model, tiling, tta, tta
     specs = [parse_source(text, detector.classes, cls) for text in sources]
     for spec in specs:
         if spec.cls is None:
-            raise click.UsageError(f"source {spec.name!r} has no class: give --class or --source {spec.name}=CLASS")
+            raise click.UsageError(f"source {spec.uri!r} has no class: give --class or --source {spec.uri}=CLASS")
         detector.class_prompts(spec.cls)  # an unknown class fails before any source opens
     options = StreamOptions(stride=stride, max_fps=max_fps, loop=loop, realtime=realtime, roi=roi, threshold=threshold,
                             pixel_threshold=pixel_threshold, alpha=alpha, max_batch=batch, stats_interval=stats_interval)

@@ -22,7 +22,7 @@ from ..thresholds import ClassThreshold, decide
 from .annotate import annotate
 from .capture import CaptureThread, Frame, FrameBoard
 from .events import FrameEvent, Sink
-from .sources import SourceSpec
+from .sources import SourceSpec, unique_names
 from .stats import StreamStats
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class StreamPipeline:
     def __init__(self, detector: Detector, sources: list[SourceSpec], sinks: list[Sink],
                  options: StreamOptions | None = None):
         self.detector = detector
-        self.sources = sources
+        self.sources = sources = unique_names(sources)
         self.sinks = list(sinks)
         self.options = options or StreamOptions()
         self.stop = threading.Event()
@@ -150,7 +150,7 @@ class StreamPipeline:
             self._queue.put(event)
 
     def _tta_key(self, frame: Frame) -> str:
-        return f"{frame.source}:{self.sources[frame.source].name}"
+        return self.sources[frame.source].name
 
     def _threshold(self, cls: str) -> ClassThreshold | None:
         if cls not in self._thresholds:

@@ -10,13 +10,18 @@
 
 ``SRC=CLASS`` names the class a source is scored for; it is split off only when the text after the
 last ``=`` is one of the artifact's classes, so URLs and pipelines with ``=`` in them stay whole.
+
+Every source also gets a short name for events, topics and file names: ``camera0``, ``video0``, the
+file's name, ``host/path`` of a URL (never its credentials), ``csi0``, ``gstreamer``; names that
+repeat get ``-2``, ``-3``, ...
 """
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -40,13 +45,14 @@ def csi_pipeline(sensor: int, width: int, height: int, fps: int) -> str:
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """One ``--source``: its display name, what OpenCV opens, and how.
+    """One ``--source``: its short name, what OpenCV opens, and how.
 
     live: a camera or network stream (frames arrive in real time: only the newest is kept, and a
         stream that dies is reopened); False for a video file (every frame is read, in order).
     """
 
     name: str
+    uri: str  # as given (without =CLASS)
     kind: str  # device, file, url, gstreamer
     target: str | int
     cls: str | None
@@ -74,26 +80,38 @@ def parse_source(text: str, classes: list[str], default_cls: str | None = None) 
     if not raw:
         raise AnoclipError("an empty --source was given; pass a camera index, a device, a file, a URL or a pipeline")
     if raw.isdigit():
-        return SourceSpec(raw, "device", int(raw), cls, live=True)
+        return SourceSpec(f"camera{raw}", raw, "device", int(raw), cls, live=True)
     if re.fullmatch(r"/dev/video\d+", raw):
-        return SourceSpec(raw, "device", raw, cls, live=True)
+        return SourceSpec(raw.rsplit("/", 1)[-1], raw, "device", raw, cls, live=True)
     scheme = urlsplit(raw).scheme.lower() if "://" in raw else ""
     if scheme == "csi":
-        return SourceSpec(raw, "gstreamer", _csi(raw), cls, live=True)
+        return SourceSpec(f"csi{urlsplit(raw).netloc or 0}", raw, "gstreamer", _csi(raw), cls, live=True)
     if scheme in URL_SCHEMES:
-        return SourceSpec(raw, "url", raw, cls, live=True)
+        parts = urlsplit(raw)
+        return SourceSpec(f"{parts.hostname or scheme}{parts.path.rstrip('/')}", raw, "url", raw, cls, live=True)
     if "!" in raw:
         if "appsink" not in raw.rsplit("!", 1)[-1]:
             raise AnoclipError(f"GStreamer source {raw!r} must end in `! appsink` for OpenCV to read its frames")
-        return SourceSpec(raw, "gstreamer", raw, cls, live=True)
+        return SourceSpec("gstreamer", raw, "gstreamer", raw, cls, live=True)
     if scheme:
         raise AnoclipError(f"source {raw!r}: unknown scheme {scheme}:// (known: csi, {', '.join(URL_SCHEMES)})")
     path = Path(raw)
     if path.is_file():
-        return SourceSpec(raw, "file", str(path), cls, live=False)
+        return SourceSpec(path.name, raw, "file", str(path), cls, live=False)
     if path.exists():
         raise AnoclipError(f"source {raw!r} is not a video file")
     raise AnoclipError(f"source {raw!r}: no such file, camera index, /dev/videoN device, URL or GStreamer pipeline")
+
+
+def unique_names(specs: list[SourceSpec]) -> list[SourceSpec]:
+    """The specs with repeated names made unique: ``clip.avi``, ``clip.avi-2``, ..."""
+    counts, seen = Counter(spec.name for spec in specs), Counter()
+    unique = []
+    for spec in specs:
+        seen[spec.name] += 1
+        unique.append(spec if counts[spec.name] == 1 or seen[spec.name] == 1
+                      else replace(spec, name=f"{spec.name}-{seen[spec.name]}"))
+    return unique
 
 
 def _csi(raw: str) -> str:
@@ -115,7 +133,7 @@ def check_backend(spec: SourceSpec) -> None:
 
     if spec.kind == "gstreamer" and not cv2.videoio_registry.hasBackend(cv2.CAP_GSTREAMER):
         raise AnoclipError(
-            f"source {spec.name!r} needs OpenCV built with GStreamer, and this OpenCV {cv2.__version__} has none "
+            f"source {spec.uri!r} needs OpenCV built with GStreamer, and this OpenCV {cv2.__version__} has none "
             "(cv2.getBuildInformation(): GStreamer NO); on a Jetson use JetPack's OpenCV (python3-opencv, with "
             "`pip uninstall opencv-python-headless`), elsewhere an OpenCV built with -DWITH_GSTREAMER=ON"
         )
