@@ -19,10 +19,10 @@ from anoclip.runtime.artifacts import (
 )
 from anoclip.runtime.errors import AnoclipError, ArtifactError
 from anoclip.runtime.integrity import VerificationRecord, resolve_inside
-from anoclip.runtime.plumbing import ensure_writable_folder
+from anoclip.runtime.plumbing import ensure_writable_folder, folder_lock, sync_folder
 from anoclip.runtime.prompt_weights import ClassPrompts, PromptBank, read_prompts, write_prompts
 
-from .folder import folder_lock, has_manifest, place, remove_unreferenced, staging_folder, sync_folder
+from .folder import has_manifest, place, remove_unreferenced, staging_folder
 from .model import LoadedModel, load_model, resolve_pretrained
 from .prompts import PromptRecipe, class_embeddings, encode_sentences
 
@@ -282,7 +282,7 @@ def _export_locked(opts: ExportOptions, argv: list[str], progress, old: Manifest
                 embed_dim=geometry.embed_dim, width=geometry.width, layers=geometry.layers, heads=geometry.heads,
                 models={name: entry for name, (entry, _) in entries.items()},
                 checkpoint_sha256=loaded.checkpoint_sha256, visual_weights_sha256=loaded.weights_sha256("visual"),
-                history=list(old.history) if old else [],
+                history=list(old.history) if old else [], thresholds=old.thresholds if old else "",
             )
             if old is not None and TTA_GRAPH in old.models and not opts.tta:
                 manifest.models[TTA_GRAPH] = old.models[TTA_GRAPH]  # class- and weight-independent
@@ -308,6 +308,10 @@ def _export_locked(opts: ExportOptions, argv: list[str], progress, old: Manifest
     manifest.prompts = placed[PROMPTS][0]
     shas = {**(old.files if old else {}), **dict(placed.values())}
     named = [entry.file for entry in manifest.models.values()] + [manifest.prompts]
+    if manifest.thresholds in shas:  # the calibration's thresholds stay; where the visual model or a
+        named.append(manifest.thresholds)  # class's prompts changed, loading warns that they are stale
+    else:
+        manifest.thresholds = ""
     manifest.files = {name: shas[name] for name in named}
     manifest.format_version = FORMAT_VERSION
     manifest.versions = {"anoclip": _version(), "open_clip": open_clip.__version__, "torch": torch.__version__,

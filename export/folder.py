@@ -1,6 +1,7 @@
 """Writing an artifact folder so that it always loads.
 
-One export at a time holds a lock on the folder. New files are written in a staging folder inside
+One writer at a time (an export or a calibration) holds the folder's lock (runtime's
+``plumbing.folder_lock``). New files are written in a staging folder inside
 it, then moved in under content-addressed names (``visual.<sha>.onnx``) beside the files the current
 manifest names, which are never overwritten. Replacing ``manifest.json`` is the one commit point: an
 export killed at any moment leaves the folder loading with the manifest it had. Afterwards, and at
@@ -20,30 +21,16 @@ from pathlib import Path
 from typing import Iterator
 
 from anoclip.runtime.artifacts import MANIFEST, content_addressed
-from anoclip.runtime.errors import AnoclipError
 from anoclip.runtime.integrity import sha256_file
+from anoclip.runtime.plumbing import sync_folder
 
 log = logging.getLogger(__name__)
 
-# Files an export owns: the graphs and prompt weights, content-addressed or under format-1 names.
-OWNED = re.compile(r"^(visual|visual_qkv|tta|prompts)(\.[0-9a-f]{12})?\.(onnx|safetensors)$")
+# Files a manifest owns: the graphs, prompt weights and thresholds (written by the calibration),
+# content-addressed or under format-1 names. The manifest is the one list of those in use.
+OWNED = re.compile(r"^((visual|visual_qkv|tta)(\.[0-9a-f]{12})?\.onnx|prompts(\.[0-9a-f]{12})?\.safetensors"
+                   r"|thresholds(\.[0-9a-f]{12})?\.json)$")
 STAGING_PREFIX = ".staging-"
-
-
-@contextlib.contextmanager
-def folder_lock(folder: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the folder itself (released by the kernel if the process dies)."""
-    import fcntl
-
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise AnoclipError(f"another anoclip-export is writing {folder}; wait for it to finish and run again") from None
-        yield
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -71,15 +58,6 @@ def place(staging: Path, folder: Path) -> dict[str, tuple[str, str]]:
         placed[path.name] = (name, sha)
     sync_folder(folder)
     return placed
-
-
-def sync_folder(folder: Path) -> None:
-    """Flush the folder's entries (renames) to disk."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def remove_unreferenced(folder: Path, keep: set[str]) -> list[str]:

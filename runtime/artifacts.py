@@ -13,6 +13,8 @@ new export never overwrites a file that the current manifest names)::
     visual_qkv.<sha>.onnx          optional plain-CLIP baseline (patch_embeds are the QKV tokens)
     tta.<sha>.onnx                 optional AnoCLIP+ adapter loop as one graph (class-independent)
     prompts.<sha>.safetensors      text_features/<class> [2,D] (t+, t-), prompt_features/<class> [2N,D]
+    thresholds.<sha>.json          optional, from `anoclip calibrate threshold`: per class image and
+                                   pixel thresholds and their provenance (``thresholds``)
 
 Folders of format version 1 (``visual.onnx``, ``prompts.safetensors``) still load.
 """
@@ -31,6 +33,7 @@ from .errors import ArtifactError
 from .integrity import VerificationRecord, onnx_external_files, resolve_inside, verify_file
 from .plumbing import atomic_write_bytes
 from .prompt_weights import PromptBank, read_prompts
+from .thresholds import ThresholdTable, read_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +85,7 @@ class Manifest:
     models: dict[str, ModelEntry]
     files: dict[str, str] = field(default_factory=dict)  # name -> sha256
     prompts: str = PROMPTS  # the prompt weights file
+    thresholds: str = ""  # the thresholds file written by the calibration ("" for none)
     checkpoint_sha256: str = ""  # of the checkpoint the weights were loaded from ("" for random weights)
     visual_weights_sha256: str = ""  # of the visual tower's weights themselves (names, shapes, values)
     resize: str = "squash-bilinear-antialias"
@@ -96,7 +100,10 @@ class Manifest:
         return self.grid[0] * self.grid[1]
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
+        data = asdict(self)
+        if not data["thresholds"]:  # never calibrated: readable by runtimes that predate the field too
+            del data["thresholds"]
+        return json.dumps(data, indent=2, sort_keys=False) + "\n"
 
     @classmethod
     def from_dict(cls, data: Any) -> "Manifest":
@@ -199,8 +206,8 @@ _FIELD_CHECKS = {
     "backbone": _typed(str), "pretrained": _typed(str), "random_weights": _typed(bool),
     "image_size": _positive_ints(2), "grid": _positive_ints(2), "mean": _floats(3), "std": _floats(3, positive=True),
     "embed_dim": _positive_int, "width": _positive_int, "layers": _positive_int, "heads": _positive_int,
-    "models": _models, "files": _hashes, "prompts": _typed(str), "checkpoint_sha256": _typed(str),
-    "visual_weights_sha256": _typed(str),
+    "models": _models, "files": _hashes, "prompts": _typed(str), "thresholds": _typed(str),
+    "checkpoint_sha256": _typed(str), "visual_weights_sha256": _typed(str),
     "resize": _typed(str), "versions": _str_map, "command": _typed(str), "created": _typed(str),
     "history": lambda k, v: [_typed(str)(k, item) for item in _typed(list)(k, v)], "format_version": _typed(int),
 }
@@ -255,6 +262,12 @@ class Artifacts:
     folder: Path
     manifest: Manifest
     prompts: PromptBank
+    thresholds: ThresholdTable | None = None  # None: the folder has no thresholds file (or it was not loaded)
+
+    def model_sha256(self, model: str = VISUAL) -> str:
+        """The sha256 the manifest records for a graph's file ("" when it records none)."""
+        entry = self.manifest.models.get(model)
+        return self.manifest.files.get(entry.file, "") if entry is not None else ""
 
     def model_path(self, model: str = VISUAL) -> Path:
         """The real path of a graph of the folder (always inside it)."""
@@ -304,7 +317,8 @@ def check_prompts_belong(manifest: Manifest, bank: PromptBank, where: str) -> No
         )
 
 
-def load_artifacts(folder: str | os.PathLike, verify: bool = True, models: list[str] | None = None) -> Artifacts:
+def load_artifacts(folder: str | os.PathLike, verify: bool = True, models: list[str] | None = None,
+                   load_thresholds: bool = True) -> Artifacts:
     """Read and cross-check an artifact folder.
 
     Every file that will be read must lie inside ``folder``, be listed in the manifest and (with
@@ -315,6 +329,7 @@ def load_artifacts(folder: str | os.PathLike, verify: bool = True, models: list[
         folder: the folder written by ``anoclip-export``.
         verify: check the sha256 of the files that will be used against the manifest.
         models: the graphs that will be used (default: the V-V visual model).
+        load_thresholds: read (and verify) the thresholds file the manifest names, if any.
     """
     folder = Path(folder)
     manifest = read_manifest(folder)
@@ -322,8 +337,25 @@ def load_artifacts(folder: str | os.PathLike, verify: bool = True, models: list[
     needed = [manifest.prompts] + [name for model in models or [VISUAL] for name in artifacts.model_files(model)]
     record = VerificationRecord() if verify else None
     verify_files(folder, manifest, needed, record, hashes=verify)
+    if load_thresholds and manifest.thresholds:
+        verify_thresholds(folder, manifest, record, hashes=verify)
     if record is not None:
         record.save()
     artifacts.prompts = read_prompts(resolve_inside(folder, manifest.prompts))
     check_prompts_belong(manifest, artifacts.prompts, str(folder))
+    if load_thresholds and manifest.thresholds:
+        artifacts.thresholds = read_thresholds(resolve_inside(folder, manifest.thresholds))
     return artifacts
+
+
+def verify_thresholds(folder: str | os.PathLike, manifest: Manifest, record: VerificationRecord | None = None,
+                      hashes: bool = True) -> None:
+    """:func:`verify_files` for the thresholds file, whose fix is a calibration, not an export."""
+    try:
+        verify_files(folder, manifest, [manifest.thresholds], record, hashes)
+    except ArtifactError as exc:
+        cause = str(exc).split("; ")[0]
+        raise ArtifactError(
+            f"{cause}; calibrate anew with `anoclip calibrate threshold --artifacts {folder} --class ... --normal ... "
+            "--replace-file` (then once more for each other class)"
+        ) from None

@@ -65,6 +65,57 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def _finite(ctx, param, value: float | None) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter("must be a finite number")
+    return value
+
+
+def detector_options(command):
+    """The options that set up the Detector the way ``predict`` runs it (backend, model, tiling,
+    TTA); the command receives them as keyword arguments (``tta_config_from`` turns the TTA ones
+    into a TTAConfig)."""
+    options = [
+        click.option("--backend", default="auto", show_default=True,
+                     type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]),
+                     help="onnxruntime execution provider; auto prefers TensorRT, then CUDA, then CPU."),
+        click.option("--model", default="visual", show_default=True, type=click.Choice(["visual", "visual_qkv"]),
+                     help="visual: AnoCLIP V-V tokens; visual_qkv: the plain-CLIP baseline (if exported)."),
+        click.option("--tiling", default="auto", show_default=True, type=click.Choice(["auto", "never", "always"]),
+                     help="Cut frames far from square (aspect > 1.2) into overlapping square tiles."),
+        click.option("--tta", is_flag=True,
+                     help="AnoCLIP+: adapt the patch tokens at test time (maps change, scores do not)."),
+        click.option("--tta-backend", default="numpy", show_default=True, type=click.Choice(["numpy", "onnx"]),
+                     help="numpy array code, or the exported tta.onnx through onnxruntime (export with --tta)."),
+        click.option("--tta-steps", default=5, show_default=True, type=click.IntRange(min=1),
+                     help="Adapter steps per image."),
+        click.option("--tta-adapter", default="text", show_default=True, type=click.Choice(["text", "linear"]),
+                     help="text: tanh adapter over the prompt embeddings (authors' MVTec code); "
+                          "linear: their VisA script."),
+        click.option("--tta-init", default="random", show_default=True, type=click.Choice(["random", "prompts"]),
+                     help="random: like torch.nn.Linear, re-drawn per image (authors' code); prompts: from T (paper)."),
+        click.option("--tta-state", default="persistent", show_default=True, type=click.Choice(["persistent", "fresh"]),
+                     help="persistent: one AdamW state per class across images (authors' code); "
+                          "fresh: new per image."),
+        click.option("--seed", default=0, show_default=True, type=int, help="Seed of the TTA draws (parameters, noise)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def tta_config_from(tta: bool, tta_steps: int, tta_adapter: str, tta_init: str, tta_state: str, seed: int):
+    """The TTAConfig of the TTA options (None without --tta); a usage error for settings that do not go together."""
+    from .tta import TTAConfig
+
+    if not tta:
+        return None
+    try:
+        return TTAConfig(steps=tta_steps, adapter=tta_adapter, init=tta_init, state_policy=tta_state, seed=seed)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
 @cli.command("predict")
 @click.option("--artifacts", "artifacts_dir", required=True, type=click.Path(file_okay=False),
               help="Artifact folder written by anoclip-export.")
@@ -72,25 +123,14 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 @click.option("--out", "out_dir", default="anoclip-out", show_default=True, type=click.Path(file_okay=False),
               help="Folder for results.jsonl and, per run, a folder <run>/ of overlays (<name>_overlay.png) "
                    "and raw maps (<name>_map.npy).")
-@click.option("--backend", default="auto", show_default=True,
-              type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]),
-              help="onnxruntime execution provider; auto prefers TensorRT, then CUDA, then CPU.")
-@click.option("--model", default="visual", show_default=True, type=click.Choice(["visual", "visual_qkv"]),
-              help="visual: AnoCLIP V-V tokens; visual_qkv: the plain-CLIP baseline (if exported).")
-@click.option("--tiling", default="auto", show_default=True, type=click.Choice(["auto", "never", "always"]),
-              help="Cut frames far from square (aspect > 1.2) into overlapping square tiles.")
-@click.option("--tta", is_flag=True, help="AnoCLIP+: adapt the patch tokens at test time (maps change, scores do not).")
-@click.option("--tta-backend", default="numpy", show_default=True, type=click.Choice(["numpy", "onnx"]),
-              help="numpy array code, or the exported tta.onnx through onnxruntime (export with --tta).")
-@click.option("--tta-steps", default=5, show_default=True, type=click.IntRange(min=1), help="Adapter steps per image.")
-@click.option("--tta-adapter", default="text", show_default=True, type=click.Choice(["text", "linear"]),
-              help="text: tanh adapter over the prompt embeddings (authors' MVTec code); linear: their VisA script.")
-@click.option("--tta-init", default="random", show_default=True, type=click.Choice(["random", "prompts"]),
-              help="random: like torch.nn.Linear, re-drawn per image (authors' code); prompts: from T (paper).")
-@click.option("--tta-state", default="persistent", show_default=True, type=click.Choice(["persistent", "fresh"]),
-              help="persistent: one AdamW state per class across images (authors' code); fresh: new per image.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the TTA draws (parameters, noise).")
+@detector_options
 @click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(0, 1), help="Heat-map opacity.")
+@click.option("--threshold", "image_threshold", default=None, type=float, callback=_finite,
+              help="Image-score threshold: an image scoring above it is anomalous. Overrides the class's calibrated "
+                   "one (from `anoclip calibrate threshold`).")
+@click.option("--pixel-threshold", default=None, type=float, callback=_finite,
+              help="Map threshold: pixels above it form the reported regions, outlined in the overlay. Overrides "
+                   "the class's calibrated one.")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads for onnxruntime.")
 @click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=click.IntRange(min=1),
               help="Largest image (width x height) decoded; files claiming more are skipped unread.")
@@ -101,8 +141,8 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @click.argument("paths", nargs=-1, required=True)
 def predict_command(artifacts_dir, cls, out_dir, backend, model, tiling, tta, tta_backend, tta_steps, tta_adapter,
-                    tta_init, tta_state, seed, alpha, threads, max_pixels, max_output_pixels, no_verify, as_json,
-                    verbose, paths):
+                    tta_init, tta_state, seed, alpha, image_threshold, pixel_threshold, threads, max_pixels,
+                    max_output_pixels, no_verify, as_json, verbose, paths):
     """Score images (files or folders of images) and write anomaly maps.
 
     Each run writes into OUT/<run>/ (<run> = UTC time and process id), per image:
@@ -113,6 +153,11 @@ def predict_command(artifacts_dir, cls, out_dir, backend, model, tiling, tta, tt
     input gets its own <name> (images sharing a stem take their suffix: a_png, a_jpg). OUT itself is
     never searched for inputs. Unreadable images, and files above --max-pixels, are reported and
     skipped; the exit code is then 3.
+
+    With thresholds for the class (calibrated, or --threshold / --pixel-threshold), each line says
+    "anomalous" (score > threshold) and lists the "regions" of the map above the pixel threshold
+    ({"box": [x, y, width, height], "area": pixels}), outlined in the overlay; without, they are
+    null and [] and only scores are reported.
     """
     from tqdm import tqdm
 
@@ -120,16 +165,10 @@ def predict_command(artifacts_dir, cls, out_dir, backend, model, tiling, tta, tt
     from .outputs import IMAGE_SUFFIXES, ResultsLog, discover_images, run_id
     from .plumbing import ensure_writable_folder
     from .preprocess import read_image
-    from .tta import TTAConfig
+    from .thresholds import decide
 
     configure_logging(verbose)
-    tta_config = None
-    if tta:
-        try:
-            tta_config = TTAConfig(steps=tta_steps, adapter=tta_adapter, init=tta_init, state_policy=tta_state,
-                                   seed=seed)
-        except ValueError as exc:
-            raise click.UsageError(str(exc)) from None
+    tta_config = tta_config_from(tta, tta_steps, tta_adapter, tta_init, tta_state, seed)
     out = Path(out_dir)
     images = discover_images(paths, exclude=out)
     if not images:
@@ -139,6 +178,7 @@ def predict_command(artifacts_dir, cls, out_dir, backend, model, tiling, tta, tt
     detector.class_prompts(cls)  # unknown class: fail before touching any image
     if tta_config is not None:
         detector.tta_adapter(cls, tta_config)  # a TTA graph that does not fit: fail before any image too
+    threshold = detector.threshold_for(cls, image=image_threshold, pixel=pixel_threshold)
     ensure_writable_folder(out)
     run = run_id()
     run_dir = out / run  # this run's overlays and maps: no other run, at the same time or later, writes here
@@ -153,9 +193,12 @@ def predict_command(artifacts_dir, cls, out_dir, backend, model, tiling, tta, tt
                 failed += 1
                 log.error("skipped %s: %s", path, exc)
                 continue
-            record = {"image": str(path), "class": cls, "run": run, "score": result.score,
+            anomalous, regions = decide(result.score, result.anomaly_map_full, threshold)
+            record = {"image": str(path), "class": cls, "run": run, "score": result.score, "anomalous": anomalous,
+                      "threshold": threshold.image if threshold else None, "regions": regions,
                       "map_max": float(result.anomaly_map_full.max()), "map_mean": float(result.anomaly_map_full.mean()),
-                      **_write_maps(run_dir, key, rgb, result.anomaly_map_full, alpha, max_output_pixels),
+                      **_write_maps(run_dir, key, rgb, result.anomaly_map_full, alpha, max_output_pixels,
+                                    threshold.pixel if threshold else None),
                       "tiles": result.tiles, "timings_ms": {k: round(v, 3) for k, v in result.timings.items()}}
             line = results.append(record)
             if as_json:
@@ -168,11 +211,12 @@ def predict_command(artifacts_dir, cls, out_dir, backend, model, tiling, tta, tt
 
 
 def _write_maps(out: Path, key: str, rgb: np.ndarray, amap: np.ndarray, alpha: float,
-                max_pixels: int | None) -> dict:
-    """Write <key>_overlay.png and <key>_map.npy into ``out`` atomically (scaled down above ``max_pixels``)."""
+                max_pixels: int | None, pixel: float | None = None) -> dict:
+    """Write <key>_overlay.png (with the outlines of the regions above ``pixel``, when given) and
+    <key>_map.npy into ``out`` atomically (scaled down above ``max_pixels``)."""
     import cv2
 
-    from .overlay import encode_png, overlay
+    from .overlay import draw_regions, encode_png, overlay
     from .plumbing import atomic_write_bytes
 
     height, width = amap.shape
@@ -182,7 +226,10 @@ def _write_maps(out: Path, key: str, rgb: np.ndarray, amap: np.ndarray, alpha: f
         amap = cv2.resize(amap, size, interpolation=cv2.INTER_AREA)
         rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
     overlay_path, map_path = out / f"{key}_overlay.png", out / f"{key}_map.npy"
-    atomic_write_bytes(overlay_path, encode_png(overlay(rgb, amap, alpha)))
+    image = overlay(rgb, amap, alpha)
+    if pixel is not None:
+        image = draw_regions(image, amap, pixel)
+    atomic_write_bytes(overlay_path, encode_png(image))
     atomic_write_bytes(map_path, _npy_bytes(amap.astype(np.float32)))
     return {"overlay": str(overlay_path), "map": str(map_path), "map_shape": list(amap.shape)}
 

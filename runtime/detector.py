@@ -16,6 +16,7 @@ from .errors import ArtifactError
 from .preprocess import DEFAULT_MAX_PIXELS, TileLayout, as_rgb_uint8, merge_tiles, preprocess, read_image
 from .prompt_weights import ClassPrompts
 from .scoring import abnormal_probability, gaussian_smooth, patch_grid, upsample_bilinear
+from .thresholds import ClassCalibration, ClassThreshold, ThresholdTable, text_features_sha256, tta_settings
 from .tta import OnnxTTARunner, TTAAdapter, TTAConfig
 
 log = logging.getLogger(__name__)
@@ -48,12 +49,17 @@ class Detector:
     """Zero-shot anomaly detector over an exported artifact folder (no PyTorch needed).
 
     Build it with :meth:`load`. ``predict`` takes an RGB image ([H, W, 3] uint8, or a path) and a
-    class name present in the prompt weights.
+    class name present in the prompt weights; :meth:`threshold_for` gives the thresholds that turn
+    its score and map into a decision (``thresholds.decide``).
+
+    ``model``: the graph ``backend`` runs (``visual`` or ``visual_qkv``), which calibrated
+    thresholds are checked against; ``thresholds``: those of the artifacts when None.
     """
 
     def __init__(self, artifacts: Artifacts, backend: Backend, tiling: str = "auto",
                  smoothing_sigma: float = 0.0, tta: TTAConfig | None = None, tta_backend: str = "numpy",
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, *, model: str = VISUAL,
+                 thresholds: ThresholdTable | None = None):
         if tta_backend not in ("numpy", "onnx"):
             raise ValueError(f"tta_backend must be 'numpy' or 'onnx', got {tta_backend!r}")
         self.artifacts = artifacts
@@ -67,6 +73,10 @@ class Detector:
         # its AdamW state carries over from image to image of that class, as in the authors' code.
         # The state key keeps independent streams apart (a camera's adapter sees only its frames).
         self._adapters: dict[tuple[str, TTAConfig, str], TTAAdapter | OnnxTTARunner] = {}
+        self.model = model
+        self.thresholds = thresholds if thresholds is not None else artifacts.thresholds
+        self._calibrations: dict[tuple[str, TTAConfig | None], ClassCalibration | None] = {}
+        self._told_no_threshold: set[str] = set()
         manifest = artifacts.manifest
         self.input_size = tuple(manifest.image_size)
         self.grid = tuple(manifest.grid)
@@ -76,7 +86,7 @@ class Detector:
     def load(cls, artifacts_dir: str | os.PathLike, backend: str = "auto", tta=False, *, model: str = VISUAL,
              tiling: str = "auto", smoothing_sigma: float = 0.0, verify: bool = True,
              threads: int | None = None, tta_backend: str = "numpy",
-             max_pixels: int | None = DEFAULT_MAX_PIXELS) -> "Detector":
+             max_pixels: int | None = DEFAULT_MAX_PIXELS, load_thresholds: bool = True) -> "Detector":
         """Load an artifact folder.
 
         Args:
@@ -92,12 +102,13 @@ class Detector:
             tta_backend: ``numpy`` (array code; cupy arrays run it on a GPU) or ``onnx`` (the
                 exported ``tta.onnx`` through onnxruntime with the same providers).
             max_pixels: image files claiming more pixels than this are refused before decoding.
+            load_thresholds: read the folder's calibrated thresholds (see :meth:`threshold_for`).
         """
         models = [model] + ([TTA_GRAPH] if tta_backend == "onnx" else [])
-        artifacts = load_artifacts(artifacts_dir, verify=verify, models=models)
+        artifacts = load_artifacts(artifacts_dir, verify=verify, models=models, load_thresholds=load_thresholds)
         engine = create_backend(artifacts.model_path(model), backend, threads=threads)
         return cls(artifacts, engine, tiling=tiling, smoothing_sigma=smoothing_sigma, tta=_tta_config(tta),
-                   tta_backend=tta_backend, max_pixels=max_pixels)
+                   tta_backend=tta_backend, max_pixels=max_pixels, model=model)
 
     @property
     def classes(self) -> list[str]:
@@ -105,6 +116,48 @@ class Detector:
 
     def class_prompts(self, cls: str) -> ClassPrompts:
         return self.artifacts.prompts.get(cls)
+
+    def threshold_for(self, cls: str, image: float | None = None, pixel: float | None = None) -> ClassThreshold | None:
+        """The thresholds for ``cls``: the calibrated ones (when they hold for this model, these
+        prompts and this TTA setting), each replaced by ``image`` / ``pixel`` when given.
+
+        None when there are neither; that is said once per class (info level): scores only.
+        """
+        calibrated = self.calibration(cls)
+        values = {"image": image, "pixel": pixel}
+        origins = {"override" for v in values.values() if v is not None}
+        for key in values:
+            if values[key] is None and calibrated is not None:
+                values[key] = getattr(calibrated, key)
+                origins.add("calibrated")
+        if not origins:
+            if cls not in self._told_no_threshold:
+                self._told_no_threshold.add(cls)
+                log.info("no threshold set for class %s: reporting scores only; run `%s`", cls, self._calibrate_hint(cls))
+            return None
+        return ClassThreshold(values["image"], values["pixel"], "+".join(sorted(origins)))
+
+    def calibration(self, cls: str) -> ClassCalibration | None:
+        """The calibrated record of ``cls``, if any and if it was made on these artifacts and
+        settings (the same model file, text embeddings of the class, TTA, tiling and smoothing); a
+        stale one is warned about once and ignored."""
+        key = (cls, self.tta)
+        if key not in self._calibrations:
+            record = self.thresholds.classes.get(cls) if self.thresholds is not None else None
+            text = text_features_sha256(self.class_prompts(cls).text_features)
+            reasons = record.mismatches(self.model, self.artifacts.model_sha256(self.model), text, tta_settings(self.tta),
+                                        self.tiling, self.smoothing_sigma) if record is not None else []
+            if reasons:
+                log.warning("threshold of class %s not applied: it was calibrated on other artifacts or settings (%s); "
+                            "re-run `%s`", cls, "; ".join(reasons), self._calibrate_hint(cls))
+                self._told_no_threshold.add(cls)  # the warning said it
+                record = None
+            self._calibrations[key] = record
+        return self._calibrations[key]
+
+    def _calibrate_hint(self, cls: str) -> str:
+        flags = (f" --model {self.model}" if self.model != VISUAL else "") + (" --tta" if self.tta else "")
+        return f"anoclip calibrate threshold --artifacts {self.artifacts.folder} --class {cls}{flags} --normal ..."
 
     # ------------------------------------------------------------------------------------------
 

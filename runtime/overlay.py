@@ -1,4 +1,4 @@
-"""Heat-map overlays of anomaly maps on images."""
+"""Heat-map overlays of anomaly maps on images, and the outlines of thresholded regions."""
 
 from __future__ import annotations
 
@@ -33,3 +33,22 @@ def encode_png(image_rgb: np.ndarray) -> bytes:
     if not ok:
         raise ValueError("PNG encoding failed")
     return data.tobytes()
+
+
+REGION_RGB = (255, 0, 255)  # magenta: not a colour of the jet heat map
+
+
+def draw_regions(image_rgb: np.ndarray, anomaly_map: np.ndarray, pixel: float,
+                 colour: tuple[int, int, int] = REGION_RGB) -> np.ndarray:
+    """A copy of the RGB image with the outlines of the regions where ``anomaly_map > pixel``
+    (the map is resized to the image when needed)."""
+    import cv2
+
+    height, width = image_rgb.shape[:2]
+    if anomaly_map.shape != (height, width):
+        anomaly_map = cv2.resize(anomaly_map.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+    mask = (anomaly_map > pixel).astype(np.uint8)
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    out = np.ascontiguousarray(image_rgb).copy()
+    cv2.drawContours(out, contours, -1, colour, max(1, round(min(height, width) / 200)))
+    return out

@@ -1,6 +1,7 @@
 """Plumbing every stage shares, imported from the runtime side (the export, calibration and
 benchmark stages depend on the runtime, never the other way): logging set-up, commands that end in
-one error line, atomic writes and output folders checked before the work."""
+one error line, atomic writes, the lock of a folder being written and output folders checked before
+the work."""
 
 from __future__ import annotations
 
@@ -93,6 +94,39 @@ def atomic_path(path: str | os.PathLike, mode: int | None = None) -> Iterator[Pa
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None) -> None:
     with atomic_path(path, mode) as tmp:
         tmp.write_bytes(data)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, wait: float = 0.0) -> Iterator[None]:
+    """Hold an exclusive lock on the folder itself while writing into it (export, calibration);
+    the kernel releases it if the process dies. ``wait``: seconds to wait for another holder."""
+    import fcntl
+    import time
+
+    deadline = time.monotonic() + wait
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise AnoclipError(f"another anoclip process is writing {folder}; wait for it to finish and run "
+                                       "again") from None
+                time.sleep(0.1)
+        yield
+    finally:
+        os.close(fd)
+
+
+def sync_folder(folder: str | os.PathLike) -> None:
+    """Flush the folder's entries (renames) to disk."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def ensure_writable_folder(path: str | os.PathLike, option: str = "--out") -> bool:

@@ -536,7 +536,7 @@ def test_concurrent_export_is_one_line(folder):
         proc = export(folder, "--classes", "screw")
     finally:
         os.close(fd)
-    assert proc.returncode == 1 and "another anoclip-export is writing" in one_error_line(proc.stderr)
+    assert proc.returncode == 1 and "another anoclip process is writing" in one_error_line(proc.stderr)
 
 
 KILL_CHILD = r"""

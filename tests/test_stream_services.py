@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from fakes import write_clip
 from services import Subscriber, chromium, free_port, mosquitto, mosquitto_broker, wait_until  # noqa: F401 (fixtures)
+from services_rtsp import rtsp_server  # noqa: F401 (fixture)
 
 
 def _stream(*args: str) -> subprocess.Popen:
@@ -92,3 +93,23 @@ def _region(png: bytes, box: tuple[int, int, int, int]) -> bytes:
     image = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
     x, y, w, h = box
     return image[y:y + h, x:x + w].tobytes()
+
+
+def test_rtsp_camera_that_dies_is_reopened(tmp_path, tiny_artifacts, rtsp_server):
+    events = tmp_path / "events.jsonl"
+    process = _stream("--artifacts", str(tiny_artifacts), "--source", rtsp_server.url, "--class", "bottle",
+                      "--events", str(events))
+    try:
+        wait_until(lambda: len(_lines(events)) >= 5, timeout=60, what="5 frames from the RTSP camera")
+        rtsp_server.kill()  # the camera crashes mid-stream
+        time.sleep(1.0)
+        before_restart = len(_lines(events))
+        rtsp_server.start()
+        wait_until(lambda: len(_lines(events)) >= before_restart + 5, timeout=60, what="frames after the restart")
+    finally:
+        process.send_signal(signal.SIGINT)
+    summary = _finish(process)
+    assert summary["reconnects"] >= 1 and summary["sources"][0]["reconnects"] == summary["reconnects"]
+    frames = [record["frame"] for record in _lines(events)]
+    assert frames == sorted(frames) and len(set(frames)) == len(frames)  # one count across the reconnect
+    assert summary["frames_processed"] == len(frames)

@@ -1,0 +1,139 @@
+"""``anoclip calibrate``: turn exported artifacts into deployable ones, with the runtime only.
+
+Subcommands: ``threshold`` (score and pixel thresholds of a class from normal frames).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+
+from anoclip.runtime.cli import detector_options, tta_config_from
+from anoclip.runtime.plumbing import configure_logging, run_guarded
+from anoclip.runtime.preprocess import DEFAULT_MAX_PIXELS
+
+from .threshold import DEFAULT_PIXEL_QUANTILE, DEFAULT_QUANTILE, PIXELS_PER_FRAME
+
+DEFAULT_MAX_FRAMES = 5000
+
+
+@click.group("calibrate", context_settings={"help_option_names": ["-h", "--help"]})
+def calibrate_group():
+    """Make exported artifacts ready to deploy (no PyTorch needed).
+
+    threshold: image-score and pixel thresholds of a class from normal frames, so that predict and
+    stream decide "anomalous" and outline regions instead of reporting scores only.
+    """
+
+
+@calibrate_group.command("threshold")
+@click.option("--artifacts", "artifacts_dir", required=True, type=click.Path(file_okay=False),
+              help="Artifact folder written by anoclip-export; the thresholds are stored in it.")
+@click.option("--class", "cls", required=True, help="Class to calibrate (baked into the prompt weights, e.g. bottle).")
+@click.option("--normal", multiple=True, required=True,
+              help="Normal (defect-free) input: an image, a folder of images or a video file (.mp4, .avi, .mkv, "
+                   ".mov, .webm, ...). Repeat for more. Use frames of the scene the detector will watch.")
+@click.option("--quantile", default=DEFAULT_QUANTILE, show_default=True, type=click.FloatRange(0, 1),
+              help="The image threshold is this quantile of the normal frames' scores (plus --margin): a share of "
+                   "about 1-Q of normal frames will be called anomalous. Needs at least 1/(1-Q) frames to mean that.")
+@click.option("--margin", default=0.0, show_default=True, type=float,
+              help="Added to the score quantile, in score units (p_abnormal). Default 0: the quantile already sets "
+                   "the false-alarm rate, and scores have no fixed scale (they stay near 0.5), so choose a margin "
+                   "against the spread of normal scores this command reports; positive: fewer false alarms, more "
+                   "missed defects.")
+@click.option("--pixel-quantile", default=DEFAULT_PIXEL_QUANTILE, show_default=True, type=click.FloatRange(0, 1),
+              help="The pixel threshold is this quantile of all normal map values (plus --pixel-margin); map "
+                   "pixels above it form the reported regions. The default 1 takes the largest value any normal "
+                   "frame reached, so that normal frames show no regions (maps are smooth: below 1, most normal "
+                   "frames show small ones); lower it (e.g. 0.9999) when a few normal frames are outliers.")
+@click.option("--pixel-margin", default=0.0, show_default=True, type=float,
+              help="Added to the map quantile, in score units; as --margin.")
+@click.option("--stride", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Use every N-th frame of videos (neighbouring frames are near copies).")
+@click.option("--max-frames", default=DEFAULT_MAX_FRAMES, show_default=True, type=click.IntRange(min=1),
+              help=f"Use at most this many frames in all (each keeps up to {PIXELS_PER_FRAME} map values in memory).")
+@click.option("--replace-file", is_flag=True,
+              help="Start a new thresholds file holding only this class; the way out when the current one fails "
+                   "its check. Without it, the other classes' thresholds are kept.")
+@detector_options
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads for onnxruntime.")
+@click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=click.IntRange(min=1),
+              help="Largest image (width x height) decoded; larger files are refused unread.")
+@click.option("--json", "as_json", is_flag=True, help="Print the stored thresholds and their provenance as JSON.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def threshold_command(artifacts_dir, cls, normal, quantile, margin, pixel_quantile, pixel_margin, stride, max_frames,
+                      replace_file, backend, model, tiling, tta, tta_backend, tta_steps, tta_adapter, tta_init,
+                      tta_state, seed, threads, max_pixels, as_json, verbose):
+    """Thresholds of a class from normal frames.
+
+    An image-score threshold (a frame scoring above it is anomalous) and a pixel threshold (map
+    pixels above it form the reported regions), from the scores and maps of normal frames.
+
+    Scores every normal frame as predict would (same --model, --tiling and --tta options: calibrate
+    with the settings you will run with; thresholds made with others are not applied, with a
+    warning). The thresholds are stored in the artifact folder beside those of the other classes
+    (thresholds.<sha>.json, named and hashed by the manifest); predict and stream then use them.
+    Thresholds measured on another visual model or other prompts of the class are not applied
+    either: re-run this command after such an export.
+    """
+    from anoclip.runtime.detector import Detector
+    from anoclip.runtime.plumbing import ensure_writable_folder
+
+    from .frames import iter_frames, plan_sources
+    from .threshold import ThresholdSettings, calibrate_threshold
+
+    configure_logging(verbose)
+    try:
+        settings = ThresholdSettings(quantile, margin, pixel_quantile, pixel_margin)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    tta_config = tta_config_from(tta, tta_steps, tta_adapter, tta_init, tta_state, seed)
+    sources = plan_sources(normal, stride)
+    detector = Detector.load(artifacts_dir, backend=backend, model=model, tiling=tiling, threads=threads,
+                             tta=tta_config or False, tta_backend=tta_backend, max_pixels=max_pixels,
+                             load_thresholds=False)
+    detector.class_prompts(cls)  # unknown class: fail before reading any frame
+    if tta_config is not None:
+        detector.tta_adapter(cls, tta_config)  # a TTA graph that does not fit: fail before any frame too
+    ensure_writable_folder(artifacts_dir, "--artifacts")
+    total = sum(s.expected for s in sources) if all(s.expected for s in sources) else None
+    record, name = calibrate_threshold(
+        detector, cls, iter_frames(sources, stride, max_pixels), settings, normal=list(normal),
+        command=_command_line(click.get_current_context()), total=total, max_frames=max_frames,
+        replace_file=replace_file)
+    folder = Path(artifacts_dir)
+    for line in (
+        f"{cls}: image threshold {record.image:.6g} = quantile {record.quantile:g} of {record.frames} normal scores "
+        f"({record.image_quantile_value:.6g}) + margin {record.margin:g}",
+        f"{cls}: pixel threshold {record.pixel:.6g} = quantile {record.pixel_quantile:g} of {record.pixel_values} "
+        f"map values ({record.pixel_quantile_value:.6g}) + margin {record.pixel_margin:g}",
+        f"{cls}: normal scores min {record.score_min:.6g}, mean {record.score_mean:.6g}, max {record.score_max:.6g}",
+        f"stored in {folder / name}; `anoclip predict --artifacts {folder} --class {cls} ...` now decides with them",
+    ):
+        click.echo(line, err=True)
+    if as_json:
+        click.echo(json.dumps({"class": cls, "file": str(folder / name), **asdict(record)}, indent=2))
+
+
+def _command_line(ctx: click.Context) -> str:
+    """The command as given (the options that differ from their defaults), for the provenance."""
+    words = ["anoclip", "calibrate", "threshold"]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        given = ctx.get_parameter_source(param.name) not in (click.core.ParameterSource.DEFAULT, None)
+        if not isinstance(param, click.Option) or not given or value in (None, ()):
+            continue
+        if param.is_flag:
+            words += [param.opts[0]] if value else []
+            continue
+        for item in value if param.multiple else (value,):
+            words += [param.opts[0], str(item)]
+    return " ".join(shlex.quote(word) for word in words)
+
+
+def main() -> None:
+    run_guarded(calibrate_group)

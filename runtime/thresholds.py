@@ -1,0 +1,274 @@
+"""Score thresholds: the file that holds them, the thresholds in use, and the decision they make.
+
+``anoclip calibrate threshold`` measures, per class, the scores and maps of normal frames and
+writes ``thresholds.<sha>.json`` (content-addressed like the folder's other files, named by the
+manifest's ``thresholds`` field and hashed with the rest)::
+
+    {"format": "anoclip-thresholds", "format_version": 1,
+     "classes": {"bottle": {"image": 0.5031, "pixel": 0.5102, "frames": 200, "quantile": 0.995, ...}}}
+
+Each class also records what its numbers are only valid for: the visual model file (sha256), the
+class's text embeddings t+/t- (sha256: re-encoding another class leaves this one valid), the model
+kind, whether (and how) TTA made the maps, the tiling and the map smoothing. A class whose record
+does not match the loaded artifacts and settings is treated as uncalibrated, with a warning
+(:meth:`ClassCalibration.mismatches`, used by ``Detector.threshold_for``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import ArtifactError
+
+THRESHOLDS = "thresholds.json"  # content-addressed on disk: thresholds.<first 12 hex of sha256>.json
+THRESHOLDS_FORMAT = "anoclip-thresholds"
+THRESHOLDS_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ClassThreshold:
+    """The thresholds in use for one class.
+
+    image: a frame is anomalous when its score > image (None: no decision).
+    pixel: map pixels > pixel form the anomalous regions (None: no regions).
+    origin: "calibrated" (from the thresholds file), "override" (given by the user) or
+        "calibrated+override" (one of each).
+    """
+
+    image: float | None
+    pixel: float | None
+    origin: str
+
+
+@dataclass
+class ClassCalibration:
+    """One class's thresholds as measured on normal frames, and how they were measured."""
+
+    image: float  # image_quantile_value + margin
+    pixel: float  # pixel_quantile_value + pixel_margin
+    frames: int  # normal frames scored
+    quantile: float  # q of the image scores
+    margin: float  # added to the image quantile, in score units
+    image_quantile_value: float  # the q-quantile of the normal scores itself
+    pixel_quantile: float  # q of the map values
+    pixel_margin: float
+    pixel_quantile_value: float
+    pixel_values: int  # map values the pixel quantile was taken over (a subsample of each map)
+    score_min: float
+    score_max: float
+    score_mean: float
+    model: str  # "visual" or "visual_qkv"
+    model_sha256: str  # of that model's file
+    text_features_sha256: str  # of the class's t+/t- (see text_features_sha256)
+    tta: bool
+    tta_settings: dict[str, Any] | None  # TTAConfig fields when tta
+    tiling: str
+    smoothing_sigma: float
+    created: str  # UTC, ISO 8601
+    command: str
+    normal: list[str]  # the normal inputs as given
+
+    def mismatches(self, model: str, model_sha256: str, text_sha256: str, tta: dict[str, Any] | None,
+                   tiling: str, smoothing_sigma: float) -> list[str]:
+        """Why this record does not hold for the given artifacts and settings (empty: it holds).
+
+        The TTA seed is not compared: it changes single draws, not what maps look like.
+        """
+        reasons = []
+        if (tiling, smoothing_sigma) != (self.tiling, self.smoothing_sigma):
+            reasons.append(f"calibrated with tiling {self.tiling} and smoothing {self.smoothing_sigma:g}, used with "
+                           f"{tiling} and {smoothing_sigma:g}")
+        if model != self.model:
+            reasons.append(f"calibrated with model {self.model}, used with {model}")
+        elif model_sha256 != self.model_sha256:
+            reasons.append(f"the {model} model file changed (sha256 {self.model_sha256[:12]} -> {model_sha256[:12]})")
+        if text_sha256 != self.text_features_sha256:
+            reasons.append("the class's text embeddings changed")
+        if (tta is not None) != self.tta:
+            reasons.append("calibrated with TTA maps, used without" if self.tta else "calibrated without TTA, used with it")
+        elif tta is not None and _without_seed(tta) != _without_seed(self.tta_settings or {}):
+            reasons.append("calibrated with other TTA settings")
+        return reasons
+
+
+@dataclass
+class ThresholdTable:
+    """The content of a thresholds file: per class, its calibration."""
+
+    classes: dict[str, ClassCalibration] = field(default_factory=dict)
+
+    def with_class(self, name: str, record: ClassCalibration) -> "ThresholdTable":
+        """A copy with ``name``'s record set (the other classes as they are)."""
+        return ThresholdTable(dict(sorted({**self.classes, name: record}.items())))
+
+    def to_json(self) -> str:
+        data = {"format": THRESHOLDS_FORMAT, "format_version": THRESHOLDS_FORMAT_VERSION,
+                "classes": {name: asdict(record) for name, record in sorted(self.classes.items())}}
+        return json.dumps(data, indent=2, allow_nan=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "ThresholdTable":
+        """Build a table from parsed JSON, checking the type of every field; ValueError if malformed."""
+        _check(isinstance(data, dict), f"a JSON {type(data).__name__}, not an object")
+        _check(data.get("format") == THRESHOLDS_FORMAT, f"format is {data.get('format')!r}, not {THRESHOLDS_FORMAT!r}")
+        _check(data.get("format_version") == THRESHOLDS_FORMAT_VERSION,
+               f"format version {data.get('format_version')!r}, this runtime reads {THRESHOLDS_FORMAT_VERSION}")
+        _check(set(data) == {"format", "format_version", "classes"}, f"fields {sorted(data)}, not format, "
+                                                                     "format_version and classes")
+        classes = data["classes"]
+        _check(isinstance(classes, dict), "classes must be an object")
+        known = {f.name for f in fields(ClassCalibration)}
+        table = {}
+        for name, record in classes.items():
+            _check(isinstance(record, dict), f"classes.{name} must be an object")
+            _check(set(record) == known, f"classes.{name}: missing {sorted(known - set(record))}, "
+                                         f"unknown {sorted(set(record) - known)}")
+            table[name] = ClassCalibration(**{k: _FIELD_CHECKS[k](f"classes.{name}.{k}", v) for k, v in record.items()})
+        return cls(table)
+
+
+def text_features_sha256(text_features: np.ndarray) -> str:
+    """sha256 of a class's t+/t- as float32 (shape included): what a calibration of the class
+    depends on in the prompt weights."""
+    array = np.ascontiguousarray(text_features, dtype="<f4")
+    digest = hashlib.sha256(repr(array.shape).encode())
+    digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def tta_settings(config: Any) -> dict[str, Any] | None:
+    """A TTAConfig as JSON-ready settings (None without TTA)."""
+    if config is None:
+        return None
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
+
+
+def _without_seed(settings: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in settings.items() if k != "seed"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading and writing
+
+
+def read_thresholds(path: str | os.PathLike) -> ThresholdTable:
+    """Read and check a thresholds file; an ArtifactError naming the fix when it is malformed."""
+    path = Path(path)
+    fix = (f"calibrate anew with `anoclip calibrate threshold --artifacts {path.parent} --class ... --normal ... "
+           "--replace-file` (then once more for each other class)")
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+        return ThresholdTable.from_dict(data)
+    except (OSError, UnicodeDecodeError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"{path} is not a valid thresholds file ({exc}); {fix}") from None
+
+
+def write_thresholds(folder: str | os.PathLike, table: ThresholdTable) -> tuple[str, str]:
+    """Write ``table`` atomically into ``folder`` under its content-addressed name; (name, sha256).
+
+    Nothing refers to the file until a manifest names it (the caller's commit point).
+    """
+    from .artifacts import content_addressed
+    from .plumbing import atomic_write_bytes
+
+    text = table.to_json()
+    ThresholdTable.from_dict(json.loads(text))  # never write what the reader would refuse (ValueError)
+    data = text.encode()
+    sha = hashlib.sha256(data).hexdigest()
+    name = content_addressed(THRESHOLDS, sha)
+    atomic_write_bytes(Path(folder) / name, data)
+    return name, sha
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _number(lo: float = -math.inf, hi: float = math.inf) -> Callable[[str, Any], float]:
+    def check(key: str, value: Any) -> float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+               and lo <= value <= hi, f"{key} must be a finite number in [{lo}, {hi}], got {value!r}")
+        return float(value)
+    return check
+
+
+def _count(key: str, value: Any) -> int:
+    _check(isinstance(value, int) and not isinstance(value, bool) and value > 0, f"{key} must be a positive integer")
+    return value
+
+
+def _text(key: str, value: Any) -> str:
+    _check(isinstance(value, str), f"{key} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _sha(key: str, value: Any) -> str:
+    _check(isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value),
+           f"{key} must be a sha256 in hex")
+    return value
+
+
+def _flag(key: str, value: Any) -> bool:
+    _check(isinstance(value, bool), f"{key} must be true or false")
+    return value
+
+
+def _settings(key: str, value: Any) -> dict[str, Any] | None:
+    _check(value is None or (isinstance(value, dict) and all(isinstance(k, str) for k in value)),
+           f"{key} must be an object or null")
+    return value
+
+
+def _names(key: str, value: Any) -> list[str]:
+    _check(isinstance(value, list) and all(isinstance(v, str) for v in value), f"{key} must be a list of strings")
+    return value
+
+
+_FIELD_CHECKS: dict[str, Callable[[str, Any], Any]] = {
+    "image": _number(), "pixel": _number(), "frames": _count, "quantile": _number(0, 1), "margin": _number(),
+    "image_quantile_value": _number(), "pixel_quantile": _number(0, 1), "pixel_margin": _number(),
+    "pixel_quantile_value": _number(), "pixel_values": _count, "score_min": _number(), "score_max": _number(),
+    "score_mean": _number(), "model": _text, "model_sha256": _sha, "text_features_sha256": _sha, "tta": _flag,
+    "tta_settings": _settings, "tiling": _text, "smoothing_sigma": _number(0), "created": _text, "command": _text,
+    "normal": _names,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# The decision
+
+
+def find_regions(anomaly_map: np.ndarray, pixel: float, min_area: int = 1) -> list[dict]:
+    """Connected regions (8-connectivity) of the pixels with ``anomaly_map > pixel``, each
+    ``{"box": [x, y, width, height], "area": pixels}`` in map pixels, largest first; regions
+    smaller than ``min_area`` pixels are left out."""
+    import cv2
+
+    mask = (np.asarray(anomaly_map) > pixel).astype(np.uint8)
+    count, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    regions = []
+    for x, y, w, h, area in stats[1:count].tolist():  # label 0 is the background
+        if area >= min_area:
+            regions.append({"box": [int(x), int(y), int(w), int(h)], "area": int(area)})
+    regions.sort(key=lambda r: (-r["area"], r["box"][1], r["box"][0]))
+    return regions
+
+
+def decide(score: float, anomaly_map: np.ndarray,
+           threshold: ClassThreshold | None) -> tuple[bool | None, list[dict]]:
+    """(anomalous, regions): anomalous is ``score > threshold.image`` (None without an image
+    threshold), regions those of :func:`find_regions` ([] without a pixel threshold)."""
+    if threshold is None:
+        return None, []
+    anomalous = None if threshold.image is None else bool(score > threshold.image)
+    regions = [] if threshold.pixel is None else find_regions(anomaly_map, threshold.pixel)
+    return anomalous, regions
