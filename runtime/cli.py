@@ -56,7 +56,7 @@ class PluginGroup(click.Group):
 
 @click.group(cls=PluginGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def cli():
-    """AnoCLIP zero-shot anomaly localisation: export, predict, benchmark."""
+    """AnoCLIP zero-shot anomaly localisation: export, calibrate, predict images, inspect streams, benchmark."""
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -104,6 +104,16 @@ def detector_options(command):
     return command
 
 
+def threshold_options(command):
+    """--threshold (passed as ``image_threshold``) and --pixel-threshold: overrides of the calibrated thresholds."""
+    command = click.option("--pixel-threshold", default=None, type=float, callback=_finite,
+                           help="Map threshold: pixels above it form the reported regions, outlined in the overlay. "
+                                "Overrides the class's calibrated one.")(command)
+    return click.option("--threshold", "image_threshold", default=None, type=float, callback=_finite,
+                        help="Image-score threshold: an image or frame scoring above it is anomalous. Overrides the "
+                             "class's calibrated one (from `anoclip calibrate threshold`).")(command)
+
+
 def tta_config_from(tta: bool, tta_steps: int, tta_adapter: str, tta_init: str, tta_state: str, seed: int):
     """The TTAConfig of the TTA options (None without --tta); a usage error for settings that do not go together."""
     from .tta import TTAConfig
@@ -125,12 +135,7 @@ def tta_config_from(tta: bool, tta_steps: int, tta_adapter: str, tta_init: str, 
                    "and raw maps (<name>_map.npy).")
 @detector_options
 @click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(0, 1), help="Heat-map opacity.")
-@click.option("--threshold", "image_threshold", default=None, type=float, callback=_finite,
-              help="Image-score threshold: an image scoring above it is anomalous. Overrides the class's calibrated "
-                   "one (from `anoclip calibrate threshold`).")
-@click.option("--pixel-threshold", default=None, type=float, callback=_finite,
-              help="Map threshold: pixels above it form the reported regions, outlined in the overlay. Overrides "
-                   "the class's calibrated one.")
+@threshold_options
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads for onnxruntime.")
 @click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=click.IntRange(min=1),
               help="Largest image (width x height) decoded; files claiming more are skipped unread.")

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 
+import cv2
 import numpy as np
 import pytest
 
@@ -29,8 +30,6 @@ CLASSES = ["bottle", "carpet"]
 
 
 def _frame_count(path) -> int:
-    import cv2
-
     capture = cv2.VideoCapture(str(path))
     assert capture.isOpened(), path
     count = 0
@@ -134,6 +133,26 @@ def test_defect_turns_events_anomalous_at_its_frame(tmp_path, defect_detector, t
     saved_map = np.load(tmp_path / "saved" / saved[1])
     assert saved_map.shape == (128, 128) and saved_map.dtype == np.float32
     assert set(records[0]["latency_ms"]) >= {"wait", "preprocess", "model", "scoring", "total", "added"}
+
+
+def test_calibrated_thresholds_decide_by_default(tmp_path, tiny_artifacts):
+    from anoclip.calibration.threshold import ThresholdSettings, calibrate_threshold
+    from conftest import copy_artifacts
+
+    folder = copy_artifacts(tiny_artifacts, tmp_path / "artifacts")
+    normal_clip = write_clip(tmp_path / "normal.avi", 30)
+    capture = cv2.VideoCapture(str(normal_clip))
+    normal = [frame[:, :, ::-1] for ok, frame in iter(capture.read, (False, None))]
+    settings = ThresholdSettings(quantile=1.0, margin=1e-4, pixel_quantile=1.0, pixel_margin=1e-4)
+    calibrate_threshold(red_defect_detector(folder, "bottle"), "bottle", normal, settings)
+    clip = write_clip(tmp_path / "line.avi", 30, defect_from=20)
+    events = tmp_path / "events.jsonl"
+    detector = red_defect_detector(folder, "bottle")  # loads the folder's thresholds
+    _run(detector, [parse_source(str(clip), CLASSES, "bottle")], [EventsLog(events)])
+    records = _read_events(events)
+    assert [r["anomalous"] for r in records] == [False] * 20 + [True] * 10
+    assert records[0]["threshold"] == detector.threshold_for("bottle").image
+    assert all(r["regions"] for r in records[20:]) and not any(r["regions"] for r in records[:20])
 
 
 def test_sources_of_two_classes_batch_and_stride(tmp_path, defect_detector, thresholds):
@@ -305,10 +324,9 @@ def test_sigint_finalises_recording_and_events(tmp_path, tiny_artifacts):
     (["--source", "{clip}", "--class", "wood"], "wood"),
     (["--source", "{clip}", "--record", "{tmp}/out.gif"], "unknown video type"),
     (["--source", "{clip}", "--show"], "GUI"),
+    (["--source", "{clip}", "--roi", "200,0,10,10"], "starts outside the 128x128 frames"),
 ])
 def test_cli_bad_input_is_one_error_line(tmp_path, tiny_artifacts, args, message):
-    import cv2
-
     if "--show" in args and cv2.getBuildInformation().count("GUI:                           NONE") == 0:
         pytest.skip("this OpenCV has GUI support")
     if "csi://0" in args and cv2.videoio_registry.hasBackend(cv2.CAP_GSTREAMER):

@@ -113,6 +113,16 @@ class CaptureThread(threading.Thread):
             raise AnoclipError(f"cannot open source {self.spec.uri!r}; check that it exists and is reachable "
                                "(a camera in use by another program, a wrong URL or a file OpenCV cannot decode)")
         self._read_properties()
+        self._check_roi()
+
+    def _check_roi(self) -> None:
+        import cv2
+
+        width = int(self.capture.get(cv2.CAP_PROP_FRAME_WIDTH) or 0)
+        height = int(self.capture.get(cv2.CAP_PROP_FRAME_HEIGHT) or 0)
+        if self.roi is not None and width and height and (self.roi[0] >= width or self.roi[1] >= height):
+            raise AnoclipError(f"--roi {','.join(map(str, self.roi))} starts outside the {width}x{height} frames of "
+                               f"source {self.spec.uri!r}")
 
     def _read_properties(self) -> None:
         import cv2

@@ -9,6 +9,7 @@ import sys
 
 import click
 
+from ..cli import detector_options, threshold_options, tta_config_from
 from ..plumbing import configure_logging
 from .pipeline import StreamOptions, StreamPipeline
 from .sources import parse_source
@@ -39,20 +40,9 @@ def _roi(ctx, param, value):
                    "FFmpeg opens), a GStreamer pipeline ending in appsink, or csi://N (Jetson CSI camera, "
                    "?width=&height=&fps= optional). =CLASS scores this source for CLASS instead of --class.")
 @click.option("--class", "cls", default=None, help="Class for every source without its own =CLASS.")
-@click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]),
-              help="onnxruntime execution provider; auto prefers TensorRT, then CUDA, then CPU.")
-@click.option("--model", default="visual", show_default=True, type=click.Choice(["visual", "visual_qkv"]),
-              help="visual: AnoCLIP V-V tokens; visual_qkv: the plain-CLIP baseline (if exported).")
-@click.option("--tiling", default="auto", show_default=True, type=click.Choice(["auto", "never", "always"]),
-              help="Cut wide frames (aspect > 1.2) into overlapping square tiles, as predict does.")
-@click.option("--tta", is_flag=True, help="AnoCLIP+: adapt the patch tokens at test time, one adapter state per "
-                                          "source, reset when the source reconnects.")
-@click.option("--tta-steps", default=5, show_default=True, type=click.IntRange(min=1), help="Adapter steps per frame.")
+@detector_options
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads for onnxruntime.")
-@click.option("--threshold", default=None, type=float,
-              help="Image-score threshold (overrides the calibrated one): a frame scoring above it is anomalous.")
-@click.option("--pixel-threshold", default=None, type=float,
-              help="Map threshold (overrides the calibrated one): pixels above it form the anomalous regions.")
+@threshold_options
 @click.option("--roi", default=None, callback=_roi, metavar="X,Y,W,H",
               help="Inspect only this rectangle of every frame (maps, regions and recordings are of the crop).")
 @click.option("--stride", default=1, show_default=True, type=click.IntRange(min=1), help="Score every Nth frame.")
@@ -86,8 +76,8 @@ def _roi(ctx, param, value):
               help="Seconds between stats lines in the log (0: none).")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the artifacts at load.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def stream_command(artifacts_dir, sources, cls, backend, model, tiling, tta, tta_steps, threads, threshold,
-                   pixel_threshold, roi, stride, max_fps, loop, realtime, batch, record, record_fps, events, save_dir,
+def stream_command(artifacts_dir, sources, cls, backend, model, tiling, tta, tta_backend, tta_steps, tta_adapter,
+                   tta_init, tta_state, seed, threads, image_threshold, pixel_threshold, roi, stride, max_fps, loop, realtime, batch, record, record_fps, events, save_dir,
                    show, web, mqtt, topic, alpha, stats_interval, no_verify, verbose):
     """Score camera streams, network streams and video files frame by frame.
 
@@ -96,23 +86,26 @@ def stream_command(artifacts_dir, sources, cls, backend, model, tiling, tta, tta
     batches; sinks (--record, --events, --save-dir, --show, --web, --mqtt) run beside it. A live
     source that dies is reopened with backoff; a file ends the stream at its end (--loop repeats it).
     Thresholds come from `anoclip calibrate threshold` (or --threshold/--pixel-threshold); without
-    them, scores and maps are reported with no decision. Ctrl-C or SIGTERM stops cleanly: the
+    them, scores and maps are reported with no decision. With --tta, every source adapts its own state
+    (--tta-state persistent: across its frames), which starts afresh when the source reconnects. Ctrl-C or SIGTERM stops cleanly: the
     recording is finalised, the events file holds whole lines. Prints a JSON summary at the end.
     """
     from ..detector import Detector
-    from ..tta import TTAConfig
 
     configure_logging(verbose)
+    tta_config = tta_config_from(tta, tta_steps, tta_adapter, tta_init, tta_state, seed)
     if not (record or events or save_dir or show or web or mqtt):
         log.warning("no sink given (--events, --record, --save-dir, --web, --mqtt, --show): only the summary is printed")
     detector = Detector.load(artifacts_dir, backend=backend, model=model, tiling=tiling, verify=not no_verify,
-                             threads=threads, tta=TTAConfig(steps=tta_steps) if tta else False)
+                             threads=threads, tta=tta_config or False, tta_backend=tta_backend)
     specs = [parse_source(text, detector.classes, cls) for text in sources]
     for spec in specs:
         if spec.cls is None:
             raise click.UsageError(f"source {spec.uri!r} has no class: give --class or --source {spec.uri}=CLASS")
         detector.class_prompts(spec.cls)  # an unknown class fails before any source opens
-    options = StreamOptions(stride=stride, max_fps=max_fps, loop=loop, realtime=realtime, roi=roi, threshold=threshold,
+        if tta_config is not None:
+            detector.tta_adapter(spec.cls, tta_config)  # so does a TTA graph that does not fit
+    options = StreamOptions(stride=stride, max_fps=max_fps, loop=loop, realtime=realtime, roi=roi, threshold=image_threshold,
                             pixel_threshold=pixel_threshold, alpha=alpha, max_batch=batch, stats_interval=stats_interval)
     pipeline = StreamPipeline(detector, specs, [], options)
     pipeline.open()
