@@ -24,7 +24,7 @@ def annotate(event: FrameEvent, fps: float | None = None, alpha: float = 0.4) ->
         verdict, colour = "no threshold", UNDECIDED_BGR
     else:
         verdict, colour = ("ANOMALY", ANOMALY_BGR) if event.anomalous else ("ok", NORMAL_BGR)
-    lines = [(f"{verdict}  score {event.score:.4f}" + (f" / {event.threshold:.4f}" if event.threshold is not None else ""),
+    lines = [(f"{verdict}  score {event.score:.6f}" + (f" / {event.threshold:.6f}" if event.threshold is not None else ""),
               colour),
              (f"{event.source}  #{event.frame_index}" + (f"  {fps:.1f} fps" if fps else ""), UNDECIDED_BGR)]
     scale = max(0.35, min(image.shape[:2]) / 640)
