@@ -112,3 +112,47 @@ def test_rtsp_camera_that_dies_is_reopened(tmp_path, tiny_artifacts, rtsp_server
     frames = [record["frame"] for record in _lines(events)]
     assert frames == sorted(frames) and len(set(frames)) == len(frames)  # one count across the reconnect
     assert summary["frames_processed"] == len(frames)
+
+
+def test_http_mjpeg_source(tmp_path, tiny_artifacts):
+    """An MJPEG stream over HTTP (here the web view of another pipeline, as an IP camera serves one)."""
+    import threading
+
+    import numpy as np
+    from fakes import defect_frame, normal_frame, red_defect_detector
+
+    from anoclip.runtime.stream import StreamOptions, StreamPipeline, parse_source
+    from anoclip.runtime.stream.events import FrameEvent
+    from anoclip.runtime.stream.sinks import EventsLog
+    from anoclip.runtime.stream.web import WebView
+
+    camera = WebView("127.0.0.1:0", ["camera"])
+    stop = threading.Event()
+
+    def serve_frames():
+        index = 0
+        while not stop.is_set():
+            frame = defect_frame(index) if index % 2 else normal_frame(index)
+            camera.write(FrameEvent("camera", index, time.time(), "bottle", 0.0, None, [], {}, frame,
+                                    np.zeros(frame.shape[:2], np.float32), annotated=frame))
+            index += 1
+            time.sleep(0.04)
+
+    feeder = threading.Thread(target=serve_frames, daemon=True)
+    feeder.start()
+    events = tmp_path / "events.jsonl"
+    try:
+        detector = red_defect_detector(tiny_artifacts, "bottle")
+        spec = parse_source(camera.url + "stream/0.mjpg", ["bottle"], "bottle")
+        assert spec.kind == "url" and spec.name == "127.0.0.1/stream/0.mjpg"
+        pipeline = StreamPipeline(detector, [spec], [EventsLog(events)], StreamOptions(stats_interval=0))
+        pipeline.open()
+        threading.Timer(2.0, pipeline.stop.set).start()
+        summary = pipeline.run()
+    finally:
+        stop.set()
+        camera.close()
+    records = _lines(events)
+    assert summary["frames_processed"] == len(records) >= 5
+    scores = sorted(record["score"] for record in records)
+    assert scores[-1] - scores[0] > 0.01  # frames with and without the defect both came through
