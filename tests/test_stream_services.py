@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 from fakes import write_clip
-from services import Subscriber, chromium, free_port, mosquitto_broker, wait_until  # noqa: F401 (fixtures)
+from services import Subscriber, chromium, free_port, mosquitto, mosquitto_broker, wait_until  # noqa: F401 (fixtures)
 from services_rtsp import rtsp_server  # noqa: F401 (fixture)
 
 

@@ -15,6 +15,7 @@ import numpy as np
 from .capture import CaptureThread
 
 WINDOW = 2048
+RATE_SMOOTHING = 0.1  # weight of the newest interval in the smoothed frame rate drawn on frames
 
 
 def percentiles(values, qs=(50, 99)) -> dict[str, float | None]:
@@ -35,18 +36,25 @@ class StreamStats:
         self.added_ms: deque[float] = deque(maxlen=WINDOW)  # the same minus the model's own time
         self.model_ms: deque[float] = deque(maxlen=WINDOW)  # the model run of the frame's batch
         self.batch_sizes: deque[int] = deque(maxlen=WINDOW)
+        self._last_processed: list[float | None] = [None] * len(captures)
+        self._rate: list[float | None] = [None] * len(captures)  # frames/s, smoothed over the last frames
         self._window_start = (self.started, 0, 0)  # time, frames read, frames processed at the last report
 
     def record(self, source: int, anomalous: bool | None, latency: dict[str, float]) -> None:
         self.processed[source] += 1
+        now = time.perf_counter()
+        last, self._last_processed[source] = self._last_processed[source], now
+        if last is not None and now > last:
+            rate, previous = 1.0 / (now - last), self._rate[source]
+            self._rate[source] = rate if previous is None else previous + RATE_SMOOTHING * (rate - previous)
         self.anomalous[source] += bool(anomalous)
         self.total_ms.append(latency["total"])
         self.added_ms.append(latency["added"])
         self.model_ms.append(latency["model"])
 
-    def fps(self, source: int) -> float:
-        elapsed = time.perf_counter() - self.started
-        return self.processed[source] / elapsed if elapsed > 0 else 0.0
+    def fps(self, source: int) -> float | None:
+        """The source's current rate of processed frames (smoothed), None before its second frame."""
+        return self._rate[source]
 
     def interval_line(self) -> str:
         """One line on the frames since the previous call: rates in and processed, drops, latency."""
