@@ -29,6 +29,7 @@ import numpy as np
 
 from anoclip.benchmarks.accuracy.synthetic import make_clip
 from anoclip.benchmarks.latency.timing import machine_info
+from anoclip.runtime.backends import BACKEND_CHOICES
 from anoclip.runtime.detector import Detector
 from anoclip.runtime.stream import StreamOptions, StreamPipeline, parse_source
 from anoclip.runtime.stream.events import FrameEvent, Sink
@@ -169,7 +170,7 @@ def report_lines(result: dict) -> list[str]:
 @click.option("--rss-frames", default=2000, show_default=True, type=click.IntRange(min=0),
               help="Frames of the memory run (0: skip it; the RSS is sampled at frame 200 and at the end).")
 @click.option("--size", default="640x480", show_default=True, help="WIDTHxHEIGHT of the clip's frames.")
-@click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]))
+@click.option("--backend", default="auto", show_default=True, type=click.Choice(BACKEND_CHOICES))
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads for onnxruntime.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of the table.")
 def main(artifacts, cls, frames, rss_frames, size, backend, threads, as_json):

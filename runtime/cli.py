@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from .backends import BACKEND_CHOICES
 from .errors import AnoclipError
 from .plumbing import configure_logging, run_guarded
 from .preprocess import DEFAULT_MAX_PIXELS
@@ -77,7 +78,7 @@ def detector_options(command):
     into a TTAConfig)."""
     options = [
         click.option("--backend", default="auto", show_default=True,
-                     type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]),
+                     type=click.Choice(BACKEND_CHOICES),
                      help="onnxruntime execution provider; auto prefers TensorRT, then CUDA, then CPU."),
         click.option("--model", default="visual", show_default=True, type=click.Choice(["visual", "visual_qkv"]),
                      help="visual: AnoCLIP V-V tokens; visual_qkv: the plain-CLIP baseline (if exported)."),

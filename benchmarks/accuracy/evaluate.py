@@ -48,6 +48,7 @@ import click
 import cv2
 import numpy as np
 
+from anoclip.runtime.backends import BACKEND_CHOICES
 from anoclip.runtime.errors import AnoclipError
 from anoclip.runtime.plumbing import ensure_writable_folder
 
@@ -284,7 +285,7 @@ def _relative(path: Path, root: str | Path) -> str:
 @click.option("--tta", is_flag=True, help="AnoCLIP+: test-time adaptation of the patch tokens (maps only).")
 @click.option("--image-views", default=str(1), show_default=True, type=click.Choice(["1", str(NUM_VIEWS)]),
               help=f"Image score from the image alone, or the mean over the authors' {NUM_VIEWS} augmented views.")
-@click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]),
+@click.option("--backend", default="auto", show_default=True, type=click.Choice(BACKEND_CHOICES),
               help="onnxruntime execution provider; auto prefers TensorRT, then CUDA, then CPU.")
 @click.option("--model", default="visual", show_default=True, type=click.Choice(["visual", "visual_qkv"]),
               help="visual: AnoCLIP V-V tokens; visual_qkv: the plain-CLIP baseline row (if exported).")

@@ -1,34 +1,22 @@
-"""Inference backends behind one interface: ``run(batch NCHW float32) -> (image_embeds, patch_embeds)``.
-
-``onnxruntime`` picks execution providers TensorRT -> CUDA -> CPU from what the installed
-onnxruntime offers (or the ones named by the caller).
-"""
+"""The onnxruntime backend: an exported graph in an ``InferenceSession`` with the best execution
+providers this onnxruntime offers (TensorRT -> CUDA -> CPU) or the ones the caller names."""
 
 from __future__ import annotations
 
 import logging
 import os
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from .errors import BackendError
+from ..errors import BackendError
 
 log = logging.getLogger(__name__)
 
 PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 PROVIDER_ALIASES = {"tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider",
                     "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
-
-
-class Backend(Protocol):
-    name: str
-    batch_size: int | None  # fixed batch of the model, None when dynamic
-
-    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
-
-    def describe(self) -> str: ...
 
 
 def named_providers(requested: Sequence[str] | str | None, available: Sequence[str]) -> list[str]:
@@ -133,11 +121,3 @@ class OnnxRuntimeBackend:
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         outs = self.run_all(batch)
         return outs["image_embeds"], outs["patch_embeds"]
-
-
-def create_backend(model_path: str | os.PathLike, backend: str = "auto", **options) -> Backend:
-    """Backend by name: ``auto``/``onnxruntime`` (best provider), ``cpu``, ``cuda``, ``tensorrt``."""
-    known = ("auto", "onnxruntime", "ort", *PROVIDER_ALIASES)
-    if backend not in known:
-        raise BackendError(f"unknown backend '{backend}'; choose one of auto, cpu, cuda, tensorrt")
-    return OnnxRuntimeBackend(model_path, providers=backend, **options)
