@@ -1,7 +1,8 @@
 """Inference backends behind one interface: ``run(batch NCHW float32) -> (image_embeds, patch_embeds)``.
 
 One module per backend: ``onnxruntime`` (execution providers TensorRT -> CUDA -> CPU, picked from
-what the installed onnxruntime offers or named by the caller).
+what the installed onnxruntime offers or named by the caller) and ``tensorrt`` (``tensorrt-native``:
+the folder's prebuilt TensorRT engine, run with TensorRT and cuda-python; imported only when used).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import numpy as np
 from ..errors import BackendError
 from .onnxruntime import PROVIDER_ALIASES, PROVIDER_PREFERENCE, OnnxRuntimeBackend, named_providers, resolve_providers
 
-# What --backend accepts: onnxruntime with its best providers (auto) or one named provider chain.
-BACKEND_CHOICES = ("auto", "cpu", "cuda", "tensorrt")
+# What --backend accepts: onnxruntime with its best providers (auto) or one named provider chain, or the
+# folder's prebuilt TensorRT engine run natively (tensorrt-native).
+BACKEND_CHOICES = ("auto", "cpu", "cuda", "tensorrt", "tensorrt-native")
 
 __all__ = ["BACKEND_CHOICES", "Backend", "OnnxRuntimeBackend", "PROVIDER_ALIASES", "PROVIDER_PREFERENCE", "create_backend",
            "named_providers", "resolve_providers"]
@@ -31,7 +33,13 @@ class Backend(Protocol):
 
 
 def create_backend(model_path: str | os.PathLike, backend: str = "auto", **options) -> Backend:
-    """Backend by name: ``auto``/``onnxruntime`` (best provider), ``cpu``, ``cuda``, ``tensorrt``."""
+    """Backend by name: ``auto``/``onnxruntime`` (best provider), ``cpu``, ``cuda``, ``tensorrt``
+    (onnxruntime providers), or ``tensorrt-native`` (the folder's engine of ``model_path``, see
+    ``anoclip build-engine``; options ``precision``, ``device``, ``verify``)."""
+    if backend == "tensorrt-native":
+        from .tensorrt import TensorRTBackend
+
+        return TensorRTBackend(model_path, **options)
     known = ("auto", "onnxruntime", "ort", *PROVIDER_ALIASES)
     if backend not in known:
         raise BackendError(f"unknown backend '{backend}'; choose one of {', '.join(BACKEND_CHOICES)}")

@@ -1,15 +1,26 @@
 """The onnxruntime backend: an exported graph in an ``InferenceSession`` with the best execution
-providers this onnxruntime offers (TensorRT -> CUDA -> CPU) or the ones the caller names."""
+providers this onnxruntime offers (TensorRT -> CUDA -> CPU) or the ones the caller names.
+
+Provider options (:func:`session_providers`, shared with the TTA graph's session): the TensorRT
+provider builds in fp16 for the fp16 model file (``visual_fp16``) and in the ONNX types otherwise; a
+Q/DQ model (``visual_int8``) needs no ``trt_int8_enable``: its QuantizeLinear/DequantizeLinear nodes
+are explicit quantization, which TensorRT honours as it stands (an int8 calibration table is only
+for models without Q/DQ nodes). Its engines and timing cache live in
+``<cache>/ort-trt/ort<onnxruntime>-trt<TensorRT>-<gpu>/`` (``<cache>``: $ANOCLIP_CACHE_DIR or
+~/.cache/anoclip), so that another onnxruntime, TensorRT or GPU never picks up a stale engine.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from ..engine import GPU, installed_tensorrt_version, model_precision, probe_gpu
 from ..errors import BackendError
 
 log = logging.getLogger(__name__)
@@ -49,11 +60,108 @@ def resolve_providers(requested: Sequence[str] | str | None, available: Sequence
     return chosen
 
 
+def file_precision(model_path: str | os.PathLike) -> str:
+    """fp16 / int8 / fp32 from a model file's name (``visual_fp16.<sha>.onnx`` -> fp16)."""
+    return model_precision(Path(model_path).name.split(".")[0])
+
+
+def gpu_slug(gpu: GPU | None) -> str:
+    if gpu is None:
+        return "no-gpu"
+    name = re.sub(r"[^a-z0-9]+", "-", gpu.name.lower()).strip("-") or "gpu"
+    return f"{name}-sm{gpu.compute_capability.replace('.', '')}"
+
+
+def tensorrt_cache_dir(ort_version: str, trt_version: str, gpu: GPU | None, root: str | os.PathLike | None = None) -> Path:
+    """Where the TensorRT provider keeps its engines and timing cache: one folder per onnxruntime,
+    TensorRT release and GPU (engines are valid for exactly that combination)."""
+    from ..integrity import _cache_folder
+
+    base = Path(root) if root is not None else _cache_folder() / "ort-trt"
+    return base / f"ort{ort_version}-trt{trt_version or 'unknown'}-{gpu_slug(gpu)}"
+
+
+def provider_options(name: str, precision: str, cache_dir: str | os.PathLike | None = None, device: int = 0) -> dict:
+    """The options of one execution provider for a model of ``precision`` (fp32, fp16 or int8);
+    the TensorRT provider caches engines and timings only in a ``cache_dir``."""
+    if name == "CUDAExecutionProvider":
+        return {"device_id": device}
+    if name != "TensorrtExecutionProvider":
+        return {}
+    options = {"device_id": device, "trt_fp16_enable": precision == "fp16",
+               # Q/DQ nodes are explicit quantization: no int8 flag or calibration table wanted
+               "trt_int8_enable": False}
+    if cache_dir is not None:
+        options.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(cache_dir),
+                       trt_timing_cache_enable=True, trt_timing_cache_path=str(cache_dir))
+    return options
+
+
+def session_providers(chosen: Sequence, model_path: str | os.PathLike, precision: str | None = None,
+                      cache_dir: str | os.PathLike | None = None, device: int = 0) -> list[tuple[str, dict]]:
+    """(name, options) for each provider of a session of ``model_path``: names get the options
+    :func:`provider_options` gives (precision from the file name unless given; the TensorRT cache in
+    ``cache_dir`` as is, or in the folder :func:`tensorrt_cache_dir` keys); (name, options) pairs
+    stay as given."""
+    precision = precision or file_precision(model_path)
+    result = []
+    for entry in chosen:
+        if not isinstance(entry, str):
+            name, options = entry
+            result.append((name, dict(options)))
+            continue
+        folder = None
+        if entry == "TensorrtExecutionProvider":
+            import onnxruntime as ort
+
+            folder = Path(cache_dir) if cache_dir is not None else tensorrt_cache_dir(
+                ort.__version__, installed_tensorrt_version(), probe_gpu(device))
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                log.warning("TensorRT engines are not cached (cannot create %s: %s)", folder, exc.strerror or exc)
+                folder = None
+        result.append((entry, provider_options(entry, precision, folder, device)))
+    return result
+
+
+_SHORT = {"TensorrtExecutionProvider": "TensorRT", "CUDAExecutionProvider": "CUDA", "CPUExecutionProvider": "CPU"}
+
+
+def _short(provider: str) -> str:
+    return _SHORT.get(provider, provider.replace("ExecutionProvider", ""))
+
+
+def report_providers(requested, available: Sequence[str], chosen: Sequence[str], got: Sequence[str], path: Path) -> None:
+    """Say which providers a session got; with ``auto``, why a preferred one is missing (INFO). A
+    provider named by the caller that the session did not start is an error."""
+    if requested in (None, "auto", "onnxruntime", "ort"):
+        notes = []
+        for provider in PROVIDER_PREFERENCE[:-1]:
+            if provider not in available:
+                notes.append(f"{_short(provider)} not in this onnxruntime (the GPU build is onnxruntime-gpu)")
+            elif provider not in got:
+                notes.append(f"{_short(provider)} failed to start (onnxruntime's messages above say why)")
+        log.info("onnxruntime runs %s on %s%s", path.name, ", ".join(map(_short, got)),
+                 f"; {'; '.join(notes)}" if notes else "")
+        return
+    failed = [p for p in chosen if p not in got and p != "CPUExecutionProvider"]
+    if failed:
+        raise BackendError(f"onnxruntime could not start {', '.join(map(_short, failed))} for {path.name} (its messages "
+                           "above say why: CUDA, cuDNN or TensorRT libraries missing or of another version); "
+                           "install the matching ones or choose another --backend")
+    log.info("onnxruntime runs %s on %s", path.name, ", ".join(map(_short, got)))
+
+
 class OnnxRuntimeBackend:
     """Runs an exported visual graph with onnxruntime."""
 
     def __init__(self, model_path: str | os.PathLike, providers: Sequence[str] | str | None = None,
-                 threads: int | None = None, cache_dir: str | os.PathLike | None = None):
+                 threads: int | None = None, cache_dir: str | os.PathLike | None = None,
+                 precision: str | None = None, device: int = 0):
+        """``precision``: of the model file (fp32/fp16/int8; default: from its name), which sets the
+        TensorRT provider's options; ``cache_dir``: the TensorRT provider's engine and timing cache
+        folder (default: one keyed by onnxruntime, TensorRT and GPU, see :func:`tensorrt_cache_dir`)."""
         import onnxruntime as ort
 
         self.path = Path(model_path)
@@ -66,20 +174,14 @@ class OnnxRuntimeBackend:
         # Worker threads that spin after a run steal the cores that preprocessing, the numpy TTA
         # loop and capture threads need next; on a few-core device that costs more than it saves.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        provider_options = []
-        for name in chosen:
-            if name == "TensorrtExecutionProvider":
-                cache = Path(cache_dir or self.path.parent / "trt_cache")
-                provider_options.append({"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
-                                         "trt_fp16_enable": False})
-            else:
-                provider_options.append({})
+        self.precision = precision or file_precision(self.path)
+        self.provider_chain = session_providers(chosen, self.path, self.precision, cache_dir, device)
         try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=options,
-                                                providers=chosen, provider_options=provider_options)
+            self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=self.provider_chain)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise BackendError(f"onnxruntime cannot load {self.path}: {str(exc).splitlines()[0]}") from exc
         self.providers = self.session.get_providers()
+        report_providers(providers, available, chosen, self.providers, self.path)
         self.name = "onnxruntime"
         inputs = self.session.get_inputs()
         self.input_name = inputs[0].name

@@ -46,10 +46,13 @@ class OnnxTTARunner(_AdapterLoop):
             raise RuntimeError(
                 "onnxruntime is needed to run the TTA graph: pip install onnxruntime"
             ) from exc
+        from ..backends.onnxruntime import session_providers
+
         self.path = str(path)
         if providers is None:
             providers = ["CPUExecutionProvider"]
-        self.ort = ort.InferenceSession(self.path, ort_options, providers=list(providers))
+        # the provider options of the visual model's session (TensorRT cache folder and precision)
+        self.ort = ort.InferenceSession(self.path, ort_options, providers=session_providers(list(providers), self.path))
         meta = self.ort.get_modelmeta().custom_metadata_map
         self.config = self._config_from_metadata(meta, config)
         self._input_names = {i.name for i in self.ort.get_inputs()}

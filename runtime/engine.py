@@ -1,0 +1,396 @@
+"""TensorRT engines of an artifact folder: the plan file, its sidecar, and whether it runs here.
+
+An engine is two files, both named and hashed by the manifest like every other file::
+
+    visual_<precision>.<sha12>.engine        the TensorRT plan exactly as the builder serialised it
+                                             (no header: trtexec, Triton and DeepStream load it as is)
+    visual_<precision>.<sha12>.engine.json   the sidecar: what it was built from, with what, for which
+                                             GPU, with which optimisation profile, and how close its
+                                             outputs came to onnxruntime's fp32 ones
+
+``<sha12>`` is the start of the plan's own sha256. ``anoclip build-engine`` (calibration stage)
+writes both; the ``tensorrt-native`` backend reads them.
+
+Compatibility: a plan built without TensorRT's version-compatible flag deserialises only with the
+TensorRT release that built it, so major.minor.patch must match (the build number may differ); a
+version-compatible plan runs on the same or a later release of the same major version (and a 10.x
+one on 11.x). Without hardware compatibility a plan is tied to the GPU architecture, so the compute
+capability must match; a GPU of another name (even of the same architecture) is refused as well,
+because TensorRT's tactic choices are specific to the device they were timed on. Any mismatch is
+one line naming both sides and the command that rebuilds the engine.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import json
+import logging
+import math
+import os
+import re
+import sys
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ArtifactError
+
+log = logging.getLogger(__name__)
+
+SIDECAR_FORMAT = "anoclip-engine"
+SIDECAR_FORMAT_VERSION = 1
+PRECISIONS = ("fp32", "fp16", "int8")
+# Manifest model each precision is built from (fp16 falls back to "visual" on TensorRT 10.x).
+PRECISION_MODELS = {"fp32": "visual", "fp16": "visual_fp16", "int8": "visual_int8"}
+ENGINE_NAME = re.compile(r"^visual_(fp32|fp16|int8)\.[0-9a-f]{12}\.engine$")
+SIDECAR_SUFFIX = ".json"
+
+
+def engine_base_name(precision: str) -> str:
+    """``visual_<precision>.engine``: the name that becomes ``visual_<precision>.<sha12>.engine``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return f"visual_{precision}.engine"
+
+
+def sidecar_name(engine_name: str) -> str:
+    return engine_name + SIDECAR_SUFFIX
+
+
+def model_precision(model: str) -> str:
+    """The precision of a manifest model by its name: visual_fp16 -> fp16, visual_int8 -> int8, else fp32."""
+    for precision, name in PRECISION_MODELS.items():
+        if model == name:
+            return precision
+    return "fp32"
+
+
+# ----------------------------------------------------------------------------------------------
+# The sidecar
+
+
+@dataclass(frozen=True)
+class BatchProfile:
+    """The optimisation profile of the image input's batch axis (min <= opt <= max)."""
+
+    min: int
+    opt: int
+    max: int
+
+    def __post_init__(self):
+        values = (self.min, self.opt, self.max)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise ValueError(f"batch profile must be integers, got {values}")
+        if not 1 <= self.min <= self.opt <= self.max:
+            raise ValueError(f"batch profile needs 1 <= min <= opt <= max, got {self.min}:{self.opt}:{self.max}")
+
+    def __str__(self) -> str:
+        return f"{self.min}:{self.opt}:{self.max}"
+
+
+@dataclass
+class EngineSidecar:
+    """What an engine file is and where it may run; see the module docstring."""
+
+    engine: str  # the plan's file name in the folder
+    engine_sha256: str
+    precision: str  # fp32, fp16 or int8
+    source_model: str  # the manifest model it was built from (visual, visual_fp16, visual_int8)
+    source_file: str
+    source_sha256: str
+    tensorrt_version: str  # of the builder, e.g. 10.3.0.30
+    gpu_name: str
+    compute_capability: str  # e.g. 8.7
+    strongly_typed: bool  # network types from the ONNX file (True) or builder precision flags (10.x fallback)
+    input_name: str
+    input_shape: list[int]  # -1 for the dynamic batch axis
+    profile: BatchProfile
+    workspace_bytes: int
+    built: str  # UTC time
+    command: str
+    fp32_layers: int = 0  # layers pinned to fp32 in the weakly typed fp16 fallback
+    version_compatible: bool = False
+    timing_cache: str = ""  # the timing cache file used, if any
+    versions: dict[str, str] = field(default_factory=dict)  # anoclip, cuda driver, ...
+    parity: dict[str, Any] = field(default_factory=dict)  # see calibration.engine.parity_figures
+    format: str = SIDECAR_FORMAT
+    format_version: int = SIDECAR_FORMAT_VERSION
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["profile"] = asdict(self.profile)
+        return json.dumps(data, indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "EngineSidecar":
+        """Build a sidecar from parsed JSON, checking the type of every field (ValueError otherwise)."""
+        _need(isinstance(data, dict), f"a JSON object, not {type(data).__name__}")
+        _need(data.get("format") == SIDECAR_FORMAT, f"format is {data.get('format')!r}, not {SIDECAR_FORMAT!r}")
+        _need(data.get("format_version") == SIDECAR_FORMAT_VERSION,
+              f"format version {data.get('format_version')!r} is not {SIDECAR_FORMAT_VERSION}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        _need(not unknown, f"unknown fields {unknown}")
+        missing = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
+                   and f.name not in data]
+        _need(not missing, f"missing fields {missing}")
+        values = {key: _SIDECAR_CHECKS[key](key, value) for key, value in data.items()}
+        return cls(**values)
+
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _str(key, value):
+    _need(isinstance(value, str), f"{key} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _nonempty(key, value):
+    _need(isinstance(value, str) and value != "", f"{key} must be a non-empty string")
+    return value
+
+
+def _sha(key, value):
+    _need(isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) is not None, f"{key} must be a sha256")
+    return value
+
+
+def _bool(key, value):
+    _need(isinstance(value, bool), f"{key} must be true or false, got {type(value).__name__}")
+    return value
+
+
+def _int(minimum: int):
+    def check(key, value):
+        _need(isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
+              f"{key} must be an integer >= {minimum}, got {value!r}")
+        return value
+    return check
+
+
+def _choice(options):
+    def check(key, value):
+        _need(value in options, f"{key} must be one of {', '.join(options)}, got {value!r}")
+        return value
+    return check
+
+
+def _shape(key, value):
+    _need(isinstance(value, list) and len(value) >= 1 and all(
+        isinstance(d, int) and not isinstance(d, bool) and (d > 0 or d == -1) for d in value),
+        f"{key} must be a list of positive integers or -1")
+    return value
+
+
+def _profile(key, value):
+    _need(isinstance(value, dict) and set(value) == {"min", "opt", "max"}, f"{key} must have min, opt and max")
+    return BatchProfile(value["min"], value["opt"], value["max"])
+
+
+def _compute(key, value):
+    _need(isinstance(value, str) and re.fullmatch(r"\d+\.\d+", value) is not None,
+          f"{key} must look like 8.7, got {value!r}")
+    return value
+
+
+def _version(key, value):
+    _need(isinstance(value, str) and re.fullmatch(r"\d+\.\d+(\.\d+)*", value) is not None,
+          f"{key} must look like 10.3.0, got {value!r}")
+    return value
+
+
+def _str_map(key, value):
+    _need(isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()),
+          f"{key} must map names to strings")
+    return value
+
+
+def _parity(key, value):
+    ok = isinstance(value, dict) and all(
+        isinstance(k, str) and (isinstance(v, str) or (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                       and math.isfinite(v)))
+        for k, v in value.items())
+    _need(ok, f"{key} must map names to strings or finite numbers")
+    return value
+
+
+_SIDECAR_CHECKS = {
+    "engine": _nonempty, "engine_sha256": _sha, "precision": _choice(PRECISIONS), "source_model": _nonempty,
+    "source_file": _nonempty, "source_sha256": _sha, "tensorrt_version": _version, "gpu_name": _nonempty,
+    "compute_capability": _compute, "strongly_typed": _bool, "input_name": _nonempty, "input_shape": _shape,
+    "profile": _profile, "workspace_bytes": _int(0), "built": _str, "command": _str, "fp32_layers": _int(0),
+    "version_compatible": _bool, "timing_cache": _str, "versions": _str_map, "parity": _parity,
+    "format": _str, "format_version": _int(1),
+}
+
+
+def parse_sidecar(raw: bytes, shown: str, folder: str | os.PathLike) -> EngineSidecar:
+    """The sidecar in ``raw``; an ArtifactError naming ``shown`` and the rebuild when it is malformed."""
+    try:
+        return EngineSidecar.from_dict(json.loads(raw.decode("utf-8")))
+    except (UnicodeDecodeError, ValueError, TypeError) as exc:
+        raise ArtifactError(f"{shown} is not a valid engine sidecar ({exc}); rebuild the engine with "
+                            f"`anoclip build-engine --artifacts {folder} --precision ...`") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# This machine: TensorRT release and GPU
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    compute_capability: str  # "8.7"
+
+    def __str__(self) -> str:
+        return f"{self.name} (compute {self.compute_capability})"
+
+
+def probe_gpu(device: int = 0) -> GPU | None:
+    """Name and compute capability of CUDA device ``device`` from the driver library (no CUDA
+    toolkit or Python binding needed); None when there is no driver or no such device."""
+    names = ["nvcuda.dll"] if sys.platform == "win32" else ["libcuda.so.1", "libcuda.so"]
+    found = ctypes.util.find_library("cuda")
+    lib = None
+    for name in names + ([found] if found else []):
+        try:
+            lib = ctypes.CDLL(name)
+            break
+        except OSError:
+            continue
+    if lib is None:
+        return None
+    handle, major, minor = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+    buffer = ctypes.create_string_buffer(256)
+    # cuDeviceGetAttribute: 75 = COMPUTE_CAPABILITY_MAJOR, 76 = COMPUTE_CAPABILITY_MINOR
+    calls = (lambda: lib.cuInit(0), lambda: lib.cuDeviceGet(ctypes.byref(handle), device),
+             lambda: lib.cuDeviceGetName(buffer, 256, handle),
+             lambda: lib.cuDeviceGetAttribute(ctypes.byref(major), 75, handle),
+             lambda: lib.cuDeviceGetAttribute(ctypes.byref(minor), 76, handle))
+    try:
+        if any(call() != 0 for call in calls):
+            return None
+    except (AttributeError, OSError):
+        return None
+    return GPU(buffer.value.decode("utf-8", "replace").strip(), f"{major.value}.{minor.value}")
+
+
+_TENSORRT_DISTRIBUTIONS = ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt-cu11", "tensorrt_cu13_libs",
+                           "tensorrt_cu12_libs", "tensorrt-lean", "tensorrt-dispatch")
+
+
+def installed_tensorrt_version() -> str:
+    """The TensorRT release installed here without importing it ("" when none is found): from the
+    Python package's metadata, else from libnvinfer's getInferLibVersion()."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    module = sys.modules.get("tensorrt")
+    if module is not None and getattr(module, "__version__", ""):
+        return module.__version__
+    for dist in _TENSORRT_DISTRIBUTIONS:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            continue
+    libraries = ["nvinfer_11.dll", "nvinfer_10.dll"] if sys.platform == "win32" else ["libnvinfer.so.11",
+                                                                                       "libnvinfer.so.10"]
+    for name in libraries:
+        try:
+            number = int(ctypes.CDLL(name).getInferLibVersion())
+        except (OSError, AttributeError):
+            continue
+        return f"{number // 10000}.{number // 100 % 100}.{number % 100}"  # (MAJOR * 100 + MINOR) * 100 + PATCH
+    return ""
+
+
+def release(version: str) -> tuple[int, ...]:
+    """``10.3.0.30`` -> (10, 3, 0): the part of a TensorRT version that a plan is tied to."""
+    parts = re.findall(r"\d+", version)[:3]
+    return tuple(int(p) for p in parts) + (0,) * (3 - len(parts))
+
+
+def versions_compatible(built: str, running: str, version_compatible: bool = False) -> bool:
+    """Whether a plan built by TensorRT ``built`` deserialises with TensorRT ``running``."""
+    b, r = release(built), release(running)
+    if not version_compatible:
+        return b == r
+    return r >= b and (r[0] == b[0] or (b[0], r[0]) == (10, 11))
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding the engine of a model and checking it belongs here
+
+
+def rebuild_command(folder: str | os.PathLike, sidecar: EngineSidecar) -> str:
+    return (f"anoclip build-engine --artifacts {folder} --precision {sidecar.precision} "
+            f"--batch {sidecar.profile}")
+
+
+def check_compatible(sidecar: EngineSidecar, tensorrt_version: str, gpu: GPU | None, shown: str,
+                     folder: str | os.PathLike) -> None:
+    """Raise one ArtifactError line unless the engine was built for this TensorRT release and GPU."""
+    built_gpu = GPU(sidecar.gpu_name, sidecar.compute_capability)
+    version_ok = versions_compatible(sidecar.tensorrt_version, tensorrt_version, sidecar.version_compatible)
+    gpu_ok = gpu is not None and gpu == built_gpu
+    if version_ok and gpu_ok:
+        return
+    here = f"TensorRT {tensorrt_version or '(none)'} and {gpu if gpu is not None else 'no CUDA GPU'}"
+    raise ArtifactError(
+        f"{shown} was built with TensorRT {sidecar.tensorrt_version} for {built_gpu}, but this machine has {here}; "
+        f"rebuild it here with `{rebuild_command(folder, sidecar)}`")
+
+
+def engine_candidates(manifest_files: dict[str, str]) -> list[str]:
+    """Engine files the manifest names together with their sidecar, sorted."""
+    return sorted(name for name in manifest_files if ENGINE_NAME.match(name) and sidecar_name(name) in manifest_files)
+
+
+def choose_engine(sidecars: list[EngineSidecar], source_sha256: str, precision: str, tensorrt_version: str,
+                  gpu: GPU | None, folder: str | os.PathLike, model: str) -> EngineSidecar:
+    """The engine among ``sidecars`` built from the model file ``source_sha256`` at ``precision`` for
+    this TensorRT release and GPU; one ArtifactError line saying why there is none."""
+    build = f"anoclip build-engine --artifacts {folder} --precision {precision}"
+    same_precision = [s for s in sidecars if s.precision == precision]
+    if not same_precision:
+        raise ArtifactError(f"{folder} has no {precision} TensorRT engine; build one on this machine with `{build}`")
+    built_from = [s for s in same_precision if s.source_sha256 == source_sha256]
+    if not built_from:
+        raise ArtifactError(f"the {precision} TensorRT engine of {folder} was built from another {model} model than the "
+                            f"one the folder holds now (it was re-exported or re-calibrated); rebuild it with `{build}`")
+    for sidecar in built_from:
+        if versions_compatible(sidecar.tensorrt_version, tensorrt_version, sidecar.version_compatible) and \
+                gpu == GPU(sidecar.gpu_name, sidecar.compute_capability):
+            return sidecar
+    check_compatible(built_from[0], tensorrt_version, gpu, str(Path(folder) / built_from[0].engine), folder)
+    raise AssertionError("unreachable")  # check_compatible raised
+
+
+def load_engine_sidecars(folder: str | os.PathLike, manifest, record=None, verify: bool = True,
+                         skip_damaged: bool = False) -> list[EngineSidecar]:
+    """Every engine sidecar the manifest names, verified against its sha256 (engine files are
+    verified when loaded). ``skip_damaged``: leave out, with a warning, those that fail (an engine
+    for another device must not stop this one from loading)."""
+    from .artifacts import verify_files
+    from .integrity import resolve_inside
+
+    folder = Path(folder)
+    found = []
+    for name in engine_candidates(manifest.files):
+        side = sidecar_name(name)
+        try:
+            verify_files(folder, manifest, [side], record, hashes=verify)
+            sidecar = parse_sidecar(resolve_inside(folder, side).read_bytes(), str(folder / side), folder)
+            if sidecar.engine != name or sidecar.engine_sha256 != manifest.files[name]:
+                raise ArtifactError(f"{folder / side} does not describe {name} as the manifest lists it; rebuild the "
+                                    f"engine with `anoclip build-engine --artifacts {folder} --precision {sidecar.precision}`")
+        except ArtifactError as exc:
+            if not skip_damaged:
+                raise
+            log.warning("ignoring %s: %s", name, exc)
+            continue
+        found.append(sidecar)
+    return found
