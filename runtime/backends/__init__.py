@@ -17,7 +17,7 @@ from .onnxruntime import PROVIDER_ALIASES, PROVIDER_PREFERENCE, OnnxRuntimeBacke
 
 # What --backend accepts: onnxruntime with its best providers (auto) or one named provider chain, or the
 # folder's prebuilt TensorRT engine run natively (tensorrt-native).
-BACKEND_CHOICES = ("auto", "cpu", "cuda", "tensorrt", "tensorrt-native")
+BACKEND_CHOICES = ("auto", "cpu", "cuda", "tensorrt", "tensorrt-native", "openvino")
 
 __all__ = ["BACKEND_CHOICES", "Backend", "OnnxRuntimeBackend", "PROVIDER_ALIASES", "PROVIDER_PREFERENCE", "create_backend",
            "named_providers", "resolve_providers"]
@@ -34,12 +34,17 @@ class Backend(Protocol):
 
 def create_backend(model_path: str | os.PathLike, backend: str = "auto", **options) -> Backend:
     """Backend by name: ``auto``/``onnxruntime`` (best provider), ``cpu``, ``cuda``, ``tensorrt``
-    (onnxruntime providers), or ``tensorrt-native`` (the folder's engine of ``model_path``, see
-    ``anoclip build-engine``; options ``precision``, ``device``, ``verify``)."""
+    (onnxruntime providers), ``tensorrt-native`` (the folder's engine of ``model_path``, see
+    ``anoclip build-engine``; options ``precision``, ``device``, ``verify``) or ``openvino``
+    (OpenVINO on the CPU: faster than onnxruntime on int8 Q/DQ models where the CPU has VNNI)."""
     if backend == "tensorrt-native":
         from .tensorrt import TensorRTBackend
 
         return TensorRTBackend(model_path, **options)
+    if backend == "openvino":
+        from .openvino import OpenVinoBackend
+
+        return OpenVinoBackend(model_path, **options)
     known = ("auto", "onnxruntime", "ort", *PROVIDER_ALIASES)
     if backend not in known:
         raise BackendError(f"unknown backend '{backend}'; choose one of {', '.join(BACKEND_CHOICES)}")
