@@ -1,8 +1,9 @@
 """Inference backends behind one interface: ``run(batch NCHW float32) -> (image_embeds, patch_embeds)``.
 
 One module per backend: ``onnxruntime`` (execution providers TensorRT -> CUDA -> CPU, picked from
-what the installed onnxruntime offers or named by the caller) and ``tensorrt`` (``tensorrt-native``:
-the folder's prebuilt TensorRT engine, run with TensorRT and cuda-python; imported only when used).
+what the installed onnxruntime offers or named by the caller), ``tensorrt`` (``tensorrt-native``:
+the folder's prebuilt TensorRT engine, run with TensorRT and cuda-python) and ``openvino`` (CPUs);
+the last two are imported only when used.
 """
 
 from __future__ import annotations
