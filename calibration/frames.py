@@ -32,26 +32,27 @@ class FrameSource:
     expected: int  # frames it should give (videos: from the frame count OpenCV reports; 0 if unknown)
 
 
-def plan_sources(inputs: Sequence[str | os.PathLike], stride: int = 1) -> list[FrameSource]:
+def plan_sources(inputs: Sequence[str | os.PathLike], stride: int = 1, option: str = "--normal") -> list[FrameSource]:
     """The files behind ``inputs`` in order (folders: their images, sorted); AnoclipError for an
-    input that is missing, of another kind, an empty folder or a video that cannot be opened."""
+    input that is missing, of another kind, an empty folder or a video that cannot be opened
+    (``option``: the command-line option that named them, for the message)."""
     sources: list[FrameSource] = []
     for raw in inputs:
         path = Path(raw)
         if path.is_dir():
             images = [file for file, _ in discover_images([str(path)])]
             if not images:
-                raise AnoclipError(f"--normal {path}: the folder holds no images "
+                raise AnoclipError(f"{option} {path}: the folder holds no images "
                                    f"({', '.join(sorted(IMAGE_SUFFIXES))}); give a folder of normal images")
             sources += [FrameSource(file, False, 1) for file in images]
         elif not path.is_file():
-            raise AnoclipError(f"--normal {path} does not exist; give normal images, folders of them or videos")
+            raise AnoclipError(f"{option} {path} does not exist; give normal images, folders of them or videos")
         elif path.suffix.lower() in VIDEO_SUFFIXES:
             sources.append(FrameSource(path, True, _video_frames(path, stride)))
         elif path.suffix.lower() in IMAGE_SUFFIXES:
             sources.append(FrameSource(path, False, 1))
         else:
-            raise AnoclipError(f"--normal {path} is neither an image ({', '.join(sorted(IMAGE_SUFFIXES))}) nor a "
+            raise AnoclipError(f"{option} {path} is neither an image ({', '.join(sorted(IMAGE_SUFFIXES))}) nor a "
                                f"video ({', '.join(sorted(VIDEO_SUFFIXES))}); give normal images or videos")
     return sources
 

@@ -12,7 +12,7 @@ from anoclip.runtime.plumbing import configure_logging, run_guarded
 from anoclip.runtime.prompt_weights import read_prompts
 
 from .exporter import ExportOptions, run_export
-from .model import DEFAULT_BACKBONE, register_model_config, resolve_pretrained
+from .model import DEFAULT_BACKBONE, Outliers, register_model_config, resolve_pretrained
 from .prompts import DOMAINS
 
 
@@ -95,10 +95,16 @@ def parse_domains(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--text-batch", default=128, show_default=True, type=click.IntRange(min=1),
               help="Sentences per text-encoder batch.")
 @click.option("--seed", default=0, show_default=True, help="Seed for random weights (--pretrained none).")
+@click.option("--outlier-channels", default=0, show_default=True, type=click.IntRange(min=0),
+              help="With --pretrained none: a stress model whose K residual-stream channels carry activations "
+                   "--outlier-scale times larger, as trained CLIP towers do (|x| ~1000). Random weights lack them and "
+                   "flatter int8; use this to test reduced precision. Tagged none+outliers-k<K>-s<S> in the manifest.")
+@click.option("--outlier-scale", default=100.0, show_default=True, type=click.FloatRange(min=1.0),
+              help="Scale of the --outlier-channels (ln_pre gain, and the bias every MLP adds on them).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON when done.")
 def export_command(backbone, pretrained, model_config, classes, classes_file, domain_opts, out, opset, dynamic_batch,
                    vv_blocks, qkv_tokens, tta, tta_steps, tta_adapter, force, drop_classes, replace_classes,
-                   reencode_prompts, check, atol, text_batch, seed, as_json):
+                   reencode_prompts, check, atol, text_batch, seed, outlier_channels, outlier_scale, as_json):
     """Export an open_clip ViT with the V-V path to ONNX and bake the prompt embeddings of CLASSES.
 
     Writes OUT/manifest.json, OUT/visual.<sha>.onnx and OUT/prompts.<sha>.safetensors (names carry
@@ -115,15 +121,18 @@ def export_command(backbone, pretrained, model_config, classes, classes_file, do
     for name, domain in domains.items():
         if domain not in DOMAINS and not domain.replace("|", "").strip():
             raise AnoclipError(f"domain for {name} is empty")
+    outliers = Outliers(outlier_channels, outlier_scale, seed) if outlier_channels else None
+    if outliers is not None and (pretrained or "").lower() != "none":
+        raise AnoclipError("--outlier-channels makes a stress variant of random weights; use it with --pretrained none")
     if out:
         folder = Path(out)
     else:
-        tag = resolve_pretrained(backbone, pretrained)
-        folder = Path("artifacts") / f"{backbone}-{Path(tag).stem}"
+        tag = outliers.label() if outliers is not None else resolve_pretrained(backbone, pretrained)
+        folder = Path("artifacts") / f"{backbone}-{tag if outliers is not None else Path(tag).stem}"
     drop, _ = parse_classes(drop_classes, None)
     opts = ExportOptions(backbone, pretrained, folder, names, domains, opset, dynamic_batch, vv_blocks,
                          qkv_tokens, force, check, atol, text_batch, seed, tta, tta_steps, tta_adapter,
-                         tuple(drop), replace_classes, reencode_prompts)
+                         tuple(drop), replace_classes, reencode_prompts, outliers)
     manifest = run_export(opts, _command_line(click.get_current_context()))
     bank = read_prompts(resolve_inside(folder, manifest.prompts))
     if as_json:

@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from anoclip.runtime.artifacts import (
-    FORMAT_VERSION, PROMPTS, TTA_GRAPH, VISUAL, VISUAL_QKV, Manifest, ModelEntry, check_prompts_belong,
+    FORMAT_VERSION, MAKE_MODEL, PROMPTS, TTA_GRAPH, VISUAL, VISUAL_QKV, Manifest, ModelEntry, check_prompts_belong,
     read_manifest, verify_files, write_manifest,
 )
 from anoclip.runtime.errors import AnoclipError, ArtifactError
@@ -23,7 +23,7 @@ from anoclip.runtime.plumbing import ensure_writable_folder, folder_lock, sync_f
 from anoclip.runtime.prompt_weights import ClassPrompts, PromptBank, read_prompts, write_prompts
 
 from .folder import has_manifest, place, remove_unreferenced, staging_folder
-from .model import LoadedModel, load_model, resolve_pretrained
+from .model import LoadedModel, Outliers, add_outlier_channels, load_model, resolve_pretrained
 from .prompts import PromptRecipe, class_embeddings, encode_sentences
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class ExportOptions:
     drop_classes: tuple[str, ...] = ()
     replace_classes: bool = False
     reencode_prompts: bool = False
+    outliers: Outliers | None = None  # the stress variant of random weights (--outlier-channels)
 
 
 def _visual_reusable(opts: ExportOptions, loaded: LoadedModel, manifest: Manifest | None) -> bool:
@@ -255,6 +256,11 @@ def _export_locked(opts: ExportOptions, argv: list[str], progress, old: Manifest
     progress(f"creating {opts.backbone} with weights '{resolve_pretrained(opts.backbone, opts.pretrained)}'")
     torch.manual_seed(opts.seed)  # random weights (`--pretrained none`) repeat from run to run
     loaded = load_model(opts.backbone, opts.pretrained)
+    if opts.outliers is not None:
+        channels, peak = add_outlier_channels(loaded, opts.outliers)
+        progress(f"STRESS WEIGHTS '{loaded.pretrained}': random weights with residual-stream channels {channels} "
+                 f"{opts.outliers.scale:g}x larger (largest |x| on a random image: {peak:.0f}); for testing reduced "
+                 "precision only")
     if old is not None and not _same_weights(old, loaded) and not opts.force:
         other = f"{old.backbone} / {old.pretrained}"
         raise ArtifactError(
@@ -307,6 +313,7 @@ def _export_locked(opts: ExportOptions, argv: list[str], progress, old: Manifest
             entry.file = placed[entry.file][0]
     manifest.prompts = placed[PROMPTS][0]
     shas = {**(old.files if old else {}), **dict(placed.values())}
+    _carry_derived(old, manifest, shas, progress, opts.out)
     named = [entry.file for entry in manifest.models.values()] + [manifest.prompts]
     if manifest.thresholds in shas:  # the calibration's thresholds stay; where the visual model or a
         named.append(manifest.thresholds)  # class's prompts changed, loading warns that they are stale
@@ -325,6 +332,23 @@ def _export_locked(opts: ExportOptions, argv: list[str], progress, old: Manifest
     sync_folder(opts.out)
     remove_unreferenced(opts.out, set(manifest.files))
     return manifest
+
+
+def _carry_derived(old: Manifest | None, manifest: Manifest, shas: dict[str, str], progress, folder: Path) -> None:
+    """The reduced-precision models (``visual_int8``, ``visual_fp16``) made from the folder's visual
+    model stay while the visual model is the one they were made from (the same sha256: a re-export
+    that left it unchanged); made from a visual model that changed, they are dropped, with a word."""
+    if old is None or manifest is old:  # the visual model was kept, and with it the models made from it
+        return
+    visual_sha = shas[manifest.models[VISUAL].file]
+    for name, entry in old.models.items():
+        if not entry.source_sha256 or name in manifest.models:
+            continue
+        if entry.source_sha256 == visual_sha and entry.file in shas:
+            manifest.models[name] = entry
+            continue
+        make = MAKE_MODEL.get(name, "anoclip calibrate ... --artifacts {folder}").format(folder=folder)
+        progress(f"dropping {name}: it was made from the previous visual model; make it anew with `{make}`")
 
 
 def _version() -> str:

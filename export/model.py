@@ -79,6 +79,68 @@ class LoadedModel:
         return out.float().cpu().numpy()
 
 
+@dataclass(frozen=True)
+class Outliers:
+    """A stress variant of random weights: ``channels`` residual-stream channels of the visual tower
+    carry activations about ``scale`` times the others, as trained CLIP towers do (|x| in the
+    hundreds in a few channels). Random weights lack them, and so flatter reduced precision: int8
+    calibrated on them looks better than it will on real weights. For testing only."""
+
+    channels: int
+    scale: float
+    seed: int = 0
+
+    def label(self) -> str:
+        """The pretrained tag of the stress weights; it says they are random."""
+        return f"{RANDOM}+outliers-k{self.channels}-s{self.scale:g}"
+
+
+@torch.no_grad()
+def add_outlier_channels(loaded: LoadedModel, outliers: Outliers) -> tuple[list[int], float]:
+    """Turn ``loaded`` (random weights) into the stress variant, in place; (the channels, the largest
+    |x| of the residual stream measured on a forward pass of a random image).
+
+    ln_pre's gain is multiplied by ``scale`` on the chosen channels (the stream starts with them
+    large), and in every block the MLP's output bias adds ``scale`` on them (they stay large, with
+    a constant sign, like the massive activations of trained CLIP towers). The standard and V-V
+    streams both carry them; the LayerNorms in front of each matrix product then give
+    their outputs a few outlier channels that a per-tensor int8 scale must cover.
+    """
+    if not loaded.random_weights:
+        raise AnoclipError("--outlier-channels makes a stress variant of random weights; use it with --pretrained none")
+    visual = loaded.model.visual
+    width = int(visual.ln_pre.weight.shape[0])
+    if not 0 < outliers.channels <= width:
+        raise AnoclipError(f"--outlier-channels {outliers.channels}: choose 1..{width} (the tower's width)")
+    generator = torch.Generator().manual_seed(outliers.seed)
+    channels = sorted(torch.randperm(width, generator=generator)[: outliers.channels].tolist())
+    visual.ln_pre.weight[channels] *= outliers.scale
+    for block in visual.transformer.resblocks:
+        block.mlp.c_proj.bias[channels] += outliers.scale
+    loaded.pretrained = outliers.label()
+    loaded._weights_sha256 = None  # the visual weights changed
+    return channels, _residual_peak(visual)
+
+
+@torch.no_grad()
+def _residual_peak(visual: torch.nn.Module) -> float:
+    """The largest |x| of the residual stream (ln_pre and every block's output) on a random image."""
+    peak = [0.0]
+
+    def record(module, args, output):
+        peak[0] = max(peak[0], float(output.abs().max()))
+
+    hooks = [visual.ln_pre.register_forward_hook(record)]
+    hooks += [block.register_forward_hook(record) for block in visual.transformer.resblocks]
+    size = visual.image_size if isinstance(visual.image_size, (tuple, list)) else (visual.image_size,) * 2
+    try:
+        visual(torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0)))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return peak[0]
+
+
 def register_model_config(path: str | os.PathLike) -> str:
     """Register an open_clip JSON model config; its file stem becomes the backbone name."""
     import open_clip

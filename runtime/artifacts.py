@@ -12,6 +12,10 @@ new export never overwrites a file that the current manifest names)::
     visual.<sha>.onnx              image [B,3,H,W] -> image_embeds [B,D], patch_embeds [B,M,D]
     visual_qkv.<sha>.onnx          optional plain-CLIP baseline (patch_embeds are the QKV tokens)
     tta.<sha>.onnx                 optional AnoCLIP+ adapter loop as one graph (class-independent)
+    visual_int8.<sha>.onnx         optional Q/DQ int8 model of ``visual``, from `anoclip calibrate int8`
+    visual_fp16.<sha>.onnx         optional fp16 model of ``visual``, from `anoclip calibrate fp16`; both
+                                   record the sha256 of the visual model they were made from and their
+                                   provenance (frames, method, quantizer, fidelity figures)
     prompts.<sha>.safetensors      text_features/<class> [2,D] (t+, t-), prompt_features/<class> [2N,D]
     thresholds.<sha>.json          optional, from `anoclip calibrate threshold`: per class image and
                                    pixel thresholds and their provenance (``thresholds``)
@@ -44,6 +48,12 @@ PROMPTS = "prompts.safetensors"
 VISUAL = "visual"
 VISUAL_QKV = "visual_qkv"
 TTA_GRAPH = "tta"
+VISUAL_FP16 = "visual_fp16"
+VISUAL_INT8 = "visual_int8"
+PRECISIONS = ("fp32", "fp16", "int8")
+PRECISION_MODELS = {"fp32": VISUAL, "fp16": VISUAL_FP16, "int8": VISUAL_INT8}  # the model each precision runs
+MAKE_MODEL = {VISUAL_INT8: "anoclip calibrate int8 --artifacts {folder} --images <frames of the scene>",
+              VISUAL_FP16: "anoclip calibrate fp16 --artifacts {folder}"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -67,6 +77,25 @@ class ModelEntry:
     patch_tokens: str  # "vv" or "qkv": what the patch_embeds output holds; "" for the TTA graph
     vv_blocks: int | None = None
     opset: int = 17
+    # Reduced-precision models (visual_int8, visual_fp16) are made from the fp32 visual model:
+    precision: str = "fp32"
+    source_sha256: str = ""  # the sha256 of the visual model file it was made from ("" for exported models)
+    provenance: dict[str, Any] = field(default_factory=dict)  # how: frames, method, quantizer, fidelity
+
+
+DERIVED_FIELDS = {"precision": "fp32", "source_sha256": "", "provenance": {}}  # left out of the JSON at these values
+
+
+def precision_model(precision: str, model: str = VISUAL) -> str:
+    """The manifest model that runs ``model`` at ``precision`` (fp32: ``model`` itself)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp32":
+        return model
+    if model != VISUAL:
+        raise ArtifactError(f"--precision {precision} exists for the visual model only, not {model}; "
+                            "use --model visual")
+    return PRECISION_MODELS[precision]
 
 
 @dataclass
@@ -103,6 +132,10 @@ class Manifest:
         data = asdict(self)
         if not data["thresholds"]:  # never calibrated: readable by runtimes that predate the field too
             del data["thresholds"]
+        for entry in data["models"].values():  # exported models: readable by runtimes that predate the fields
+            for key, default in DERIVED_FIELDS.items():
+                if entry.get(key) == default:
+                    del entry[key]
         return json.dumps(data, indent=2, sort_keys=False) + "\n"
 
     @classmethod
@@ -198,6 +231,11 @@ def _models(key: str, value: Any) -> dict[str, ModelEntry]:
             _shapes(f"{key}.{name}.{io}", entry.get(io))
         _typed(str)(f"{key}.{name}.patch_tokens", entry.get("patch_tokens"))
         _check(entry.get("vv_blocks") is None or isinstance(entry["vv_blocks"], int), f"{key}.{name}.vv_blocks")
+        _check(entry.get("precision", "fp32") in PRECISIONS, f"{key}.{name}.precision must be one of {PRECISIONS}")
+        source = entry.get("source_sha256", "")
+        _check(source == "" or (isinstance(source, str) and len(source) == 64
+                                and all(c in "0123456789abcdef" for c in source)), f"{key}.{name}.source_sha256")
+        _check(isinstance(entry.get("provenance", {}), dict), f"{key}.{name}.provenance must be an object")
         entries[name] = ModelEntry(**entry)
     return entries
 
@@ -277,8 +315,22 @@ class Artifacts:
             known = ", ".join(self.manifest.models)
             hint = {VISUAL_QKV: " (export it with `anoclip-export --qkv-tokens model`)",
                     TTA_GRAPH: " (export it with `anoclip-export --tta`)"}.get(model, "")
+            if model in MAKE_MODEL:
+                hint = f"; make it with `{MAKE_MODEL[model].format(folder=self.folder)}`"
             raise ArtifactError(f"model '{model}' is not in {self.folder} (has: {known}){hint}") from None
         return resolve_inside(self.folder, entry.file)
+
+    def check_source(self, model: str) -> None:
+        """Raise when a reduced-precision model was made from another visual model than the folder's."""
+        entry = self.manifest.models.get(model)
+        if entry is None or not entry.source_sha256:
+            return
+        current = self.model_sha256(VISUAL)
+        if entry.source_sha256 != current:
+            make = MAKE_MODEL.get(model, "anoclip calibrate ...").format(folder=self.folder)
+            raise ArtifactError(f"{model} in {self.folder} was made from another visual model (sha256 "
+                                f"{entry.source_sha256[:12]}, the folder's is {current[:12]}); "
+                                f"make it anew with `{make}`")
 
     def model_files(self, model: str = VISUAL) -> list[str]:
         """Names (relative to the folder) of a graph's file and of every external-data file it reads."""
@@ -334,9 +386,21 @@ def load_artifacts(folder: str | os.PathLike, verify: bool = True, models: list[
     folder = Path(folder)
     manifest = read_manifest(folder)
     artifacts = Artifacts(folder, manifest, PromptBank({}, "", "", 0))
-    needed = [manifest.prompts] + [name for model in models or [VISUAL] for name in artifacts.model_files(model)]
+    models = models or [VISUAL]
+    for model in models:
+        artifacts.check_source(model)
+    made = [m for m in models if m in MAKE_MODEL]  # by a calibration: its fix is that calibration
+    needed = [manifest.prompts] + [name for model in models if model not in made
+                                   for name in artifacts.model_files(model)]
     record = VerificationRecord() if verify else None
     verify_files(folder, manifest, needed, record, hashes=verify)
+    for model in made:
+        files = artifacts.model_files(model)  # not in the folder: that error names the command already
+        try:
+            verify_files(folder, manifest, files, record, hashes=verify)
+        except ArtifactError as exc:
+            cause = str(exc).split("; ")[0]
+            raise ArtifactError(f"{cause}; make it anew with `{MAKE_MODEL[model].format(folder=folder)}`") from None
     if load_thresholds and manifest.thresholds:
         verify_thresholds(folder, manifest, record, hashes=verify)
     if record is not None:

@@ -82,6 +82,10 @@ def detector_options(command):
                      help="onnxruntime execution provider; auto prefers TensorRT, then CUDA, then CPU."),
         click.option("--model", default="visual", show_default=True, type=click.Choice(["visual", "visual_qkv"]),
                      help="visual: AnoCLIP V-V tokens; visual_qkv: the plain-CLIP baseline (if exported)."),
+        click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "int8"]),
+                     help="Of the visual model: fp32 as exported; int8 the Q/DQ model of `anoclip calibrate int8`; "
+                          "fp16 that of `anoclip calibrate fp16`. Thresholds hold for the precision they were "
+                          "calibrated with."),
         click.option("--tiling", default="auto", show_default=True, type=click.Choice(["auto", "never", "always"]),
                      help="Cut frames far from square (aspect > 1.2) into overlapping square tiles."),
         click.option("--tta", is_flag=True,
@@ -146,7 +150,7 @@ def tta_config_from(tta: bool, tta_steps: int, tta_adapter: str, tta_init: str, 
 @click.option("--json", "as_json", is_flag=True, help="Also print each result line to stdout.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @click.argument("paths", nargs=-1, required=True)
-def predict_command(artifacts_dir, cls, out_dir, backend, model, tiling, tta, tta_backend, tta_steps, tta_adapter,
+def predict_command(artifacts_dir, cls, out_dir, backend, model, precision, tiling, tta, tta_backend, tta_steps, tta_adapter,
                     tta_init, tta_state, seed, alpha, image_threshold, pixel_threshold, threads, max_pixels,
                     max_output_pixels, no_verify, as_json, verbose, paths):
     """Score images (files or folders of images) and write anomaly maps.
@@ -179,8 +183,9 @@ def predict_command(artifacts_dir, cls, out_dir, backend, model, tiling, tta, tt
     images = discover_images(paths, exclude=out)
     if not images:
         raise AnoclipError(f"no images found in {', '.join(paths)} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
-    detector = Detector.load(artifacts_dir, backend=backend, model=model, tiling=tiling, verify=not no_verify,
-                             threads=threads, tta=tta_config or False, tta_backend=tta_backend, max_pixels=max_pixels)
+    detector = Detector.load(artifacts_dir, backend=backend, model=model, precision=precision, tiling=tiling,
+                             verify=not no_verify, threads=threads, tta=tta_config or False, tta_backend=tta_backend,
+                             max_pixels=max_pixels)
     detector.class_prompts(cls)  # unknown class: fail before touching any image
     if tta_config is not None:
         detector.tta_adapter(cls, tta_config)  # a TTA graph that does not fit: fail before any image too

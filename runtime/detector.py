@@ -10,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .artifacts import TTA_GRAPH, VISUAL, Artifacts, load_artifacts
+from .artifacts import PRECISION_MODELS, TTA_GRAPH, VISUAL, Artifacts, load_artifacts, precision_model
 from .backends import Backend, create_backend
 from .errors import ArtifactError
 from .preprocess import DEFAULT_MAX_PIXELS, TileLayout, as_rgb_uint8, merge_tiles, preprocess, read_image
@@ -52,8 +52,9 @@ class Detector:
     class name present in the prompt weights; :meth:`threshold_for` gives the thresholds that turn
     its score and map into a decision (``thresholds.decide``).
 
-    ``model``: the graph ``backend`` runs (``visual`` or ``visual_qkv``), which calibrated
-    thresholds are checked against; ``thresholds``: those of the artifacts when None.
+    ``model``: the graph ``backend`` runs (``visual``, ``visual_qkv``, or a reduced-precision model of
+    the visual one: ``visual_int8``, ``visual_fp16``), which calibrated thresholds are checked
+    against; ``thresholds``: those of the artifacts when None.
     """
 
     def __init__(self, artifacts: Artifacts, backend: Backend, tiling: str = "auto",
@@ -82,9 +83,14 @@ class Detector:
         self.grid = tuple(manifest.grid)
         self.mean, self.std = manifest.mean, manifest.std
 
+    @property
+    def precision(self) -> str:
+        """fp32, fp16 or int8: the precision of the model the backend runs."""
+        return next((p for p, name in PRECISION_MODELS.items() if name == self.model), "fp32")
+
     @classmethod
     def load(cls, artifacts_dir: str | os.PathLike, backend: str = "auto", tta=False, *, model: str = VISUAL,
-             tiling: str = "auto", smoothing_sigma: float = 0.0, verify: bool = True,
+             precision: str = "fp32", tiling: str = "auto", smoothing_sigma: float = 0.0, verify: bool = True,
              threads: int | None = None, tta_backend: str = "numpy",
              max_pixels: int | None = DEFAULT_MAX_PIXELS, load_thresholds: bool = True) -> "Detector":
         """Load an artifact folder.
@@ -95,6 +101,8 @@ class Detector:
             tta: False, True (default TTA settings) or a ``TTAConfig``: AnoCLIP+ maps (the image
                 score does not change).
             model: ``visual`` (V-V tokens) or ``visual_qkv`` (the plain-CLIP baseline, when exported).
+            precision: ``fp32`` (the exported model), ``int8`` (the Q/DQ model of `anoclip calibrate
+                int8`) or ``fp16`` (`anoclip calibrate fp16`); reduced precision exists for ``visual``.
             tiling: ``auto`` (tile frames whose aspect ratio exceeds 1.2), ``never`` or ``always``.
             smoothing_sigma: optional Gaussian smoothing of the map in model pixels (0 = off, as published).
             verify: check file hashes against the manifest.
@@ -104,6 +112,7 @@ class Detector:
             max_pixels: image files claiming more pixels than this are refused before decoding.
             load_thresholds: read the folder's calibrated thresholds (see :meth:`threshold_for`).
         """
+        model = precision_model(precision, model)
         models = [model] + ([TTA_GRAPH] if tta_backend == "onnx" else [])
         artifacts = load_artifacts(artifacts_dir, verify=verify, models=models, load_thresholds=load_thresholds)
         engine = create_backend(artifacts.model_path(model), backend, threads=threads)
@@ -156,7 +165,8 @@ class Detector:
         return self._calibrations[key]
 
     def _calibrate_hint(self, cls: str) -> str:
-        flags = (f" --model {self.model}" if self.model != VISUAL else "") + (" --tta" if self.tta else "")
+        model = f" --precision {self.precision}" if self.precision != "fp32" else f" --model {self.model}"
+        flags = (model if self.model != VISUAL else "") + (" --tta" if self.tta else "")
         return f"anoclip calibrate threshold --artifacts {self.artifacts.folder} --class {cls}{flags} --normal ..."
 
     # ------------------------------------------------------------------------------------------

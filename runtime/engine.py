@@ -34,6 +34,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .artifacts import PRECISION_MODELS
 from .errors import ArtifactError
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,6 @@ SIDECAR_FORMAT = "anoclip-engine"
 SIDECAR_FORMAT_VERSION = 1
 PRECISIONS = ("fp32", "fp16", "int8")
 # Manifest model each precision is built from (fp16 falls back to "visual" on TensorRT 10.x).
-PRECISION_MODELS = {"fp32": "visual", "fp16": "visual_fp16", "int8": "visual_int8"}
 ENGINE_NAME = re.compile(r"^visual_(fp32|fp16|int8)\.[0-9a-f]{12}\.engine$")
 SIDECAR_SUFFIX = ".json"
 

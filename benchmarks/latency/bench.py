@@ -2,7 +2,9 @@
 
 Rows: the plain-CLIP baseline (QKV patch tokens, ``visual_qkv.onnx``), AnoCLIP (V-V tokens) and
 AnoCLIP+ (V-V tokens + test-time adaptation, with the numpy loop and, when exported, ``tta.onnx``),
-for every onnxruntime execution provider asked for and present. All rows of one backend run
+for every onnxruntime execution provider asked for and present; and "AnoCLIP (int8)" / "AnoCLIP
+(fp16)" for the reduced-precision models the folder holds (`anoclip calibrate int8|fp16`), beside
+the fp32 row (``--precisions`` chooses). All rows of one backend run
 round-robin in one process on the same frame, so the ratio to the CLIP row is measured side by
 side. Needs only the runtime (no PyTorch).
 
@@ -27,7 +29,8 @@ from pathlib import Path
 import click
 import numpy as np
 
-from anoclip.runtime.artifacts import TTA_GRAPH, VISUAL, VISUAL_QKV, load_artifacts
+from anoclip.runtime.artifacts import (MAKE_MODEL, PRECISION_MODELS, PRECISIONS, TTA_GRAPH, VISUAL, VISUAL_QKV,
+                                       load_artifacts)
 from anoclip.runtime.backends import PROVIDER_ALIASES, named_providers
 from anoclip.runtime.detector import Detector
 from anoclip.runtime.errors import AnoclipError
@@ -67,6 +70,7 @@ class Variant:
     tta_backend: str = "numpy"
     paper: str = "AnoCLIP"  # its row in the paper's Table 7
     folder: str = "main"  # "main": --artifacts; "full": --full-last-block
+    precision: str = "fp32"  # of the visual model (int8, fp16: the calibrated models)
 
 
 VARIANTS = (
@@ -82,13 +86,30 @@ def full_last_block(manifest) -> bool:
     return "qkv_patch_embeds" in manifest.models[VISUAL].outputs
 
 
-def variants(main_full: bool, with_full_folder: bool) -> list[Variant]:
-    """The rows to time: AnoCLIP rows of a full-last-block folder say so in their name."""
+def variants(main_full: bool, with_full_folder: bool, precisions: tuple[str, ...] = ()) -> list[Variant]:
+    """The rows to time: AnoCLIP rows of a full-last-block folder say so in their name; one AnoCLIP
+    row per reduced precision in ``precisions`` follows the fp32 one."""
     rows = [Variant(full_name(v.name) if main_full and v.model == VISUAL else v.name, v.model, v.tta, v.tta_backend,
                     v.paper) for v in VARIANTS]
+    at = 2
+    for precision in (p for p in ("int8", "fp16") if p in precisions):
+        name = f"AnoCLIP ({precision})"
+        rows.insert(at, Variant(full_name(name) if main_full else name, VISUAL, False, precision=precision))
+        at += 1
     if with_full_folder:
-        rows.insert(2, Variant(full_name("AnoCLIP"), VISUAL, False, folder="full"))
+        rows.insert(at, Variant(full_name("AnoCLIP"), VISUAL, False, folder="full"))
     return rows
+
+
+def bench_precisions(manifest, requested: str) -> tuple[str, ...]:
+    """The reduced precisions to time: those ``requested`` names (``auto``: every one the folder has)."""
+    if requested == "auto":
+        return tuple(p for p in PRECISIONS if p != "fp32" and PRECISION_MODELS[p] in manifest.models)
+    chosen = tuple(p.strip() for p in requested.split(",") if p.strip())
+    unknown = [p for p in chosen if p not in PRECISIONS]
+    if unknown:
+        raise AnoclipError(f"--precisions {unknown[0]}: choose among {', '.join(PRECISIONS)} or auto")
+    return chosen
 
 
 def full_name(name: str) -> str:
@@ -153,10 +174,12 @@ def _full_folder(full_dir: str, manifest):
 
 
 def run_bench(artifacts_dir: str, providers: list[str], runs: int, warmup: int, frame: np.ndarray, cls: str | None,
-              threads: int | None, progress=None, full_dir: str | None = None) -> tuple[list[Row], dict]:
+              threads: int | None, progress=None, full_dir: str | None = None,
+              precisions: str = "auto") -> tuple[list[Row], dict]:
     """Time every variant on every provider; return the rows and the method description."""
     artifacts = load_artifacts(artifacts_dir, verify=True, models=[VISUAL])
     manifest = artifacts.manifest
+    reduced = bench_precisions(manifest, precisions)
     cls = cls or sorted(artifacts.prompts.classes)[0]
     folders = {"main": (artifacts_dir, manifest, artifacts.folder)}
     if full_dir:
@@ -168,21 +191,26 @@ def run_bench(artifacts_dir: str, providers: list[str], runs: int, warmup: int, 
         backend_name = {full: alias for alias, full in PROVIDER_ALIASES.items() if alias != "trt"}[provider]
         detectors: dict[str, Detector] = {}
         group: list[Row] = []
-        for variant in variants(full_last_block(manifest), full_dir is not None):
-            row = Row(variant.name, f"onnxruntime {short}", "fp32", paper_ms=paper.LATENCY_MS[variant.paper])
+        for variant in variants(full_last_block(manifest), full_dir is not None, reduced):
+            row = Row(variant.name, f"onnxruntime {short}", variant.precision,
+                      paper_ms=paper.LATENCY_MS[variant.paper])
             group.append(row)
             source, source_manifest, source_folder = folders[variant.folder]
-            needed = [variant.model] + ([TTA_GRAPH] if variant.tta_backend == "onnx" and variant.tta else [])
+            model = PRECISION_MODELS[variant.precision] if variant.precision != "fp32" else variant.model
+            needed = [model] + ([TTA_GRAPH] if variant.tta_backend == "onnx" and variant.tta else [])
             missing = [m for m in needed if m not in source_manifest.models]
             if missing:
+                if missing[0] in MAKE_MODEL:
+                    row.status = f"not made (`{MAKE_MODEL[missing[0]].format(folder=source)}`)"
+                    continue
                 hint = {VISUAL_QKV: "--qkv-tokens model", TTA_GRAPH: "--tta"}[missing[0]]
                 row.status = f"not exported (anoclip-export {hint})"
                 continue
             row.size_mb = sum((source_folder / source_manifest.models[m].file).stat().st_size for m in needed) / 1e6
             try:
                 detectors[variant.name] = Detector.load(source, backend=backend_name, model=variant.model,
-                                                        tta=variant.tta, tta_backend=variant.tta_backend,
-                                                        verify=False, threads=threads)
+                                                        precision=variant.precision, tta=variant.tta,
+                                                        tta_backend=variant.tta_backend, verify=False, threads=threads)
             except AnoclipError as exc:
                 row.status = f"failed: {exc}"
         totals: dict[str, list[float]] = {name: [] for name in detectors}
@@ -308,12 +336,16 @@ def resolve_backends(backends: str) -> list[str]:
 @click.option("--full-last-block", "full_dir", type=click.Path(file_okay=False), default=None,
               help="Second artifact folder, exported from the same weights with --qkv-tokens add: adds an "
                    "'AnoCLIP (full last block)' row without the last-block shortcut, as the paper's Table 7 timed it.")
+@click.option("--precisions", default="auto", show_default=True,
+              help="Reduced precisions of the visual model to time beside fp32, as 'AnoCLIP (int8)' / 'AnoCLIP "
+                   "(fp16)' rows: a comma-separated list of int8, fp16, or auto = every one the folder holds "
+                   "(`anoclip calibrate int8|fp16` makes them).")
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the table as Markdown to this file.")
 @click.option("--readme", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Replace the block between the anoclip bench markers in this README with the Markdown table.")
 def bench_command(artifacts_dir, backends, runs, warmup, image, image_size, cls, threads, as_json, full_dir,
-                  markdown_path, readme):
+                  precisions, markdown_path, readme):
     """Benchmark ms per image of CLIP, AnoCLIP and AnoCLIP+ per stage and backend, beside the paper's Table 7."""
     from tqdm import tqdm
 
@@ -323,7 +355,8 @@ def bench_command(artifacts_dir, backends, runs, warmup, image, image_size, cls,
     providers = resolve_backends(backends)
     frame = _frame(image, image_size)
     with tqdm(total=runs * len(providers), desc="bench", unit="round", file=sys.stderr, disable=None) as bar:
-        rows, method = run_bench(artifacts_dir, providers, runs, warmup, frame, cls, threads, bar.update, full_dir)
+        rows, method = run_bench(artifacts_dir, providers, runs, warmup, frame, cls, threads, bar.update, full_dir,
+                                 precisions)
     md = markdown(rows, method)
     if markdown_path:
         atomic_write_bytes(markdown_path, md.encode())

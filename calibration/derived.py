@@ -1,0 +1,229 @@
+"""Reduced-precision models made from the folder's fp32 visual model (int8, fp16): the frames they
+are calibrated and checked on, the parity gate, and storing them in the artifact folder.
+
+The work runs outside the folder (the model is built in a temporary folder); only the commit takes
+the folder lock: the visual model must still be the one the new model was made from, the file is
+written under its content-addressed name (``visual_int8.<sha12>.onnx``), the manifest entry
+(``visual_int8`` / ``visual_fp16``) with its sha256 and provenance is added, and replacing the
+manifest is the one commit point. The file it replaces is removed afterwards. Any failure, the
+parity gate included, leaves the folder as it was.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import re
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from anoclip.runtime.artifacts import (MAKE_MODEL, PRECISION_MODELS, VISUAL, Manifest, ModelEntry, content_addressed,
+                                       load_artifacts, read_manifest, write_manifest)
+from anoclip.runtime.errors import AnoclipError
+from anoclip.runtime.integrity import sha256_file
+from anoclip.runtime.plumbing import atomic_path, folder_lock, sync_folder
+from anoclip.runtime.preprocess import DEFAULT_MAX_PIXELS, as_rgb_uint8, normalise, preprocess, resize_bilinear
+
+from .parity import Gate, Parity, check_gate, compare, run_model
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FRAMES = 64
+DEFAULT_PARITY_FRAMES = 16
+LOCK_WAIT_S = 5.0  # the commit takes milliseconds: another calibration finishing is waited for
+DERIVED_FILE = re.compile(r"^visual_(int8|fp16)\.[0-9a-f]{12}\.onnx$")
+
+
+@dataclass
+class FrameSplit:
+    """Preprocessed model inputs ([1, 3, H, W] float32): some to calibrate on, others to check on."""
+
+    calibration: list[np.ndarray] = field(default_factory=list)
+    parity: list[np.ndarray] = field(default_factory=list)
+    read: int = 0  # frames read from the inputs
+    held_out: int = 0  # parity inputs that are frames not used for calibration
+    augmented: int = 0  # parity inputs that are altered views of calibration frames
+    synthetic: int = 0  # parity inputs drawn procedurally (no frames given)
+
+    def note(self) -> str:
+        held = "held-out frames" if self.calibration else "frames"
+        parts = [f"{n} {what}" for n, what in ((self.held_out, held),
+                                               (self.augmented, "augmented views of calibration frames"),
+                                               (self.synthetic, "synthetic textures")) if n]
+        return " + ".join(parts) or "none"
+
+
+def read_frames(inputs: Sequence[str], manifest: Manifest, count: int, parity: int, stride: int = 1,
+                max_pixels: int | None = DEFAULT_MAX_PIXELS, option: str = "--images") -> FrameSplit:
+    """Up to ``count`` calibration frames and ``parity`` parity inputs from ``inputs`` (images,
+    folders, videos), preprocessed as the Detector does (squashed to the model size, no tiles).
+
+    Parity inputs are frames held out of the calibration, spread over the inputs, as long as at
+    least three quarters of the frames remain to calibrate on; the rest are augmented views
+    (mirrored, cropped, brighter or darker) of calibration frames.
+    """
+    from tqdm import tqdm
+
+    from .frames import iter_frames, plan_sources
+
+    sources = plan_sources(inputs, stride, option)
+    size = tuple(manifest.image_size)
+    expected = sum(s.expected for s in sources) if all(s.expected for s in sources) else None
+    wanted = count + parity
+    small: list[np.ndarray] = []
+    with tqdm(total=min(expected, wanted) if expected else wanted, desc="read frames", unit="frame",
+              file=sys.stderr, disable=None) as bar:
+        for frame in itertools.islice(iter_frames(sources, stride, max_pixels), wanted):
+            small.append(resize_bilinear(as_rgb_uint8(frame), size))  # what preprocess squashes it to
+            bar.update(1)
+    if not small:
+        raise AnoclipError(f"no frames were read; give images, folders of images or videos of the scene with {option}")
+    held = min(parity, len(small) // 4 if count else len(small))  # count 0: every frame checks (fp16)
+    held_idx = {int((i + 0.5) * len(small) / held) for i in range(held)} if held else set()
+    split = FrameSplit(read=len(small), held_out=len(held_idx))
+    for index, image in enumerate(small):
+        batch = preprocess(image, size, manifest.mean, manifest.std, "never")[0]
+        if index in held_idx:
+            split.parity.append(batch)
+        elif len(split.calibration) < count:
+            split.calibration.append(batch)
+    pool = [im for i, im in enumerate(small) if i not in held_idx][:count] or small
+    for k in range(parity - split.held_out):
+        view = augment(pool[k % len(pool)], k)
+        split.parity.append(normalise(view, manifest.mean, manifest.std)[None])
+        split.augmented += 1
+    if count and len(split.calibration) < 16:
+        log.warning("only %d calibration frame(s): activation ranges from so few frames may not cover the scene; "
+                    "give at least 16 (the default uses %d)", len(split.calibration), DEFAULT_FRAMES)
+    return split
+
+
+def augment(image: np.ndarray, seed: int) -> np.ndarray:
+    """An altered view of a frame at model size: mirrored, a crop of 85-95 % resized back, and
+    brightness scaled by 0.85-1.15, drawn from ``seed``."""
+    rng = np.random.default_rng(seed)
+    height, width = image.shape[:2]
+    view = image[:, ::-1] if seed % 2 == 0 else image
+    scale = rng.uniform(0.85, 0.95)
+    h, w = max(1, int(height * scale)), max(1, int(width * scale))
+    y, x = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+    view = resize_bilinear(np.ascontiguousarray(view[y:y + h, x:x + w]), (height, width))
+    return np.clip(view.astype(np.float32) * rng.uniform(0.85, 1.15), 0, 255).astype(np.uint8)
+
+
+def synthetic_frames(manifest: Manifest, count: int, seed: int = 0) -> list[np.ndarray]:
+    """Preprocessed procedural textures (smooth colour fields with fine grain): parity inputs with
+    image-like statistics when no frames are given."""
+    rng = np.random.default_rng(seed)
+    size = tuple(manifest.image_size)
+    out = []
+    for _ in range(count):
+        image = np.zeros((*size, 3), np.float32)
+        for cells, weight in ((4, 0.6), (16, 0.3), (size[0] // 2, 0.1)):
+            field_ = rng.uniform(0, 255, (cells, cells, 3)).astype(np.uint8)
+            image += weight * resize_bilinear(field_, size).astype(np.float32)
+        out.append(normalise(np.clip(image, 0, 255).astype(np.uint8), manifest.mean, manifest.std)[None])
+    return out
+
+
+def make_model(folder: str | Path, precision: str, build: Callable[[Path, Path], dict], parity_inputs: FrameSplit,
+               gate: Gate, provenance: dict, command: str, threads: int | None = None,
+               report: Callable[[str], None] = print) -> tuple[str, ModelEntry, Parity]:
+    """Build the ``precision`` model of the folder's visual model with ``build(source, target)``
+    (which returns a description of what it made), check it against the fp32 model on the parity
+    inputs, and store it; (the file name, the manifest entry, the figures).
+
+    The figures are reported (``report``, one line at a time) before the gate decides; below it,
+    AnoclipError and nothing is written.
+    """
+    folder = Path(folder)
+    name = PRECISION_MODELS[precision]
+    artifacts = load_artifacts(folder, verify=True, models=[VISUAL], load_thresholds=False)
+    manifest = artifacts.manifest
+    source = artifacts.model_path(VISUAL)
+    source_sha = artifacts.model_sha256(VISUAL)
+    with tempfile.TemporaryDirectory(prefix="anoclip-calibrate-") as tmp:
+        target = Path(tmp) / f"{name}.onnx"
+        started = time.perf_counter()
+        structure = build(source, target)
+        seconds = time.perf_counter() - started
+        reference = run_model(source, parity_inputs.parity, "parity fp32", threads)
+        candidate = run_model(target, parity_inputs.parity, f"parity {precision}", threads)
+        parity = compare(reference, candidate, artifacts.prompts, tuple(manifest.grid), tuple(manifest.image_size),
+                         parity_inputs.note())
+        failure = None
+        try:
+            check_gate(parity, gate, precision)
+        except AnoclipError as exc:
+            failure = exc
+        for line in parity.table_lines(precision):
+            report(line)
+        if failure is not None:
+            raise failure
+        visual = manifest.models[VISUAL]
+        entry = ModelEntry(
+            file="", inputs=dict(visual.inputs), outputs=dict(visual.outputs), patch_tokens=visual.patch_tokens,
+            vv_blocks=visual.vv_blocks, opset=_opset(target), precision=precision, source_sha256=source_sha,
+            provenance={**provenance, "structure": structure, "parity": parity.as_dict(),
+                        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": command,
+                        "seconds": round(seconds, 1)})
+        file = store_model(folder, name, target, entry, source_sha, command)
+    return file, entry, parity
+
+
+def _opset(path: Path) -> int:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+
+
+def store_model(folder: Path, name: str, staged: Path, entry: ModelEntry, source_sha: str, command: str) -> str:
+    """Write ``staged`` into the folder as ``name``'s model and commit the manifest; the file name."""
+    with folder_lock(folder, wait=LOCK_WAIT_S):
+        manifest = read_manifest(folder)
+        visual = manifest.models.get(VISUAL)
+        current = manifest.files.get(visual.file, "") if visual is not None else ""
+        if current != source_sha:
+            raise AnoclipError(f"the visual model of {folder} changed while calibrating (sha256 {source_sha[:12]} -> "
+                               f"{current[:12]}); nothing was written, run `{MAKE_MODEL[name].format(folder=folder)}` "
+                               "again")
+        sha = sha256_file(staged)
+        file = content_addressed(f"{name}.onnx", sha)
+        target = folder / file
+        existed = file in manifest.files
+        if not existed:
+            with atomic_path(target) as tmp:
+                shutil.copyfile(staged, tmp)
+        old = manifest.models.get(name)
+        entry.file = file
+        manifest.models[name] = entry
+        manifest.files = {k: v for k, v in manifest.files.items() if old is None or k != old.file or k == file}
+        manifest.files[file] = sha
+        manifest.history.append(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {command}")
+        try:
+            write_manifest(folder, manifest)  # the commit point
+        except BaseException:
+            if not existed:
+                target.unlink(missing_ok=True)
+            raise
+        sync_folder(folder)
+        remove_unreferenced(folder, set(manifest.files))
+    return file
+
+
+def remove_unreferenced(folder: Path, keep: set[str]) -> None:
+    """Remove reduced-precision model files that the manifest does not name (the one replaced)."""
+    for path in folder.iterdir():
+        if DERIVED_FILE.match(path.name) and path.name not in keep and not path.is_dir():
+            try:
+                path.unlink()
+            except OSError as exc:
+                log.warning("could not remove %s: %s", path, exc)
