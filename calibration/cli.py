@@ -152,6 +152,28 @@ def _report_stored(folder: str, precision: str, file: str, as_json: bool, entry)
                               indent=2))
 
 
+def _reduced_model_options(precision: str):
+    """The options int8 and fp16 share: frame reading, the parity gate, threads and output."""
+    options = [
+        click.option("--stride", default=1, show_default=True, type=click.IntRange(min=1),
+                     help="Use every N-th video frame."),
+        click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=click.IntRange(min=1),
+                     help="Largest image (width x height) decoded; larger files are refused unread."),
+        _gate_options(precision),
+        click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads for onnxruntime."),
+        click.option("--json", "as_json", is_flag=True,
+                     help="Print the stored manifest entry (with its provenance) as JSON."),
+        click.option("-v", "--verbose", is_flag=True, help="Debug logging."),
+    ]
+
+    def decorate(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
 @calibrate_group.command("int8")
 @click.option("--artifacts", "artifacts_dir", required=True, type=click.Path(file_okay=False),
               help="Artifact folder written by anoclip-export; the int8 model is stored in it (visual_int8).")
@@ -171,13 +193,7 @@ def _report_stored(folder: str, precision: str, file: str, as_json: bool, entry)
               help="Quantize only the matrix products with weights, not those of attention (q·kᵀ, softmax·v, "
                    "v·vᵀ): maps closer to fp32 (Pearson r 0.9996 instead of 0.996 on ViT-B-16-plus-240), about 1.3x "
                    "slower on a CPU (148 instead of 115 ms on a 2-core AMD EPYC).")
-@click.option("--stride", default=1, show_default=True, type=click.IntRange(min=1), help="Use every N-th video frame.")
-@click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=click.IntRange(min=1),
-              help="Largest image (width x height) decoded; larger files are refused unread.")
-@_gate_options("int8")
-@click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads for onnxruntime.")
-@click.option("--json", "as_json", is_flag=True, help="Print the stored manifest entry (with its provenance) as JSON.")
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@_reduced_model_options("int8")
 def int8_command(artifacts_dir, images, paths, frames, parity_frames, method, weights_only, stride, max_pixels,
                  min_map_r, min_cosine, threads, as_json, verbose):
     """INT8 model of the visual model: static Q/DQ, calibrated on frames of the scene.
@@ -214,13 +230,7 @@ def int8_command(artifacts_dir, images, paths, frames, parity_frames, method, we
 @click.argument("paths", nargs=-1)
 @click.option("--parity-frames", default=16, show_default=True, type=click.IntRange(min=1),
               help="Inputs the fp16 model is checked on against fp32.")
-@click.option("--stride", default=1, show_default=True, type=click.IntRange(min=1), help="Use every N-th video frame.")
-@click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=click.IntRange(min=1),
-              help="Largest image (width x height) decoded; larger files are refused unread.")
-@_gate_options("fp16")
-@click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads for onnxruntime.")
-@click.option("--json", "as_json", is_flag=True, help="Print the stored manifest entry (with its provenance) as JSON.")
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@_reduced_model_options("fp16")
 def fp16_command(artifacts_dir, images, paths, parity_frames, stride, max_pixels, min_map_r, min_cosine, threads,
                  as_json, verbose):
     """fp16 model of the visual model, for GPUs (TensorRT, CUDA).

@@ -28,7 +28,7 @@ from anoclip.runtime.artifacts import (MAKE_MODEL, PRECISION_MODELS, VISUAL, Man
                                        load_artifacts, read_manifest, write_manifest)
 from anoclip.runtime.errors import AnoclipError
 from anoclip.runtime.integrity import sha256_file
-from anoclip.runtime.plumbing import atomic_path, folder_lock, sync_folder
+from anoclip.runtime.plumbing import atomic_path, folder_lock, remove_unnamed, sync_folder
 from anoclip.runtime.preprocess import DEFAULT_MAX_PIXELS, as_rgb_uint8, normalise, preprocess, resize_bilinear
 
 from .parity import Gate, Parity, check_gate, compare, run_model
@@ -215,15 +215,5 @@ def store_model(folder: Path, name: str, staged: Path, entry: ModelEntry, source
                 target.unlink(missing_ok=True)
             raise
         sync_folder(folder)
-        remove_unreferenced(folder, set(manifest.files))
+        remove_unnamed(folder, DERIVED_FILE, set(manifest.files))
     return file
-
-
-def remove_unreferenced(folder: Path, keep: set[str]) -> None:
-    """Remove reduced-precision model files that the manifest does not name (the one replaced)."""
-    for path in folder.iterdir():
-        if DERIVED_FILE.match(path.name) and path.name not in keep and not path.is_dir():
-            try:
-                path.unlink()
-            except OSError as exc:
-                log.warning("could not remove %s: %s", path, exc)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import math
 import os
 import time
@@ -39,9 +40,11 @@ from anoclip.runtime.engine import (ENGINE_NAME, GPU, PRECISION_MODELS, PRECISIO
                                     engine_base_name, engine_candidates, load_engine_sidecars, probe_gpu, release,
                                     sidecar_name)
 from anoclip.runtime.errors import AnoclipError, BackendError
-from anoclip.runtime.plumbing import atomic_write_bytes, folder_lock, sync_folder
+from anoclip.runtime.plumbing import atomic_write_bytes, folder_lock, remove_unnamed, sync_folder
 
 log = logging.getLogger(__name__)
+
+ENGINE_FILE = re.compile(ENGINE_NAME.pattern.removesuffix("$") + r"(\.json)?$")  # an engine or its sidecar
 
 DEFAULT_DYNAMIC_PROFILE = BatchProfile(1, 1, 8)
 LOCK_WAIT_S = 5.0
@@ -380,7 +383,7 @@ def store_engine(folder: Path, plan_bytes: bytes, sidecar: EngineSidecar, gpu: G
                 (folder / n).unlink(missing_ok=True)
             raise
         sync_folder(folder)
-        remove_unlisted_engines(folder, set(manifest.files))
+        remove_unnamed(folder, ENGINE_FILE, set(manifest.files))
     return gone
 
 
@@ -396,17 +399,6 @@ def readable_sidecars(folder: Path, manifest) -> tuple[list[EngineSidecar], list
             log.warning("dropping %s from the manifest: %s", name, exc)
             damaged.append(name)
     return good, damaged
-
-
-def remove_unlisted_engines(folder: Path, keep: set[str]) -> None:
-    """Engine and sidecar files that no manifest names any more (replaced, or left by a re-export)."""
-    for entry in folder.iterdir():
-        base = entry.name[: -len(".json")] if entry.name.endswith(".engine.json") else entry.name
-        if ENGINE_NAME.match(base) and entry.name not in keep and entry.is_file() and not entry.is_symlink():
-            try:
-                entry.unlink()
-            except OSError as exc:
-                log.warning("could not remove %s: %s", entry, exc)
 
 
 def _version() -> str:

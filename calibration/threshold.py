@@ -28,7 +28,7 @@ from anoclip.runtime.artifacts import read_manifest, verify_thresholds, write_ma
 from anoclip.runtime.detector import Detector
 from anoclip.runtime.errors import AnoclipError
 from anoclip.runtime.integrity import resolve_inside
-from anoclip.runtime.plumbing import folder_lock, sync_folder
+from anoclip.runtime.plumbing import folder_lock, remove_unnamed, sync_folder
 from anoclip.runtime.prompt_weights import read_prompts
 from anoclip.runtime.thresholds import (ClassCalibration, ThresholdTable, read_thresholds, text_features_sha256,
                                         tta_settings, write_thresholds)
@@ -181,7 +181,7 @@ def save_threshold(folder: str | os.PathLike, cls: str, record: ClassCalibration
                 (folder / name).unlink(missing_ok=True)
             raise
         sync_folder(folder)
-        _remove_unreferenced(folder, set(manifest.files))
+        remove_unnamed(folder, THRESHOLDS_FILE, set(manifest.files))
     return name, table
 
 
@@ -204,13 +204,3 @@ def _check_unchanged(folder: Path, manifest, cls: str, record: ClassCalibration)
     if reasons:
         raise AnoclipError(f"{folder} changed while calibrating ({'; '.join(reasons)}); nothing was written, "
                            "run the calibration again")
-
-
-def _remove_unreferenced(folder: Path, keep: set[str]) -> None:
-    """Remove thresholds files the manifest no longer names (the one replaced, those of killed runs)."""
-    for entry in folder.iterdir():
-        if THRESHOLDS_FILE.match(entry.name) and entry.name not in keep and not entry.is_dir():
-            try:
-                entry.unlink()
-            except OSError as exc:
-                log.warning("could not remove %s: %s", entry, exc)

@@ -42,9 +42,16 @@ class FrameEvent:
     threshold: float | None = None  # the image-score threshold the decision used
     pixel_threshold: float | None = None  # the map threshold the regions used
     extra: dict[str, Any] = field(default_factory=dict)
+    _record: dict[str, Any] | None = field(default=None, init=False, repr=False, compare=False)
 
     def record(self) -> dict[str, Any]:
-        """The event as a JSON-ready dict (what the events file and MQTT carry)."""
+        """The event as a JSON-ready dict (what the events file, MQTT and the web view carry); made
+        once per event, whatever the number of sinks (treat it as read-only)."""
+        if self._record is None:
+            self._record = self._make_record()
+        return self._record
+
+    def _make_record(self) -> dict[str, Any]:
         return {
             "source": self.source, "frame": self.frame_index, "captured": round(self.captured, 6),
             "class": self.cls, "score": self.score, "anomalous": self.anomalous, "threshold": self.threshold,
