@@ -7,14 +7,13 @@ and ``fp16`` (reduced-precision models of the visual model, checked against it).
 from __future__ import annotations
 
 import json
-import shlex
 from dataclasses import asdict
 from pathlib import Path
 
 import click
 
 from anoclip.runtime.cli import detector_options, tta_config_from
-from anoclip.runtime.plumbing import configure_logging, run_guarded
+from anoclip.runtime.plumbing import configure_logging, given_command, run_guarded
 from anoclip.runtime.preprocess import DEFAULT_MAX_PIXELS
 
 from .threshold import DEFAULT_PIXEL_QUANTILE, DEFAULT_QUANTILE, PIXELS_PER_FRAME
@@ -107,7 +106,7 @@ def threshold_command(artifacts_dir, cls, normal, quantile, margin, pixel_quanti
     total = sum(s.expected for s in sources) if all(s.expected for s in sources) else None
     record, name = calibrate_threshold(
         detector, cls, iter_frames(sources, stride, max_pixels), settings, normal=list(normal),
-        command=_command_line(click.get_current_context()), total=total, max_frames=max_frames,
+        command=_command_line(), total=total, max_frames=max_frames,
         replace_file=replace_file)
     folder = Path(artifacts_dir)
     for line in (
@@ -216,7 +215,7 @@ def int8_command(artifacts_dir, images, paths, frames, parity_frames, method, we
     file, entry, _ = calibrate_int8(
         artifacts_dir, inputs, frames=frames, parity_frames=parity_frames,
         scheme=Int8Scheme(method, not weights_only), stride=stride, max_pixels=max_pixels,
-        gate=Gate(min_map_r, min_cosine), command=_command_line(click.get_current_context()), threads=threads,
+        gate=Gate(min_map_r, min_cosine), command=_command_line(), threads=threads,
         report=lambda line: click.echo(line, err=True))
     _report_stored(artifacts_dir, "int8", file, as_json, entry)
 
@@ -246,28 +245,14 @@ def fp16_command(artifacts_dir, images, paths, parity_frames, stride, max_pixels
     configure_logging(verbose)
     file, entry, _ = calibrate_fp16(
         artifacts_dir, list(images) + list(paths), parity_frames=parity_frames, stride=stride, max_pixels=max_pixels,
-        gate=Gate(min_map_r, min_cosine), command=_command_line(click.get_current_context()), threads=threads,
+        gate=Gate(min_map_r, min_cosine), command=_command_line(), threads=threads,
         report=lambda line: click.echo(line, err=True))
     _report_stored(artifacts_dir, "fp16", file, as_json, entry)
 
 
-def _command_line(ctx: click.Context) -> str:
-    """The command as given (the options that differ from their defaults), for the provenance."""
-    words = ["anoclip", "calibrate", ctx.command.name]
-    for param in ctx.command.params:
-        value = ctx.params.get(param.name)
-        if isinstance(param, click.Argument):
-            words += [str(item) for item in value or ()]
-            continue
-        given = ctx.get_parameter_source(param.name) not in (click.core.ParameterSource.DEFAULT, None)
-        if not isinstance(param, click.Option) or not given or value in (None, ()):
-            continue
-        if param.is_flag:
-            words += [param.opts[0]] if value else []
-            continue
-        for item in value if param.multiple else (value,):
-            words += [param.opts[0], str(item)]
-    return " ".join(shlex.quote(word) for word in words)
+def _command_line() -> str:
+    ctx = click.get_current_context()
+    return given_command(ctx, "anoclip", "calibrate", ctx.command.name)
 
 
 def main() -> None:

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 DEFAULT_FRAMES = 64
 DEFAULT_PARITY_FRAMES = 16
 LOCK_WAIT_S = 5.0  # the commit takes milliseconds: another calibration finishing is waited for
-DERIVED_FILE = re.compile(r"^visual_(int8|fp16)\.[0-9a-f]{12}\.onnx$")
+DERIVED_FILE = re.compile(r"^(visual_(int8|fp16)|anoclip)\.[0-9a-f]{12}\.onnx$")  # models made from the visual one
 
 
 @dataclass
@@ -185,8 +185,10 @@ def _opset(path: Path) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
 
 
-def store_model(folder: Path, name: str, staged: Path, entry: ModelEntry, source_sha: str, command: str) -> str:
-    """Write ``staged`` into the folder as ``name``'s model and commit the manifest; the file name."""
+def store_model(folder: Path, name: str, staged: Path, entry: ModelEntry, source_sha: str, command: str,
+                file_name: str | None = None) -> str:
+    """Write ``staged`` into the folder as ``name``'s model (file ``file_name``, default ``<name>.onnx``,
+    content-addressed) and commit the manifest; the file name."""
     with folder_lock(folder, wait=LOCK_WAIT_S):
         manifest = read_manifest(folder)
         visual = manifest.models.get(VISUAL)
@@ -196,7 +198,7 @@ def store_model(folder: Path, name: str, staged: Path, entry: ModelEntry, source
                                f"{current[:12]}); nothing was written, run `{MAKE_MODEL[name].format(folder=folder)}` "
                                "again")
         sha = sha256_file(staged)
-        file = content_addressed(f"{name}.onnx", sha)
+        file = content_addressed(file_name or f"{name}.onnx", sha)
         target = folder / file
         existed = file in manifest.files
         if not existed:

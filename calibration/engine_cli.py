@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import shlex
 from dataclasses import asdict
 
 import click
 
 from anoclip.runtime.engine import PRECISIONS
-from anoclip.runtime.plumbing import configure_logging, run_guarded
+from anoclip.runtime.plumbing import configure_logging, given_command, run_guarded
 
 
 def _batch(ctx, param, value):
@@ -73,7 +72,7 @@ def build_engine_command(artifacts_dir, precision, batch, workspace, timing_cach
     configure_logging(verbose)
     ctx = click.get_current_context()
     result = build_engine(artifacts_dir, precision, batch=batch, workspace_gib=workspace, timing_cache=timing_cache,
-                          parity=parity_images, device=device, command=_command_line(ctx),
+                          parity=parity_images, device=device, command=given_command(ctx, "anoclip", "build-engine"),
                           progress=lambda message: click.echo(message, err=True))
     s = result.sidecar
     click.echo(f"stored {result.folder / result.engine} ({s.precision}, batch {s.profile}, TensorRT {s.tensorrt_version}, "
@@ -86,20 +85,6 @@ def build_engine_command(artifacts_dir, precision, batch, workspace, timing_cach
     if as_json:
         data = asdict(s)
         click.echo(json.dumps(data, indent=2))
-
-
-def _command_line(ctx: click.Context) -> str:
-    words = ["anoclip", "build-engine"]
-    for param in ctx.command.params:
-        value = ctx.params.get(param.name)
-        given = ctx.get_parameter_source(param.name) not in (click.core.ParameterSource.DEFAULT, None)
-        if not isinstance(param, click.Option) or not given or value is None:
-            continue
-        if param.is_flag:
-            words += [param.opts[0]] if value else []
-        else:
-            words += [param.opts[0], str(value)]
-    return " ".join(shlex.quote(word) for word in words)
 
 
 def main() -> None:

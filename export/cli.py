@@ -6,9 +6,10 @@ from pathlib import Path
 
 import click
 
+from anoclip.runtime.artifacts import read_manifest
 from anoclip.runtime.errors import AnoclipError
 from anoclip.runtime.integrity import resolve_inside
-from anoclip.runtime.plumbing import configure_logging, run_guarded
+from anoclip.runtime.plumbing import configure_logging, given_command, run_guarded
 from anoclip.runtime.prompt_weights import read_prompts
 
 from .exporter import ExportOptions, run_export
@@ -81,6 +82,9 @@ def parse_domains(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--tta-steps", default=5, show_default=True, type=click.IntRange(min=1), help="Steps unrolled in tta.onnx.")
 @click.option("--tta-adapter", default="text", show_default=True, type=click.Choice(["text", "linear"]),
               help="Adapter of tta.onnx: text (authors' MVTec code) or linear (their VisA script).")
+@click.option("--fused", is_flag=True,
+              help="Also write anoclip.onnx: image -> scores and maps of every class of the folder (sorted) in one "
+                   "graph, for trtexec, Triton, DeepStream or `anoclip predict --model fused` (see `anoclip fuse`).")
 @click.option("--force", is_flag=True,
               help="Re-export the visual model even when the folder's one is up to date, or replace one of another "
                    "backbone/weights; the classes already baked are kept (re-encoded when the weights change).")
@@ -103,7 +107,7 @@ def parse_domains(values: tuple[str, ...]) -> dict[str, str]:
               help="Scale of the --outlier-channels (ln_pre gain, and the bias every MLP adds on them).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON when done.")
 def export_command(backbone, pretrained, model_config, classes, classes_file, domain_opts, out, opset, dynamic_batch,
-                   vv_blocks, qkv_tokens, tta, tta_steps, tta_adapter, force, drop_classes, replace_classes,
+                   vv_blocks, qkv_tokens, tta, tta_steps, tta_adapter, fused, force, drop_classes, replace_classes,
                    reencode_prompts, check, atol, text_batch, seed, outlier_channels, outlier_scale, as_json):
     """Export an open_clip ViT with the V-V path to ONNX and bake the prompt embeddings of CLASSES.
 
@@ -133,30 +137,18 @@ def export_command(backbone, pretrained, model_config, classes, classes_file, do
     opts = ExportOptions(backbone, pretrained, folder, names, domains, opset, dynamic_batch, vv_blocks,
                          qkv_tokens, force, check, atol, text_batch, seed, tta, tta_steps, tta_adapter,
                          tuple(drop), replace_classes, reencode_prompts, outliers)
-    manifest = run_export(opts, _command_line(click.get_current_context()))
+    manifest = run_export(opts, given_command(click.get_current_context(), "anoclip-export"))
+    if fused:
+        from .fused import fuse_folder
+
+        fuse_folder(folder, command=given_command(click.get_current_context(), "anoclip-export"), report=click.echo)
+        manifest = read_manifest(folder)
     bank = read_prompts(resolve_inside(folder, manifest.prompts))
     if as_json:
         click.echo(manifest.to_json())
     else:
         click.echo(f"{folder} holds: {', '.join(sorted(manifest.files))}")
         click.echo(f"classes: {', '.join(sorted(bank.classes))}")
-
-
-def _command_line(ctx: click.Context) -> list[str]:
-    """The export command as it was given (options that differ from their defaults)."""
-    words = ["anoclip-export"]
-    for param in ctx.command.params:
-        value = ctx.params.get(param.name)
-        given = ctx.get_parameter_source(param.name) not in (click.core.ParameterSource.DEFAULT, None)
-        if not isinstance(param, click.Option) or not given or value in (None, ()):
-            continue
-        flag = param.opts[0]
-        if param.is_flag:
-            words.append(flag if value else param.secondary_opts[0])
-            continue
-        for item in value if param.multiple else (value,):
-            words += [flag, str(item)]
-    return words
 
 
 def main() -> None:

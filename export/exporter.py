@@ -4,7 +4,6 @@ weights, through ``folder`` (lock, staging, content-addressed names, the manifes
 from __future__ import annotations
 
 import logging
-import shlex
 import shutil
 import sys
 import time
@@ -223,7 +222,7 @@ def _read_old(folder: Path, force: bool) -> tuple[Manifest | None, PromptBank | 
     return manifest, bank
 
 
-def run_export(opts: ExportOptions, argv: list[str]) -> Manifest:
+def run_export(opts: ExportOptions, command: str) -> Manifest:
     """Export into ``opts.out`` as two idempotent steps, visual models and prompt weights.
 
     The visual models are kept when they match the options; the prompt weights keep every class
@@ -241,14 +240,14 @@ def run_export(opts: ExportOptions, argv: list[str]) -> Manifest:
         with folder_lock(opts.out):
             old, old_bank = _read_old(opts.out, opts.force)
             remove_unreferenced(opts.out, set(old.files) if old else set())  # what killed runs left
-            return _export_locked(opts, argv, progress, old, old_bank)
+            return _export_locked(opts, command, progress, old, old_bank)
     except BaseException:
         if created and not has_manifest(opts.out):
             shutil.rmtree(opts.out, ignore_errors=True)
         raise
 
 
-def _export_locked(opts: ExportOptions, argv: list[str], progress, old: Manifest | None,
+def _export_locked(opts: ExportOptions, command: str, progress, old: Manifest | None,
                    old_bank: PromptBank | None) -> Manifest:
     import open_clip
     import torch
@@ -323,7 +322,6 @@ def _export_locked(opts: ExportOptions, argv: list[str], progress, old: Manifest
     manifest.format_version = FORMAT_VERSION
     manifest.versions = {"anoclip": _version(), "open_clip": open_clip.__version__, "torch": torch.__version__,
                          "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
-    command = " ".join(shlex.quote(a) for a in argv)
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     if not reuse_visual or not manifest.command:  # the run that exported the visual model
         manifest.command, manifest.created = command, now

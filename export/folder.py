@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 # Files a manifest owns: the graphs (the reduced-precision ones written by the calibration too),
 # prompt weights and thresholds (written by the calibration), content-addressed or under format-1
 # names. The manifest is the one list of those in use.
-OWNED = re.compile(r"^((visual|visual_qkv|visual_int8|visual_fp16|tta)(\.[0-9a-f]{12})?\.onnx"
+OWNED = re.compile(r"^((visual|visual_qkv|visual_int8|visual_fp16|tta|anoclip)(\.[0-9a-f]{12})?\.onnx"
                    r"|prompts(\.[0-9a-f]{12})?\.safetensors"
                    r"|thresholds(\.[0-9a-f]{12})?\.json)$")
 STAGING_PREFIX = ".staging-"

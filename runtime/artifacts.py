@@ -16,6 +16,10 @@ new export never overwrites a file that the current manifest names)::
     visual_fp16.<sha>.onnx         optional fp16 model of ``visual``, from `anoclip calibrate fp16`; both
                                    record the sha256 of the visual model they were made from and their
                                    provenance (frames, method, quantizer, fidelity figures)
+    anoclip.<sha>.onnx             optional, from `anoclip fuse` (model ``fused``): image [B,3,H,W] ->
+                                   scores [B,K], maps [B,K,H,W], patch_scores [B,K,M] for K classes baked
+                                   in (their order: the entry's provenance ``classes``); made from the
+                                   visual model (``source_sha256``) and the classes' text features
     prompts.<sha>.safetensors      text_features/<class> [2,D] (t+, t-), prompt_features/<class> [2N,D]
     thresholds.<sha>.json          optional, from `anoclip calibrate threshold`: per class image and
                                    pixel thresholds and their provenance (``thresholds``)
@@ -50,10 +54,13 @@ VISUAL_QKV = "visual_qkv"
 TTA_GRAPH = "tta"
 VISUAL_FP16 = "visual_fp16"
 VISUAL_INT8 = "visual_int8"
+FUSED = "fused"  # image -> scores and maps of K classes in one graph; its file is anoclip.<sha>.onnx
+FUSED_FILE = "anoclip.onnx"
 PRECISIONS = ("fp32", "fp16", "int8")
 PRECISION_MODELS = {"fp32": VISUAL, "fp16": VISUAL_FP16, "int8": VISUAL_INT8}  # the model each precision runs
 MAKE_MODEL = {VISUAL_INT8: "anoclip calibrate int8 --artifacts {folder} --images <frames of the scene>",
-              VISUAL_FP16: "anoclip calibrate fp16 --artifacts {folder}"}
+              VISUAL_FP16: "anoclip calibrate fp16 --artifacts {folder}",
+              FUSED: "anoclip fuse --artifacts {folder}"}
 
 
 # ----------------------------------------------------------------------------------------------

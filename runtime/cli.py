@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import re
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -80,8 +81,10 @@ def detector_options(command):
         click.option("--backend", default="auto", show_default=True,
                      type=click.Choice(BACKEND_CHOICES),
                      help="onnxruntime execution provider; auto prefers TensorRT, then CUDA, then CPU."),
-        click.option("--model", default="visual", show_default=True, type=click.Choice(["visual", "visual_qkv"]),
-                     help="visual: AnoCLIP V-V tokens; visual_qkv: the plain-CLIP baseline (if exported)."),
+        click.option("--model", default="visual", show_default=True,
+                     type=click.Choice(["visual", "visual_qkv", "fused"]),
+                     help="visual: AnoCLIP V-V tokens; visual_qkv: the plain-CLIP baseline (if exported); fused: "
+                          "anoclip.onnx of `anoclip fuse`, scores and maps of its classes from one graph."),
         click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "int8"]),
                      help="Of the visual model: fp32 as exported; int8 the Q/DQ model of `anoclip calibrate int8`; "
                           "fp16 that of `anoclip calibrate fp16`. Thresholds hold for the precision they were "
@@ -134,10 +137,12 @@ def tta_config_from(tta: bool, tta_steps: int, tta_adapter: str, tta_init: str, 
 @cli.command("predict")
 @click.option("--artifacts", "artifacts_dir", required=True, type=click.Path(file_okay=False),
               help="Artifact folder written by anoclip-export.")
-@click.option("--class", "cls", required=True, help="Class name baked into the prompt weights (e.g. bottle).")
+@click.option("--class", "cls", required=True,
+              help="Class name baked into the prompt weights (e.g. bottle); several separated by commas, or 'all': "
+                   "one run of the visual model scores them all, one result line and map per class.")
 @click.option("--out", "out_dir", default="anoclip-out", show_default=True, type=click.Path(file_okay=False),
               help="Folder for results.jsonl and, per run, a folder <run>/ of overlays (<name>_overlay.png) "
-                   "and raw maps (<name>_map.npy).")
+                   "and raw maps (<name>_map.npy; <name>_<class>_... with several classes).")
 @detector_options
 @click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(0, 1), help="Heat-map opacity.")
 @threshold_options
@@ -155,8 +160,8 @@ def predict_command(artifacts_dir, cls, out_dir, backend, model, precision, tili
                     max_output_pixels, no_verify, as_json, verbose, paths):
     """Score images (files or folders of images) and write anomaly maps.
 
-    Each run writes into OUT/<run>/ (<run> = UTC time and process id), per image:
-    <name>_overlay.png (heat map over the image, colour range = the map's own min..max) and
+    Each run writes into OUT/<run>/ (<run> = UTC time and process id), per image (and class, with
+    several: <name>_<class>_...): <name>_overlay.png (heat map over the image, colour range = the map's own min..max) and
     <name>_map.npy (float32 map at the image's resolution, raw p_abnormal; scaled down above
     --max-output-pixels), and appends one line per image to OUT/results.jsonl, under a lock, never
     truncating it: runs at the same time or one after another keep every line and every file. Every
@@ -186,10 +191,11 @@ def predict_command(artifacts_dir, cls, out_dir, backend, model, precision, tili
     detector = Detector.load(artifacts_dir, backend=backend, model=model, precision=precision, tiling=tiling,
                              verify=not no_verify, threads=threads, tta=tta_config or False, tta_backend=tta_backend,
                              max_pixels=max_pixels)
-    detector.class_prompts(cls)  # unknown class: fail before touching any image
-    if tta_config is not None:
-        detector.tta_adapter(cls, tta_config)  # a TTA graph that does not fit: fail before any image too
-    threshold = detector.threshold_for(cls, image=image_threshold, pixel=pixel_threshold)
+    classes = detector.resolve_classes([c.strip() for c in cls.split(",") if c.strip()] if "," in cls else cls)
+    for name in classes if tta_config is not None else ():
+        detector.tta_adapter(name, tta_config)  # a TTA graph that does not fit: fail before any image too
+    thresholds = {name: detector.threshold_for(name, image=image_threshold, pixel=pixel_threshold) for name in classes}
+    suffixes = class_suffixes(classes)
     ensure_writable_folder(out)
     run = run_id()
     run_dir = out / run  # this run's overlays and maps: no other run, at the same time or later, writes here
@@ -199,26 +205,44 @@ def predict_command(artifacts_dir, cls, out_dir, backend, model, precision, tili
         for path, key in bar:
             try:
                 rgb = read_image(path, max_pixels)
-                result = detector.predict(rgb, cls)
+                result = detector.predict(rgb, classes)
             except AnoclipError as exc:
                 failed += 1
                 log.error("skipped %s: %s", path, exc)
                 continue
-            anomalous, regions = decide(result.score, result.anomaly_map_full, threshold)
-            record = {"image": str(path), "class": cls, "run": run, "score": result.score, "anomalous": anomalous,
-                      "threshold": threshold.image if threshold else None, "regions": regions,
-                      "map_max": float(result.anomaly_map_full.max()), "map_mean": float(result.anomaly_map_full.mean()),
-                      **_write_maps(run_dir, key, rgb, result.anomaly_map_full, alpha, max_output_pixels,
-                                    threshold.pixel if threshold else None),
-                      "tiles": result.tiles, "timings_ms": {k: round(v, 3) for k, v in result.timings.items()}}
-            line = results.append(record)
-            if as_json:
-                click.echo(line, nl=False)
+            for name, one in result.by_class.items():
+                threshold = thresholds[name]
+                anomalous, regions = decide(one.score, one.anomaly_map_full, threshold)
+                record = {"image": str(path), "class": name, "run": run, "score": one.score, "anomalous": anomalous,
+                          "threshold": threshold.image if threshold else None, "regions": regions,
+                          "map_max": float(one.anomaly_map_full.max()), "map_mean": float(one.anomaly_map_full.mean()),
+                          **_write_maps(run_dir, key + suffixes[name], rgb, one.anomaly_map_full, alpha,
+                                        max_output_pixels, threshold.pixel if threshold else None),
+                          "tiles": one.tiles, "timings_ms": {k: round(v, 3) for k, v in one.timings.items()}}
+                line = results.append(record)
+                if as_json:
+                    click.echo(line, nl=False)
     ok = len(images) - failed
     click.echo(f"{ok} of {len(images)} images scored; results appended to {results.path} (run {run})", err=True)
     if failed:
         click.echo(f"{failed} image(s) could not be read and were skipped", err=True)
         sys.exit(EXIT_SOME_FAILED)
+
+
+def class_suffixes(classes: list[str]) -> dict[str, str]:
+    """The part each class adds to output names: none for one class; ``_<class>`` with several (the
+    name's characters other than letters, digits, ``.``, ``-`` and ``_`` replaced, unique)."""
+    if len(classes) == 1:
+        return {classes[0]: ""}
+    suffixes: dict[str, str] = {}
+    for name in classes:
+        base = "_" + (re.sub(r"[^\w.-]+", "-", name)[:48] or "class")
+        suffix, n = base, 1
+        while suffix in suffixes.values():
+            n += 1
+            suffix = f"{base}-{n}"
+        suffixes[name] = suffix
+    return suffixes
 
 
 def _write_maps(out: Path, key: str, rgb: np.ndarray, amap: np.ndarray, alpha: float,

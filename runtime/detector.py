@@ -10,9 +10,10 @@ from typing import Sequence
 
 import numpy as np
 
-from .artifacts import PRECISION_MODELS, TTA_GRAPH, VISUAL, Artifacts, load_artifacts, precision_model
+from .artifacts import FUSED, PRECISION_MODELS, TTA_GRAPH, VISUAL, Artifacts, load_artifacts, precision_model
 from .backends import Backend, create_backend
 from .errors import ArtifactError
+from .fused import OUTPUTS as FUSED_OUTPUTS, fused_classes
 from .preprocess import DEFAULT_MAX_PIXELS, TileLayout, as_rgb_uint8, merge_tiles, preprocess, read_image
 from .prompt_weights import ClassPrompts
 from .scoring import abnormal_probability, gaussian_smooth, patch_grid, upsample_bilinear
@@ -33,6 +34,8 @@ class Result:
     patch_probabilities: per-patch p_abnormal before smoothing, [tiles, M].
     timings: milliseconds per stage (preprocess, model, scoring, tta when used); in a batched call
         the model time is the batch's time divided by the number of images.
+    per_class: for a call with several classes, class -> its Result (in the order asked); the fields
+        above are then those of the first class. None for a single class (see :attr:`by_class`).
     """
 
     score: float
@@ -43,6 +46,12 @@ class Result:
     image_size: tuple[int, int]
     tiles: int
     timings: dict[str, float] = field(default_factory=dict)
+    per_class: dict[str, "Result"] | None = None
+
+    @property
+    def by_class(self) -> dict[str, "Result"]:
+        """class -> Result, for a call with one class or several."""
+        return self.per_class if self.per_class is not None else {self.cls: self}
 
 
 class Detector:
@@ -52,9 +61,10 @@ class Detector:
     class name present in the prompt weights; :meth:`threshold_for` gives the thresholds that turn
     its score and map into a decision (``thresholds.decide``).
 
-    ``model``: the graph ``backend`` runs (``visual``, ``visual_qkv``, or a reduced-precision model of
-    the visual one: ``visual_int8``, ``visual_fp16``), which calibrated thresholds are checked
-    against; ``thresholds``: those of the artifacts when None.
+    ``model``: the graph ``backend`` runs (``visual``, ``visual_qkv``, a reduced-precision model of
+    the visual one: ``visual_int8``, ``visual_fp16``, or ``fused``: image to scores and maps of its
+    classes in one graph), which calibrated thresholds are checked against; ``thresholds``: those of
+    the artifacts when None.
     """
 
     def __init__(self, artifacts: Artifacts, backend: Backend, tiling: str = "auto",
@@ -82,6 +92,8 @@ class Detector:
         self.input_size = tuple(manifest.image_size)
         self.grid = tuple(manifest.grid)
         self.mean, self.std = manifest.mean, manifest.std
+        # The fused model scores its own classes in the graph: class -> its index there.
+        self._fused_index = {c: k for k, c in enumerate(fused_classes(artifacts))} if model == FUSED else None
 
     @property
     def precision(self) -> str:
@@ -100,7 +112,9 @@ class Detector:
             backend: ``auto`` (TensorRT -> CUDA -> CPU execution providers), ``cpu``, ``cuda``, ``tensorrt``.
             tta: False, True (default TTA settings) or a ``TTAConfig``: AnoCLIP+ maps (the image
                 score does not change).
-            model: ``visual`` (V-V tokens) or ``visual_qkv`` (the plain-CLIP baseline, when exported).
+            model: ``visual`` (V-V tokens), ``visual_qkv`` (the plain-CLIP baseline, when exported) or
+                ``fused`` (``anoclip fuse``: scores and maps come out of the graph; TTA needs it made
+                with ``--patch-embeds``).
             precision: ``fp32`` (the exported model), ``int8`` (the Q/DQ model of `anoclip calibrate
                 int8`) or ``fp16`` (`anoclip calibrate fp16`); reduced precision exists for ``visual``.
             tiling: ``auto`` (tile frames whose aspect ratio exceeds 1.2), ``never`` or ``always``.
@@ -115,16 +129,38 @@ class Detector:
         model = precision_model(precision, model)
         models = [model] + ([TTA_GRAPH] if tta_backend == "onnx" else [])
         artifacts = load_artifacts(artifacts_dir, verify=verify, models=models, load_thresholds=load_thresholds)
-        engine = create_backend(artifacts.model_path(model), backend, threads=threads)
+        options = {"outputs": FUSED_OUTPUTS} if model == FUSED else {}
+        engine = create_backend(artifacts.model_path(model), backend, threads=threads, **options)
         return cls(artifacts, engine, tiling=tiling, smoothing_sigma=smoothing_sigma, tta=_tta_config(tta),
                    tta_backend=tta_backend, max_pixels=max_pixels, model=model)
 
     @property
     def classes(self) -> list[str]:
+        """The classes this detector scores: those of the prompt weights (sorted), or of the fused
+        model in its order."""
+        if self._fused_index is not None:
+            return list(self._fused_index)
         return sorted(self.artifacts.prompts.classes)
 
     def class_prompts(self, cls: str) -> ClassPrompts:
+        if self._fused_index is not None and cls not in self._fused_index:
+            raise ArtifactError(f"class {cls!r} is not in the fused model of {self.artifacts.folder} (has: "
+                                f"{', '.join(self._fused_index)}); make it with `anoclip fuse --artifacts "
+                                f"{self.artifacts.folder} --classes {','.join([*self._fused_index, cls])}`")
         return self.artifacts.prompts.get(cls)
+
+    def resolve_classes(self, cls: str | Sequence[str]) -> list[str]:
+        """The classes a call asks for: one name, a list of names, or ``"all"`` (:attr:`classes`;
+        unless a class has that name); each checked to exist."""
+        if isinstance(cls, str):
+            names = self.classes if cls == "all" and "all" not in self.classes else [cls]
+        else:
+            names = list(dict.fromkeys(cls))
+        if not names:
+            raise ValueError("no class given")
+        for name in names:
+            self.class_prompts(name)
+        return names
 
     def threshold_for(self, cls: str, image: float | None = None, pixel: float | None = None) -> ClassThreshold | None:
         """The thresholds for ``cls``: the calibrated ones (when they hold for this model, these
@@ -171,18 +207,20 @@ class Detector:
 
     # ------------------------------------------------------------------------------------------
 
-    def predict(self, image, cls: str, tta=None) -> Result:
-        """Score one image (array or path) for class ``cls``."""
+    def predict(self, image, cls: str | Sequence[str], tta=None) -> Result:
+        """Score one image (array or path) for class ``cls``, or for several classes (a list, or
+        ``"all"``) from one run of the visual model: then ``Result.per_class`` holds each."""
         return self.predict_batch([image], cls, tta=tta)[0]
 
-    def predict_batch(self, images: Sequence, cls: str, tta=None,
+    def predict_batch(self, images: Sequence, cls: str | Sequence[str], tta=None,
                       tta_keys: Sequence[str] | None = None) -> list[Result]:
-        """Score several images of one class, running all their tiles through the model together.
+        """Score several images, running all their tiles through the model together, for one class
+        or several (see :meth:`predict`); TTA adapts the same tokens once per class.
 
         ``tta_keys``: per image, the name of the TTA state it adapts (default: one state per class);
         images of different camera streams pass their stream's name so that each keeps its own.
         """
-        prompts = self.class_prompts(cls)
+        classes = self.resolve_classes(cls)
         tta_config = self.tta if tta is None else _tta_config(tta)
         if not images:
             return []
@@ -197,38 +235,65 @@ class Detector:
             layouts.append(layout)
             sizes.append(rgb.shape[:2])
         t1 = time.perf_counter()
-        image_embeds, patch_embeds = self.backend.run(np.concatenate(batches))
+        outputs = self._run(np.concatenate(batches), tta_config is not None)
         t2 = time.perf_counter()
         n = len(images)
         results, start = [], 0
         for i, (layout, size) in enumerate(zip(layouts, sizes)):
-            count = len(layout.offsets)
-            stop = start + count
-            t3 = time.perf_counter()
-            patches = patch_embeds[start:stop]
-            tta_ms = 0.0
-            if tta_config is not None:
-                patches = self._adapt(cls, patches, tta_config, "" if tta_keys is None else tta_keys[i])
-                tta_ms = (time.perf_counter() - t3) * 1e3
-            result = self._score(image_embeds[start:stop], patches, prompts, layout, size, cls)
-            result.timings = {
-                "preprocess": (t1 - t0) * 1e3 / n,
-                "model": (t2 - t1) * 1e3 / n,
-                "scoring": (time.perf_counter() - t3) * 1e3 - tta_ms,
-            }
-            if tta_config is not None:
-                result.timings["tta"] = tta_ms
-            results.append(result)
-            start = stop
+            tiles = slice(start, start + len(layout.offsets))
+            per_class = {}
+            for name in classes:
+                result = self._class_result(outputs, tiles, name, layout, size, tta_config,
+                                            "" if tta_keys is None else tta_keys[i])
+                result.timings = {"preprocess": (t1 - t0) * 1e3 / n, "model": (t2 - t1) * 1e3 / n, **result.timings}
+                per_class[name] = result
+            first = per_class[classes[0]]
+            if len(classes) > 1:
+                first.per_class = per_class
+            results.append(first)
+            start = tiles.stop
         return results
 
-    def _score(self, image_embeds: np.ndarray, patch_embeds: np.ndarray, prompts: ClassPrompts,
-               layout: TileLayout, size: tuple[int, int], cls: str) -> Result:
-        text = prompts.text_features
-        score = float(np.mean(abnormal_probability(image_embeds, text)))
-        probs = abnormal_probability(patch_embeds, text)  # [tiles, M]
+    def _run(self, batch: np.ndarray, tokens: bool) -> dict[str, np.ndarray]:
+        """The model's outputs by name (``tokens``: the patch tokens are needed, for TTA)."""
+        if self._fused_index is None:
+            return dict(zip(("image_embeds", "patch_embeds"), self.backend.run(batch)))
+        outputs = self.backend.run_all(batch)
+        if tokens and "patch_embeds" not in outputs:
+            raise ArtifactError(f"the fused model of {self.artifacts.folder} has no patch tokens for test-time "
+                                f"adaptation; make it with `anoclip fuse --artifacts {self.artifacts.folder} "
+                                "--patch-embeds`, or use --model visual")
+        return outputs
+
+    def _class_result(self, outputs: dict[str, np.ndarray], tiles: slice, cls: str, layout: TileLayout,
+                      size: tuple[int, int], tta_config: TTAConfig | None, state: str) -> Result:
+        """One class's Result from the model outputs of one image's tiles."""
+        started = time.perf_counter()
+        text = self.class_prompts(cls).text_features
+        k = self._fused_index[cls] if self._fused_index is not None else None
+        tile_maps = None
+        timings = {}
+        if tta_config is not None:
+            patches = self._adapt(cls, outputs["patch_embeds"][tiles], tta_config, state)
+            timings["tta"] = (time.perf_counter() - started) * 1e3
+            probs = abnormal_probability(patches, text)
+        elif k is not None:  # the graph scored the patches and made the maps
+            probs, tile_maps = outputs["patch_scores"][tiles, k], outputs["maps"][tiles, k]
+        else:
+            probs = abnormal_probability(outputs["patch_embeds"][tiles], text)  # [tiles, M]
+        score = outputs["scores"][tiles, k] if k is not None else abnormal_probability(outputs["image_embeds"][tiles], text)
+        result = self._maps(float(np.mean(score)), probs, tile_maps, layout, size, cls)
+        timings["scoring"] = (time.perf_counter() - started) * 1e3 - timings.get("tta", 0.0)
+        result.timings = timings
+        return result
+
+    def _maps(self, score: float, probs: np.ndarray, tile_maps: np.ndarray | None, layout: TileLayout,
+              size: tuple[int, int], cls: str) -> Result:
+        """The Result of per-patch probabilities [tiles, M] (and the tiles' maps at model resolution,
+        when the model made them)."""
         grids = patch_grid(probs, self.grid)
-        tile_maps = upsample_bilinear(grids, self.input_size)
+        if tile_maps is None:
+            tile_maps = upsample_bilinear(grids, self.input_size)
         model_map = merge_tiles(tile_maps, layout)
         # Two resamplers on purpose. A single tile's map is the patch grid itself, so it is upsampled
         # straight to the image size with align_corners, as the method does to the model size

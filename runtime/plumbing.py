@@ -65,6 +65,28 @@ def run_guarded(command: click.Command) -> None:
         sys.exit(0)
 
 
+def given_command(ctx: click.Context, *prefix: str) -> str:
+    """The command ``ctx`` runs as given: ``prefix`` then the options that differ from their defaults
+    and the arguments, shell-quoted (for provenance records and manifest history)."""
+    import shlex
+
+    words = list(prefix)
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if isinstance(param, click.Argument):
+            words += [str(item) for item in value or ()] if param.nargs != 1 else [str(value)]
+            continue
+        given = ctx.get_parameter_source(param.name) not in (click.core.ParameterSource.DEFAULT, None)
+        if not isinstance(param, click.Option) or not given or value in (None, ()):
+            continue
+        if param.is_flag:
+            words += [param.opts[0]] if value else param.secondary_opts[:1]
+            continue
+        for item in value if param.multiple else (value,):
+            words += [param.opts[0], str(item)]
+    return " ".join(shlex.quote(word) for word in words)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, mode: int | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename.

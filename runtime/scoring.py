@@ -120,6 +120,31 @@ def upsample_bilinear(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return (ry @ grid.astype(np.float32, copy=False) @ rx.T).astype(np.float32)
 
 
+@lru_cache(maxsize=32)
+def _mean3_matrix(size: int) -> np.ndarray:
+    """[size, size] weights of a 3-tap mean along one axis with replicate padding: the 3x3 mean
+    filter of :func:`mean_filter3` is this matrix applied along rows and along columns."""
+    matrix = np.zeros((size, size), dtype=np.float64)
+    for i in range(size):
+        for d in (-1, 0, 1):
+            matrix[i, min(max(i + d, 0), size - 1)] += 1.0 / 3.0
+    return matrix
+
+
+def map_matrices(grid: tuple[int, int], size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The map of :func:`anomaly_map` as two matrix products: for per-patch values P [gh, gw],
+    ``rows @ P @ cols`` is ``upsample_bilinear(mean_filter3(P), size)``.
+
+    Both steps are linear and act on rows and columns separately, so the 3x3 filter with replicate
+    padding (1/3 of three neighbours, twice) folds into the align-corners interpolation weights:
+    rows = Ry @ Fy [H, gh], cols = (Rx @ Fx)^T [gw, W], composed in float64. The results differ from
+    the step-by-step computation by float32 rounding only.
+    """
+    rows = _align_corners_matrix(grid[0], size[0]).astype(np.float64) @ _mean3_matrix(grid[0])
+    cols = _align_corners_matrix(grid[1], size[1]).astype(np.float64) @ _mean3_matrix(grid[1])
+    return rows.astype(np.float32), np.ascontiguousarray(cols.T).astype(np.float32)
+
+
 def patch_grid(probabilities: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     """[..., M] per-patch values -> smoothed [..., gh, gw] grid."""
     return mean_filter3(probabilities.reshape(*probabilities.shape[:-1], *grid).astype(np.float32))

@@ -554,14 +554,19 @@ def test_exported_graphs_use_only_supported_operators(tiny_artifacts, table_path
     models = _models(tiny_artifacts)
     assert {"visual", "tta"} <= set(models)
     for name, path in models.items():
-        model = onnx.load(str(path), load_external_data=False)
-        opset = {o.domain: o.version for o in model.opset_import}.get("", 0)
-        assert table["opset_min"] <= opset <= table["opset_max"], f"{name}: opset {opset}"
-        ops = {n.op_type for n in _graph_nodes(model.graph) if n.domain in ("", "ai.onnx")}
-        assert not {n.domain for n in _graph_nodes(model.graph)} - {"", "ai.onnx"}, f"{name}: custom domains"
-        unsupported = sorted(op for op in ops if not table["operators"].get(op, {}).get("supported"))
-        assert not unsupported, f"{name} uses {unsupported}, which TensorRT {table['tensorrt']} does not parse"
-        assert not _restriction_problems(model, table), name
+        assert_tensorrt_parses(onnx.load(str(path), load_external_data=False), table, name)
+
+
+def assert_tensorrt_parses(model, table: dict, name: str) -> None:
+    """Opset, domains, operators and the restrictions that can be read off the graph, against the
+    ONNX parser table of one TensorRT release."""
+    opset = {o.domain: o.version for o in model.opset_import}.get("", 0)
+    assert table["opset_min"] <= opset <= table["opset_max"], f"{name}: opset {opset}"
+    ops = {n.op_type for n in _graph_nodes(model.graph) if n.domain in ("", "ai.onnx")}
+    assert not {n.domain for n in _graph_nodes(model.graph)} - {"", "ai.onnx"}, f"{name}: custom domains"
+    unsupported = sorted(op for op in ops if not table["operators"].get(op, {}).get("supported"))
+    assert not unsupported, f"{name} uses {unsupported}, which TensorRT {table['tensorrt']} does not parse"
+    assert not _restriction_problems(model, table), name
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """``anoclip bench``: ms per image per stage, backend and precision, beside the paper's Table 7.
 
-Rows: the plain-CLIP baseline (QKV patch tokens, ``visual_qkv.onnx``), AnoCLIP (V-V tokens) and
+Rows: the plain-CLIP baseline (QKV patch tokens, ``visual_qkv.onnx``), AnoCLIP (V-V tokens), the
+fused graph when the folder has one (``anoclip fuse``: scores and maps of its K classes in one pass) and
 AnoCLIP+ (V-V tokens + test-time adaptation, with the numpy loop and, when exported, ``tta.onnx``),
 for every onnxruntime execution provider asked for and present; and "AnoCLIP (int8)" / "AnoCLIP
 (fp16)" for the reduced-precision models the folder holds (`anoclip calibrate int8|fp16`), beside
@@ -29,8 +30,8 @@ from pathlib import Path
 import click
 import numpy as np
 
-from anoclip.runtime.artifacts import (MAKE_MODEL, PRECISION_MODELS, PRECISIONS, TTA_GRAPH, VISUAL, VISUAL_QKV,
-                                       load_artifacts)
+from anoclip.runtime.artifacts import (FUSED, MAKE_MODEL, PRECISION_MODELS, PRECISIONS, TTA_GRAPH, VISUAL,
+                                       VISUAL_QKV, load_artifacts)
 from anoclip.runtime.backends import PROVIDER_ALIASES, named_providers
 from anoclip.runtime.detector import Detector
 from anoclip.runtime.errors import AnoclipError
@@ -86,12 +87,18 @@ def full_last_block(manifest) -> bool:
     return "qkv_patch_embeds" in manifest.models[VISUAL].outputs
 
 
-def variants(main_full: bool, with_full_folder: bool, precisions: tuple[str, ...] = ()) -> list[Variant]:
+def variants(main_full: bool, with_full_folder: bool, precisions: tuple[str, ...] = (),
+             fused_classes: int = 0) -> list[Variant]:
     """The rows to time: AnoCLIP rows of a full-last-block folder say so in their name; one AnoCLIP
-    row per reduced precision in ``precisions`` follows the fp32 one."""
+    row per reduced precision in ``precisions`` follows the fp32 one; a fused row when the folder's
+    fused model has ``fused_classes`` classes."""
     rows = [Variant(full_name(v.name) if main_full and v.model == VISUAL else v.name, v.model, v.tta, v.tta_backend,
                     v.paper) for v in VARIANTS]
     at = 2
+    if fused_classes:
+        name = f"AnoCLIP (fused graph, {fused_classes} classes)"
+        rows.insert(at, Variant(full_name(name) if main_full else name, FUSED, False))
+        at += 1
     for precision in (p for p in ("int8", "fp16") if p in precisions):
         name = f"AnoCLIP ({precision})"
         rows.insert(at, Variant(full_name(name) if main_full else name, VISUAL, False, precision=precision))
@@ -181,6 +188,8 @@ def run_bench(artifacts_dir: str, providers: list[str], runs: int, warmup: int, 
     manifest = artifacts.manifest
     reduced = bench_precisions(manifest, precisions)
     cls = cls or sorted(artifacts.prompts.classes)[0]
+    fused = manifest.models.get(FUSED)
+    fused_classes = fused.provenance.get("classes", []) if fused is not None else []
     folders = {"main": (artifacts_dir, manifest, artifacts.folder)}
     if full_dir:
         full = _full_folder(full_dir, manifest)
@@ -191,7 +200,7 @@ def run_bench(artifacts_dir: str, providers: list[str], runs: int, warmup: int, 
         backend_name = {full: alias for alias, full in PROVIDER_ALIASES.items() if alias != "trt"}[provider]
         detectors: dict[str, Detector] = {}
         group: list[Row] = []
-        for variant in variants(full_last_block(manifest), full_dir is not None, reduced):
+        for variant in variants(full_last_block(manifest), full_dir is not None, reduced, len(fused_classes)):
             row = Row(variant.name, f"onnxruntime {short}", variant.precision,
                       paper_ms=paper.LATENCY_MS[variant.paper])
             group.append(row)
@@ -215,12 +224,15 @@ def run_bench(artifacts_dir: str, providers: list[str], runs: int, warmup: int, 
                 row.status = f"failed: {exc}"
         totals: dict[str, list[float]] = {name: [] for name in detectors}
         stages: dict[str, dict[str, list[float]]] = {name: {s: [] for s in STAGES} for name in detectors}
+        # the fused graph scores all its classes in every call; its row reports the asked class, or its first
+        row_class = {name: cls if FUSED != d.model or cls in fused_classes else fused_classes[0]
+                     for name, d in detectors.items()}
         for _ in range(warmup):
-            for detector in detectors.values():
-                _timed_predict(detector, frame, cls)
+            for name, detector in detectors.items():
+                _timed_predict(detector, frame, row_class[name])
         for _ in range(runs):
             for name, detector in detectors.items():
-                total, timings = _timed_predict(detector, frame, cls)
+                total, timings = _timed_predict(detector, frame, row_class[name])
                 totals[name].append(total)
                 for stage in STAGES:
                     stages[name][stage].append(timings.get(stage, 0.0))

@@ -55,8 +55,8 @@ def export_random(backbone: str, folder: Path) -> Path:
     from anoclip.export.exporter import ExportOptions, run_export
 
     opts = ExportOptions(backbone, "none", folder, ["bottle"], {}, 17, False, None, "model", False, True, 1e-4, 128, 0)
-    run_export(opts, ["anoclip-export", "--backbone", backbone, "--pretrained", "none", "--classes", "bottle",
-                      "--qkv-tokens", "model", "--out", str(folder)])
+    run_export(opts, f"anoclip-export --backbone {backbone} --pretrained none --classes bottle --qkv-tokens model "
+                     f"--out {folder}")
     return folder
 
 

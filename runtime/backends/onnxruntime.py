@@ -25,6 +25,7 @@ from ..errors import BackendError
 
 log = logging.getLogger(__name__)
 
+EMBEDDINGS = ("image_embeds", "patch_embeds")  # the outputs of a visual model, which ``run`` returns
 PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 PROVIDER_ALIASES = {"tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider",
                     "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
@@ -158,10 +159,11 @@ class OnnxRuntimeBackend:
 
     def __init__(self, model_path: str | os.PathLike, providers: Sequence[str] | str | None = None,
                  threads: int | None = None, cache_dir: str | os.PathLike | None = None,
-                 precision: str | None = None, device: int = 0):
+                 precision: str | None = None, device: int = 0, outputs: Sequence[str] = EMBEDDINGS):
         """``precision``: of the model file (fp32/fp16/int8; default: from its name), which sets the
         TensorRT provider's options; ``cache_dir``: the TensorRT provider's engine and timing cache
-        folder (default: one keyed by onnxruntime, TensorRT and GPU, see :func:`tensorrt_cache_dir`)."""
+        folder (default: one keyed by onnxruntime, TensorRT and GPU, see :func:`tensorrt_cache_dir`);
+        ``outputs``: the outputs the graph must have (those of a visual model by default)."""
         import onnxruntime as ort
 
         self.path = Path(model_path)
@@ -193,7 +195,7 @@ class OnnxRuntimeBackend:
         batch = inputs[0].shape[0]
         self.batch_size = batch if isinstance(batch, int) else None
         self.output_names = [o.name for o in self.session.get_outputs()]
-        for required in ("image_embeds", "patch_embeds"):
+        for required in outputs:
             if required not in self.output_names:
                 raise BackendError(f"{self.path} has no output '{required}' (has {self.output_names}); re-export it")
         log.debug("onnxruntime session on %s with %s", self.path.name, self.providers)

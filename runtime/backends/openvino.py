@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BackendError
+from .onnxruntime import EMBEDDINGS
 
 log = logging.getLogger(__name__)
 
 INSTALL = "pip install 'anoclip[openvino]'"
-OUTPUTS = ("image_embeds", "patch_embeds")
 HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
 PRECISIONS = ("f32", "bf16", "f16")
 
@@ -54,7 +54,8 @@ class OpenVinoBackend:
     """
 
     def __init__(self, model_path: str | os.PathLike, threads: int | None = None, device: str = "CPU",
-                 hint: str = "LATENCY", precision: str | None = "f32", cache_dir: str | os.PathLike | None = None):
+                 hint: str = "LATENCY", precision: str | None = "f32", cache_dir: str | os.PathLike | None = None,
+                 outputs: tuple[str, ...] = EMBEDDINGS):
         ov = import_openvino()
         self.path = Path(model_path)
         self.name = "openvino"
@@ -84,8 +85,8 @@ class OpenVinoBackend:
             config["CACHE_DIR"] = str(cache_dir)
         try:
             model = core.read_model(str(self.path))
-            found = [_port_name(o) for o in model.outputs]
-            missing = [r for r in OUTPUTS if r not in found]
+            found = [_port_name(o, outputs) for o in model.outputs]
+            missing = [r for r in outputs if r not in found]
             if missing:
                 raise BackendError(f"{self.path} has no output '{missing[0]}' (has {found}); re-export it")
             if len(model.inputs) != 1:
@@ -102,7 +103,7 @@ class OpenVinoBackend:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise BackendError(f"OpenVINO cannot load {self.path} on {self.device}: {first}") from None
         self.input_name = model.inputs[0].get_any_name()
-        self.outputs = {_port_name(o): o for o in self.compiled.outputs}
+        self.outputs = {_port_name(o, outputs): o for o in self.compiled.outputs}
         self.output_names = list(self.outputs)
         self.request = self.compiled.create_infer_request()
         self._lock = threading.Lock()  # one infer request: callers from several threads take turns
@@ -144,10 +145,10 @@ class OpenVinoBackend:
         return outs["image_embeds"], outs["patch_embeds"]
 
 
-def _port_name(port) -> str:
+def _port_name(port, expected: tuple[str, ...]) -> str:
     """The name of an output: the expected one when the tensor has it among its names."""
     names = port.get_names()
-    return next((n for n in OUTPUTS if n in names), None) or (sorted(names)[0] if names else "?")
+    return next((n for n in expected if n in names), None) or (sorted(names)[0] if names else "?")
 
 
 def _pad(chunk: np.ndarray, size: int) -> np.ndarray:

@@ -18,13 +18,13 @@ import numpy as np
 
 from ..engine import EngineSidecar, choose_engine, load_engine_sidecars, probe_gpu
 from ..errors import AnoclipError, BackendError
+from .onnxruntime import EMBEDDINGS
 
 log = logging.getLogger(__name__)
 
 INSTALL_TENSORRT = ("install TensorRT's Python package (`pip install tensorrt` on a desktop GPU; on a Jetson it comes "
                     "with JetPack: `sudo apt install python3-libnvinfer`)")
 INSTALL_CUDA = "install cuda-python (`pip install cuda-python`; match its major version to your CUDA, 12 on JetPack 6)"
-OUTPUTS = ("image_embeds", "patch_embeds")
 
 
 def import_tensorrt():
@@ -114,7 +114,9 @@ class EngineRunner:
     """A deserialised plan with one execution context, its buffers (sized for the largest batch of
     its profile) and one CUDA stream. ``run`` takes any batch size: larger batches run in chunks."""
 
-    def __init__(self, plan: bytes, trt=None, cuda: Cuda | None = None, device: int = 0, shown: str = "the engine"):
+    def __init__(self, plan: bytes, trt=None, cuda: Cuda | None = None, device: int = 0, shown: str = "the engine",
+                 expected: tuple[str, ...] = EMBEDDINGS):
+        self.expected = tuple(expected)  # the outputs the engine must have
         self.trt = trt if trt is not None else import_tensorrt()
         self.cuda = cuda if cuda is not None else Cuda()
         self.buffers: dict[str, _Buffer] = {}
@@ -142,9 +144,9 @@ class EngineRunner:
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if n not in inputs]
-        if len(inputs) != 1 or any(o not in self.outputs for o in OUTPUTS):
+        if len(inputs) != 1 or any(o not in self.outputs for o in self.expected):
             raise BackendError(f"{shown} has inputs {inputs} and outputs {self.outputs}; expected one image input and "
-                               f"{', '.join(OUTPUTS)}: rebuild it from the exported visual model")
+                               f"{', '.join(self.expected)}: rebuild it from the folder's model")
         self.input = inputs[0]
         shape = tuple(engine.get_tensor_shape(self.input))
         self.sample_shape = shape[1:]
@@ -244,7 +246,7 @@ class TensorRTBackend:
     name = "tensorrt-native"
 
     def __init__(self, model_path: str | os.PathLike, precision: str | None = None, device: int = 0,
-                 verify: bool = True, threads: int | None = None):
+                 verify: bool = True, threads: int | None = None, outputs: tuple[str, ...] = EMBEDDINGS):
         from ..artifacts import read_manifest, verify_files
         from ..engine import model_precision
         from ..integrity import VerificationRecord, resolve_inside
@@ -270,7 +272,7 @@ class TensorRTBackend:
         if record is not None:
             record.save()
         plan = resolve_inside(folder, self.sidecar.engine).read_bytes()
-        self.runner = EngineRunner(plan, trt, cuda, device, shown)
+        self.runner = EngineRunner(plan, trt, cuda, device, shown, outputs)
         self.path = folder / self.sidecar.engine
         self.batch_size = None if self.runner.dynamic else self.runner.max_batch
         self.providers = None  # no onnxruntime providers: a TTA graph runs on onnxruntime's CPU provider

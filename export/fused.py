@@ -1,0 +1,230 @@
+"""One graph from image to scores and anomaly maps for K classes: ``anoclip.onnx``.
+
+The folder's visual model with the scoring of the method appended as plain ONNX operators, so that
+any ONNX consumer (trtexec, DeepStream, Triton, OpenVINO, onnxruntime) runs the whole thing::
+
+    image        [B, 3, H, W]  normalised as visual.onnx takes it (mean/std in the metadata)
+    scores       [B, K]        image-level p_abnormal of the global token, per class
+    maps         [B, K, H, W]  p_abnormal per patch -> 3x3 mean filter (replicate) -> bilinear
+                               upsampling with align_corners to H x W
+    patch_scores [B, K, M]     p_abnormal per patch, before the filter (row-major over the grid)
+    patch_embeds [B, M, D]     only when asked: the unnormalised V-V tokens (for test-time adaptation)
+
+p_abnormal(x) = softmax([cos(x, t+), cos(x, t-)])[1] = sigmoid(x/|x| . (t- - t+)): one MatMul with a
+[D, K] constant for all K classes. The filter and the upsampling are linear and separable, so the map
+is ``rows @ P @ cols`` with the two constant matrices of ``scoring.map_matrices`` (exact, not an
+approximation of the runtime's steps). Every operator is one TensorRT's ONNX parser takes
+(ReduceL2, Max, Div, MatMul, Sigmoid, Transpose, Reshape).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import click
+import numpy as np
+
+from anoclip.runtime.artifacts import FUSED, FUSED_FILE, VISUAL, ModelEntry, load_artifacts
+from anoclip.runtime.errors import AnoclipError
+from anoclip.runtime.fused import METHOD_VERSION, OUTPUTS
+from anoclip.runtime.scoring import l2_normalise, map_matrices
+from anoclip.runtime.thresholds import text_features_sha256
+
+log = logging.getLogger(__name__)
+
+EPS = 1e-12  # as the runtime's l2_normalise (torch.nn.functional.normalize)
+PREFIX = "anoclip_scoring/"  # names of the appended nodes and constants
+
+
+def class_directions(text_features: Sequence[np.ndarray]) -> np.ndarray:
+    """[D, K]: per class, normalised t- minus normalised t+ (float32, as the runtime computes it)."""
+    rows = [l2_normalise(np.asarray(t, dtype=np.float32)) for t in text_features]
+    return np.stack([t[1] - t[0] for t in rows], axis=1).astype(np.float32)
+
+
+def _opset(model) -> int:
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _unit_rows(nodes: list, graph_input: str, name: str, opset: int) -> str:
+    """Nodes for x / max(|x|, eps) along the last axis; the output's name."""
+    from onnx import helper
+
+    norm = f"{PREFIX}{name}_norm"
+    if opset >= 18:  # ReduceL2 takes its axes as an input from opset 18 on
+        nodes.append(helper.make_node("ReduceL2", [graph_input, f"{PREFIX}last_axis"], [norm], keepdims=1))
+    else:
+        nodes.append(helper.make_node("ReduceL2", [graph_input], [norm], axes=[-1], keepdims=1))
+    nodes.append(helper.make_node("Max", [norm, f"{PREFIX}eps"], [f"{norm}_safe"]))
+    nodes.append(helper.make_node("Div", [graph_input, f"{norm}_safe"], [f"{PREFIX}{name}_unit"]))
+    return f"{PREFIX}{name}_unit"
+
+
+def fuse_graph(visual, classes: Sequence[str], text_features: Sequence[np.ndarray], grid: tuple[int, int],
+               image_size: tuple[int, int], metadata: dict[str, str], *, patch_embeds: bool = False,
+               batch: int | None = None):
+    """The fused ModelProto: ``visual`` (an onnx ModelProto with outputs image_embeds [B,D] and
+    patch_embeds [B,M,D]) with the scoring of ``classes`` appended. ``batch`` fixes the batch axis
+    of a dynamic-batch model (None: as the visual model has it)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.ModelProto()
+    model.CopyFrom(visual)
+    graph = model.graph
+    names = [o.name for o in graph.output]
+    for required in ("image_embeds", "patch_embeds"):
+        if required not in names:
+            raise AnoclipError(f"the visual model has no output '{required}' (has {names}); re-export it")
+    if not classes:
+        raise AnoclipError("no classes to fuse")
+    opset = _opset(model)
+    batch_dim = graph.input[0].type.tensor_type.shape.dim[0]
+    dynamic = not batch_dim.HasField("dim_value")
+    if batch is not None and not dynamic and batch_dim.dim_value != batch:
+        raise AnoclipError(f"the visual model has a fixed batch of {batch_dim.dim_value}; re-export it with "
+                           "`anoclip-export --dynamic-batch` to make a fused model of batch {batch}")
+    b: int | str = batch if batch is not None else (batch_dim.dim_param or "batch") if dynamic else batch_dim.dim_value
+    count, (gh, gw), (height, width) = len(classes), grid, image_size
+    rows, cols = map_matrices(grid, image_size)
+    constants = {
+        "directions": class_directions(text_features), "eps": np.array(EPS, dtype=np.float32),
+        "grid_shape": np.array([0, count, gh, gw], dtype=np.int64),  # 0: keep the batch axis
+        "map_rows": rows, "map_cols": cols, "last_axis": np.array([-1], dtype=np.int64),
+    }
+    graph.initializer.extend(numpy_helper.from_array(v, PREFIX + k) for k, v in constants.items()
+                             if k != "last_axis" or opset >= 18)
+    nodes: list = []
+    for stream, out in (("image_embeds", "scores"), ("patch_embeds", "patch_logits")):
+        unit = _unit_rows(nodes, stream, stream, opset)
+        nodes.append(helper.make_node("MatMul", [unit, PREFIX + "directions"], [f"{PREFIX}{out}_cos"]))
+        nodes.append(helper.make_node("Sigmoid", [f"{PREFIX}{out}_cos"],
+                                      ["scores" if out == "scores" else f"{PREFIX}patch_probs"]))
+    nodes += [
+        helper.make_node("Transpose", [f"{PREFIX}patch_probs"], ["patch_scores"], perm=[0, 2, 1]),
+        helper.make_node("Reshape", ["patch_scores", PREFIX + "grid_shape"], [f"{PREFIX}grid"]),
+        helper.make_node("MatMul", [PREFIX + "map_rows", f"{PREFIX}grid"], [f"{PREFIX}rows_done"]),
+        helper.make_node("MatMul", [f"{PREFIX}rows_done", PREFIX + "map_cols"], ["maps"]),
+    ]
+    for node in nodes:
+        node.name = node.output[0] if node.output[0].startswith(PREFIX) else PREFIX + node.output[0]
+    graph.node.extend(nodes)
+    kept = [o for o in graph.output if patch_embeds and o.name == "patch_embeds"]
+    del graph.output[:]
+    shapes = {"scores": [b, count], "maps": [b, count, height, width], "patch_scores": [b, count, gh * gw]}
+    graph.output.extend(helper.make_tensor_value_info(name, TensorProto.FLOAT, shapes[name]) for name in OUTPUTS)
+    graph.output.extend(kept)
+    if batch is not None:
+        for value in list(graph.input) + list(graph.output):
+            dim = value.type.tensor_type.shape.dim[0]
+            dim.ClearField("dim_param")
+            dim.dim_value = batch
+    del model.metadata_props[:]
+    for key, value in metadata.items():
+        model.metadata_props.add(key=key, value=value)
+    model.producer_name = "anoclip-fuse"
+    onnx.checker.check_model(model)
+    return model
+
+
+def fuse_folder(folder: str | Path, classes: Sequence[str] | None = None, *, patch_embeds: bool = False,
+                batch: int | None = None, command: str = "anoclip fuse", report=log.info) -> tuple[str, ModelEntry]:
+    """Write the fused model of ``classes`` (default: every class of the prompt weights, sorted) into
+    an artifact folder as model ``fused`` (file ``anoclip.<sha>.onnx``); the file name and its entry."""
+    import onnx
+
+    from anoclip.calibration.derived import store_model
+
+    folder = Path(folder)
+    artifacts = load_artifacts(folder, models=[VISUAL], load_thresholds=False)
+    manifest, bank = artifacts.manifest, artifacts.prompts
+    chosen = list(dict.fromkeys(classes)) if classes else sorted(bank.classes)
+    missing = [c for c in chosen if c not in bank.classes]
+    if missing:
+        raise AnoclipError(f"class {missing[0]!r} is not in the prompt weights of {folder} (has: "
+                           f"{', '.join(sorted(bank.classes))}); add it with `anoclip-export --out {folder} "
+                           f"--classes {missing[0]}`")
+    features = [bank.get(c).text_features for c in chosen]
+    source_sha = artifacts.model_sha256(VISUAL)
+    metadata = {
+        "anoclip.classes": json.dumps(chosen), "anoclip.mean": json.dumps(list(manifest.mean)),
+        "anoclip.std": json.dumps(list(manifest.std)), "anoclip.image_size": json.dumps(list(manifest.image_size)),
+        "anoclip.grid": json.dumps(list(manifest.grid)), "anoclip.method_version": METHOD_VERSION,
+        "anoclip.backbone": manifest.backbone, "anoclip.pretrained": manifest.pretrained,
+        "anoclip.visual_sha256": source_sha, "anoclip.input": "RGB, resized to image_size, scaled to [0,1], "
+                                                              "(x - mean) / std per channel, NCHW float32",
+    }
+    report(f"fusing {len(chosen)} class(es) into the visual model: {', '.join(chosen)}")
+    started = time.perf_counter()
+    visual = onnx.load(str(artifacts.model_path(VISUAL)))
+    model = fuse_graph(visual, chosen, features, tuple(manifest.grid), tuple(manifest.image_size), metadata,
+                       patch_embeds=patch_embeds, batch=batch)
+    del visual
+    visual_entry = manifest.models[VISUAL]
+    b = batch if batch is not None else visual_entry.inputs["image"][0]
+    count, (height, width), m = len(chosen), manifest.image_size, manifest.num_patches
+    outputs = {"scores": [b, count], "maps": [b, count, height, width], "patch_scores": [b, count, m]}
+    if patch_embeds:
+        outputs["patch_embeds"] = [b, m, manifest.embed_dim]
+    entry = ModelEntry(
+        file="", inputs={"image": [b, *visual_entry.inputs["image"][1:]]}, outputs=outputs,
+        patch_tokens=visual_entry.patch_tokens if patch_embeds else "", vv_blocks=visual_entry.vv_blocks,
+        opset=_opset(model), source_sha256=source_sha,
+        provenance={"classes": chosen, "text_sha256": {c: text_features_sha256(f) for c, f in zip(chosen, features)},
+                    "method_version": METHOD_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "command": command})
+    with tempfile.TemporaryDirectory(prefix="anoclip-fuse-") as tmp:
+        staged = Path(tmp) / FUSED_FILE
+        onnx.save(model, str(staged))
+        del model
+        file = store_model(folder, FUSED, staged, entry, source_sha, command, file_name=FUSED_FILE)
+    report(f"wrote {folder / file} in {time.perf_counter() - started:.1f} s")
+    return file, entry
+
+
+def parse_class_list(value: str | None) -> list[str] | None:
+    """``a,b,c`` -> [a, b, c]; None or empty -> None (every class)."""
+    names = [c.strip() for c in (value or "").split(",") if c.strip()]
+    return names or None
+
+
+def _fuse_options(command):
+    for option in reversed([
+        click.option("--classes", default=None, metavar="A,B,...",
+                     help="Classes baked into the graph, in this order (default: every class of the prompt weights, "
+                          "sorted). The order is stored in the manifest and in the model's metadata."),
+        click.option("--patch-embeds", is_flag=True,
+                     help="Keep the V-V patch tokens as an output too (needed for test-time adaptation with "
+                          "--model fused)."),
+        click.option("--batch", default=None, type=click.IntRange(min=1),
+                     help="Fix the batch axis of a dynamic-batch visual model to this size (default: as the visual "
+                          "model has it)."),
+    ]):
+        command = option(command)
+    return command
+
+
+@click.command("fuse", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--artifacts", "artifacts_dir", required=True, type=click.Path(file_okay=False),
+              help="Artifact folder written by anoclip-export.")
+@_fuse_options
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def fuse_command(artifacts_dir, classes, patch_embeds, batch, verbose):
+    """Write anoclip.onnx: one graph from the normalised image to scores [B,K] and anomaly maps
+    [B,K,H,W] of K classes (and patch_scores [B,K,M]), for any ONNX consumer: trtexec, Triton,
+    DeepStream, OpenVINO, onnxruntime. Runs `anoclip predict --model fused` too.
+
+    The folder's visual model with the scoring appended (cosine to t+/t-, softmax, the 3x3 mean
+    filter and the align-corners upsampling as two constant matrix products): the same numbers as
+    the runtime, to float32 rounding. Made again when the visual model or a class's prompts change.
+    """
+    from anoclip.runtime.plumbing import configure_logging, given_command
+
+    configure_logging(verbose)
+    fuse_folder(artifacts_dir, parse_class_list(classes), patch_embeds=patch_embeds, batch=batch,
+                command=given_command(click.get_current_context(), "anoclip", "fuse"), report=click.echo)
