@@ -117,7 +117,7 @@ def upsample_bilinear(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinear upsampling with align_corners=True of [..., h, w] to [..., H, W]."""
     ry = _align_corners_matrix(grid.shape[-2], size[0])
     rx = _align_corners_matrix(grid.shape[-1], size[1])
-    return (ry @ grid.astype(np.float32, copy=False) @ rx.T).astype(np.float32)
+    return (ry @ grid.astype(np.float32, copy=False) @ rx.T).astype(np.float32, copy=False)
 
 
 @lru_cache(maxsize=32)

@@ -14,6 +14,7 @@ DATA = Path(__file__).parent / "data"
 TINY_CONFIG = DATA / "anoclip-tiny-vit.json"
 TINY_BACKBONE = "anoclip-tiny-vit"
 TINY_CLASSES = ("bottle", "carpet")
+FUSED_CLASSES = ("bottle", "carpet", "screw")
 
 
 def run_cli(*args: str, env=None) -> subprocess.CompletedProcess:
@@ -77,6 +78,16 @@ def tiny_artifacts(tmp_path_factory, export_cli) -> Path:
     out = tmp_path_factory.mktemp("tiny-artifacts")
     result = export_cli(["--model-config", str(TINY_CONFIG), "--pretrained", "none", "--classes",
                          ",".join(TINY_CLASSES), "--qkv-tokens", "model", "--tta", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="session")
+def fused_artifacts(tmp_path_factory, export_cli) -> Path:
+    """Tiny ViT artifacts with a dynamic batch, classes bottle, carpet and screw, and the fused graph."""
+    out = tmp_path_factory.mktemp("fused-artifacts")
+    result = export_cli(["--model-config", str(TINY_CONFIG), "--pretrained", "none", "--classes", ",".join(FUSED_CLASSES),
+                         "--dynamic-batch", "--fused", "--out", str(out)])
     assert result.exit_code == 0, result.output
     return out
 

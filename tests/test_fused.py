@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import TINY_CONFIG, artifact_file, copy_artifacts, one_error_line, run_cli
+from conftest import FUSED_CLASSES, TINY_CONFIG, artifact_file, copy_artifacts, one_error_line, run_cli
 
 onnx = pytest.importorskip("onnx", reason="the fused graph is built with onnx (export extra)")
 
@@ -29,19 +29,9 @@ from anoclip.runtime.cli import cli  # noqa: E402
 from anoclip.runtime.detector import Detector  # noqa: E402
 from anoclip.runtime.errors import ArtifactError  # noqa: E402
 
-CLASSES = ("bottle", "carpet", "screw")
+CLASSES = FUSED_CLASSES
 TOL = 1e-5
 README = Path(__file__).parent.parent / "README.md"
-
-
-@pytest.fixture(scope="module")
-def fused_tiny(tmp_path_factory, export_cli) -> Path:
-    """Tiny ViT, dynamic batch, three classes, exported with --fused."""
-    out = tmp_path_factory.mktemp("fused-tiny")
-    result = export_cli(["--model-config", str(TINY_CONFIG), "--pretrained", "none", "--classes", ",".join(CLASSES),
-                         "--dynamic-batch", "--fused", "--out", str(out)])
-    assert result.exit_code == 0, result.output
-    return out
 
 
 def runtime_path(visual: Path, batch: np.ndarray, text: list[np.ndarray], grid, size) -> tuple[np.ndarray, np.ndarray]:
@@ -68,15 +58,15 @@ def inputs(shape, count: int, seed: int = 0) -> np.ndarray:
 
 
 @pytest.mark.parametrize("count", [1, 4])
-def test_tiny_fused_graph_matches_the_runtime(fused_tiny, count):
-    manifest = read_manifest(fused_tiny)
+def test_tiny_fused_graph_matches_the_runtime(fused_artifacts, count):
+    manifest = read_manifest(fused_artifacts)
     entry = manifest.models["fused"]
     assert entry.provenance["classes"] == sorted(CLASSES)
-    detector = Detector.load(fused_tiny, backend="cpu")
+    detector = Detector.load(fused_artifacts, backend="cpu")
     text = [detector.class_prompts(c).text_features for c in entry.provenance["classes"]]
     batch = inputs(entry.inputs["image"], count, seed=count)
-    scores, maps = runtime_path(artifact_file(fused_tiny, "visual"), batch, text, manifest.grid, manifest.image_size)
-    got = run_plain(artifact_file(fused_tiny, "fused"), batch)
+    scores, maps = runtime_path(artifact_file(fused_artifacts, "visual"), batch, text, manifest.grid, manifest.image_size)
+    got = run_plain(artifact_file(fused_artifacts, "fused"), batch)
     assert got["scores"].shape == (count, 3) and got["maps"].shape == (count, 3, *manifest.image_size)
     assert got["patch_scores"].shape == (count, 3, manifest.num_patches)
     assert np.abs(got["scores"] - scores).max() <= TOL
@@ -117,10 +107,10 @@ def test_vit_b16_plus_fused_graph_matches_the_runtime(real_fused, count):
     assert np.abs(got["maps"] - maps).max() <= TOL
 
 
-def test_fused_graph_metadata_and_manifest_entry(fused_tiny):
-    manifest = read_manifest(fused_tiny)
+def test_fused_graph_metadata_and_manifest_entry(fused_artifacts):
+    manifest = read_manifest(fused_artifacts)
     entry = manifest.models["fused"]
-    model = onnx.load(str(artifact_file(fused_tiny, "fused")))
+    model = onnx.load(str(artifact_file(fused_artifacts, "fused")))
     meta = {p.key: p.value for p in model.metadata_props}
     assert json.loads(meta["anoclip.classes"]) == entry.provenance["classes"]
     assert json.loads(meta["anoclip.mean"]) == list(manifest.mean) and json.loads(meta["anoclip.std"]) == list(manifest.std)
@@ -134,11 +124,11 @@ def test_fused_graph_metadata_and_manifest_entry(fused_tiny):
 
 
 @pytest.mark.parametrize("version", ["10.3", "11.1"])
-def test_fused_graph_uses_only_operators_tensorrt_parses(fused_tiny, version):
+def test_fused_graph_uses_only_operators_tensorrt_parses(fused_artifacts, version):
     from test_engines import assert_tensorrt_parses
 
     table = json.loads((Path(__file__).parent / "data" / f"tensorrt_{version}_onnx_operators.json").read_text())
-    assert_tensorrt_parses(onnx.load(str(artifact_file(fused_tiny, "fused"))), table, "fused")
+    assert_tensorrt_parses(onnx.load(str(artifact_file(fused_artifacts, "fused"))), table, "fused")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,7 +142,7 @@ def readme_snippet() -> str:
     return match.group(1)
 
 
-def test_readme_snippet_runs_the_graph_with_plain_onnxruntime(fused_tiny, tmp_path):
+def test_readme_snippet_runs_the_graph_with_plain_onnxruntime(fused_artifacts, tmp_path):
     from PIL import Image
 
     image = tmp_path / "part.png"
@@ -161,19 +151,19 @@ def test_readme_snippet_runs_the_graph_with_plain_onnxruntime(fused_tiny, tmp_pa
     code = readme_snippet()
     assert len(code.strip().splitlines()) <= 14
     check = "\nassert not [m for m in sys.modules if m.split('.')[0] == 'anoclip'], 'anoclip was imported'\n"
-    proc = subprocess.run([sys.executable, "-c", code + check, str(artifact_file(fused_tiny, "fused")), str(image)],
+    proc = subprocess.run([sys.executable, "-c", code + check, str(artifact_file(fused_artifacts, "fused")), str(image)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     printed = dict(re.findall(r"^(\w+): score ([0-9.]+), map max", proc.stdout, re.M))
-    result = Detector.load(fused_tiny, backend="cpu", model="fused", tiling="never").predict(rgb, "all")
+    result = Detector.load(fused_artifacts, backend="cpu", model="fused", tiling="never").predict(rgb, "all")
     assert list(printed) == list(result.per_class) and len(printed) == 3
     for name, one in result.per_class.items():
         assert abs(float(printed[name]) - one.score) <= 1e-6  # printed with 6 decimals
 
 
-def test_plain_openvino_runs_the_graph(fused_tiny, tmp_path):
+def test_plain_openvino_runs_the_graph(fused_artifacts, tmp_path):
     pytest.importorskip("openvino", reason="OpenVINO is not installed (extra openvino)")
-    batch = inputs(read_manifest(fused_tiny).models["fused"].inputs["image"], 2, seed=4)
+    batch = inputs(read_manifest(fused_artifacts).models["fused"].inputs["image"], 2, seed=4)
     np.save(tmp_path / "batch.npy", batch)
     code = (
         "import sys, numpy as np, openvino as ov\n"
@@ -182,20 +172,20 @@ def test_plain_openvino_runs_the_graph(fused_tiny, tmp_path):
         "np.savez(sys.argv[3], **{port.get_any_name(): result[port] for port in model.outputs})\n"
         "assert not [m for m in sys.modules if m.split('.')[0] == 'anoclip']\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code, str(artifact_file(fused_tiny, "fused")),
+    proc = subprocess.run([sys.executable, "-c", code, str(artifact_file(fused_artifacts, "fused")),
                            str(tmp_path / "batch.npy"), str(tmp_path / "out.npz")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     got = np.load(tmp_path / "out.npz")
-    want = run_plain(artifact_file(fused_tiny, "fused"), batch)
+    want = run_plain(artifact_file(fused_artifacts, "fused"), batch)
     for name in ("scores", "maps", "patch_scores"):
         assert np.abs(got[name] - want[name]).max() <= TOL, name
 
 
-def test_openvino_backend_runs_the_fused_model(fused_tiny, rgb_image):
+def test_openvino_backend_runs_the_fused_model(fused_artifacts, rgb_image):
     pytest.importorskip("openvino", reason="OpenVINO is not installed (extra openvino)")
-    ours = Detector.load(fused_tiny, backend="openvino", model="fused").predict(rgb_image, "all")
-    reference = Detector.load(fused_tiny, backend="cpu").predict(rgb_image, "all")
+    ours = Detector.load(fused_artifacts, backend="openvino", model="fused").predict(rgb_image, "all")
+    reference = Detector.load(fused_artifacts, backend="cpu").predict(rgb_image, "all")
     for name, one in ours.per_class.items():
         assert abs(one.score - reference.per_class[name].score) <= TOL
         assert np.abs(one.anomaly_map_full - reference.per_class[name].anomaly_map_full).max() <= TOL
@@ -205,9 +195,9 @@ def test_openvino_backend_runs_the_fused_model(fused_tiny, rgb_image):
 # Several classes per pass
 
 
-def test_several_classes_equal_single_class_calls(fused_tiny, rgb_image):
+def test_several_classes_equal_single_class_calls(fused_artifacts, rgb_image):
     wide = np.random.default_rng(1).integers(0, 256, (60, 200, 3), dtype=np.uint8)  # tiled
-    detector = Detector.load(fused_tiny, backend="cpu")
+    detector = Detector.load(fused_artifacts, backend="cpu")
     results = detector.predict_batch([rgb_image, wide], ["screw", "bottle"])
     for image, result in zip([rgb_image, wide], results):
         assert list(result.per_class) == ["screw", "bottle"] and result.cls == "screw"
@@ -220,9 +210,9 @@ def test_several_classes_equal_single_class_calls(fused_tiny, rgb_image):
     assert list(detector.predict(rgb_image, "all").per_class) == sorted(CLASSES)
 
 
-def test_fused_model_gives_the_visual_model_s_results(fused_tiny, rgb_image):
-    fused = Detector.load(fused_tiny, backend="cpu", model="fused")
-    visual = Detector.load(fused_tiny, backend="cpu")
+def test_fused_model_gives_the_visual_model_s_results(fused_artifacts, rgb_image):
+    fused = Detector.load(fused_artifacts, backend="cpu", model="fused")
+    visual = Detector.load(fused_artifacts, backend="cpu")
     assert fused.classes == sorted(CLASSES)
     wide = np.random.default_rng(2).integers(0, 256, (50, 180, 3), dtype=np.uint8)
     for image in (rgb_image, wide):
@@ -235,16 +225,16 @@ def test_fused_model_gives_the_visual_model_s_results(fused_tiny, rgb_image):
                 assert a.shape == b.shape and np.abs(a - b).max() <= TOL
 
 
-def test_tta_adapts_each_class_on_the_same_tokens(fused_tiny, rgb_image):
-    several = Detector.load(fused_tiny, backend="cpu", tta=True).predict(rgb_image, ["carpet", "bottle"])
+def test_tta_adapts_each_class_on_the_same_tokens(fused_artifacts, rgb_image):
+    several = Detector.load(fused_artifacts, backend="cpu", tta=True).predict(rgb_image, ["carpet", "bottle"])
     for name in ("carpet", "bottle"):
-        alone = Detector.load(fused_tiny, backend="cpu", tta=True).predict(rgb_image, name)
+        alone = Detector.load(fused_artifacts, backend="cpu", tta=True).predict(rgb_image, name)
         np.testing.assert_allclose(several.per_class[name].anomaly_map, alone.anomaly_map, atol=1e-6)
         assert "tta" in several.per_class[name].timings
 
 
-def test_fused_tta_needs_the_patch_tokens(fused_tiny, tmp_path, rgb_image):
-    folder = copy_artifacts(fused_tiny, tmp_path / "a")
+def test_fused_tta_needs_the_patch_tokens(fused_artifacts, tmp_path, rgb_image):
+    folder = copy_artifacts(fused_artifacts, tmp_path / "a")
     detector = Detector.load(folder, backend="cpu", model="fused", tta=True)
     with pytest.raises(ArtifactError, match="--patch-embeds"):
         detector.predict(rgb_image, "bottle")
@@ -259,8 +249,8 @@ def test_fused_tta_needs_the_patch_tokens(fused_tiny, tmp_path, rgb_image):
 # anoclip fuse and the folder
 
 
-def test_fuse_command_orders_classes_and_fixes_the_batch(fused_tiny, tmp_path):
-    folder = copy_artifacts(fused_tiny, tmp_path / "a")
+def test_fuse_command_orders_classes_and_fixes_the_batch(fused_artifacts, tmp_path):
+    folder = copy_artifacts(fused_artifacts, tmp_path / "a")
     old = artifact_file(folder, "fused")
     result = CliRunner().invoke(cli, ["fuse", "--artifacts", str(folder), "--classes", "screw,bottle", "--batch", "4"])
     assert result.exit_code == 0, result.output
@@ -289,10 +279,16 @@ def test_fuse_refuses_bad_requests_and_leaves_the_folder(tiny_artifacts, tmp_pat
     proc = run_cli("predict", "--artifacts", str(folder), "--model", "fused", "--class", "bottle",
                    "--out", str(tmp_path / "out"), str(tmp_path / "part.png"))
     assert proc.returncode == 1 and "anoclip fuse --artifacts" in one_error_line(proc.stderr)
+    proc = run_cli("fuse", "--artifacts", str(folder))  # the static batch of the visual model
+    assert proc.returncode == 0, proc.stderr
+    entry = read_manifest(folder).models["fused"]
+    assert entry.inputs["image"][0] == 1 and entry.outputs["scores"] == [1, 2]
+    result = Detector.load(folder, backend="cpu", model="fused").predict_batch([np.zeros((32, 32, 3), np.uint8)] * 3, "all")
+    assert len(result) == 3 and list(result[0].per_class) == ["bottle", "carpet"]
 
 
-def test_fused_model_of_dropped_class_is_stale(fused_tiny, tmp_path, export_cli):
-    folder = copy_artifacts(fused_tiny, tmp_path / "a")
+def test_fused_model_of_dropped_class_is_stale(fused_artifacts, tmp_path, export_cli):
+    folder = copy_artifacts(fused_artifacts, tmp_path / "a")
     result = export_cli(["--model-config", str(TINY_CONFIG), "--pretrained", "none", "--drop-classes", "screw",
                          "--dynamic-batch", "--out", str(folder)])
     assert result.exit_code == 0, result.output
@@ -304,7 +300,7 @@ def test_fused_model_of_dropped_class_is_stale(fused_tiny, tmp_path, export_cli)
     assert Detector.load(folder, backend="cpu", model="fused").classes == ["bottle", "carpet"]
 
 
-def test_predict_writes_one_line_and_map_per_class(fused_tiny, tmp_path):
+def test_predict_writes_one_line_and_map_per_class(fused_artifacts, tmp_path):
     from PIL import Image
 
     images = tmp_path / "images"
@@ -312,12 +308,12 @@ def test_predict_writes_one_line_and_map_per_class(fused_tiny, tmp_path):
     rgb = np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(images / "part.png")
     out = tmp_path / "out"
-    proc = run_cli("predict", "--artifacts", str(fused_tiny), "--model", "fused", "--backend", "cpu",
+    proc = run_cli("predict", "--artifacts", str(fused_artifacts), "--model", "fused", "--backend", "cpu",
                    "--class", "carpet,bottle", "--out", str(out), str(images))
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [line["class"] for line in lines] == ["carpet", "bottle"]
-    reference = Detector.load(fused_tiny, backend="cpu").predict(rgb, ["carpet", "bottle"])
+    reference = Detector.load(fused_artifacts, backend="cpu").predict(rgb, ["carpet", "bottle"])
     for line in lines:
         assert Path(line["map"]).name == f"part_{line['class']}_map.npy"
         assert Path(line["overlay"]).is_file()
@@ -330,8 +326,8 @@ def test_predict_writes_one_line_and_map_per_class(fused_tiny, tmp_path):
 # Benchmarks
 
 
-def test_bench_times_the_fused_row(fused_tiny):
-    result = CliRunner().invoke(cli, ["bench", "--artifacts", str(fused_tiny), "--runs", "3", "--warmup", "0",
+def test_bench_times_the_fused_row(fused_artifacts):
+    result = CliRunner().invoke(cli, ["bench", "--artifacts", str(fused_artifacts), "--runs", "3", "--warmup", "0",
                                       "--image-size", "64", "--backends", "cpu", "--class", "carpet", "--json"])
     assert result.exit_code == 0, result.output
     rows = {r["name"]: r for r in json.loads(result.stdout)["rows"]}
@@ -339,10 +335,10 @@ def test_bench_times_the_fused_row(fused_tiny):
     assert row["status"] == "ok" and row["ms"]["p50"] > 0 and row["stages_ms"]["model"] > 0
 
 
-def test_class_count_benchmark_rows(fused_tiny):
+def test_class_count_benchmark_rows(fused_artifacts):
     from anoclip.benchmarks.latency.class_count import main
 
-    result = CliRunner().invoke(main, ["--artifacts", str(fused_tiny), "--runs", "3", "--warmup", "0",
+    result = CliRunner().invoke(main, ["--artifacts", str(fused_artifacts), "--runs", "3", "--warmup", "0",
                                        "--image-size", "64", "--json"])
     assert result.exit_code == 0, result.output
     rows = {r["row"]: r for r in json.loads(result.stdout)["rows"]}
