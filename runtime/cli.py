@@ -122,6 +122,42 @@ def threshold_options(command):
                              "class's calibrated one (from `anoclip calibrate threshold`).")(command)
 
 
+# Options that set up a model run here; with --server the servers' own settings apply instead.
+LOCAL_MODEL_OPTIONS = ("artifacts_dir", "backend", "model", "precision", "tiling", "tta", "tta_backend", "tta_steps",
+                       "tta_adapter", "tta_init", "tta_state", "seed", "threads", "no_verify")
+
+
+def server_option(command):
+    """--server URL (repeatable): score on `anoclip serve` servers instead of a local model."""
+    return click.option("--server", "servers", multiple=True, metavar="URL",
+                        help="Score on `anoclip serve` servers (Triton: http://HOST:8000 or grpc://HOST:8001) instead "
+                             "of a local model; repeat it for several: requests are spread over them and one a server "
+                             "fails goes to another. The model, thresholds and TTA settings are the servers'.")(command)
+
+
+def load_detector(artifacts_dir: str | None, servers: tuple[str, ...], **options):
+    """The local Detector of ``artifacts_dir`` (``options`` as ``Detector.load`` takes them), or the
+    client of ``servers``, which answers the same calls with the same results."""
+    ctx = click.get_current_context()
+    if servers:
+        given = [p.opts[0] for p in ctx.command.params if p.name in LOCAL_MODEL_OPTIONS
+                 and ctx.get_parameter_source(p.name) not in (click.core.ParameterSource.DEFAULT, None)]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} set up a local model; with --server the servers' model and "
+                                   "settings apply (give those options to `anoclip serve`)")
+        try:
+            from anoclip.serving.client import RemoteDetector
+        except ImportError as exc:
+            raise AnoclipError(f"--server needs {exc.name or 'tritonclient'}; install it with "
+                               "`pip install 'anoclip[client]'`") from None
+        return RemoteDetector(list(servers))
+    if not artifacts_dir:
+        raise click.UsageError("give --artifacts DIR (the model runs here) or --server URL (on `anoclip serve` servers)")
+    from .detector import Detector
+
+    return Detector.load(artifacts_dir, **options)
+
+
 def tta_config_from(tta: bool, tta_steps: int, tta_adapter: str, tta_init: str, tta_state: str, seed: int):
     """The TTAConfig of the TTA options (None without --tta); a usage error for settings that do not go together."""
     from .tta import TTAConfig
@@ -135,8 +171,9 @@ def tta_config_from(tta: bool, tta_steps: int, tta_adapter: str, tta_init: str, 
 
 
 @cli.command("predict")
-@click.option("--artifacts", "artifacts_dir", required=True, type=click.Path(file_okay=False),
-              help="Artifact folder written by anoclip-export.")
+@click.option("--artifacts", "artifacts_dir", default=None, type=click.Path(file_okay=False),
+              help="Artifact folder written by anoclip-export (or --server).")
+@server_option
 @click.option("--class", "cls", required=True,
               help="Class name baked into the prompt weights (e.g. bottle); several separated by commas, or 'all': "
                    "one run of the visual model scores them all, one result line and map per class.")
@@ -155,7 +192,7 @@ def tta_config_from(tta: bool, tta_steps: int, tta_adapter: str, tta_init: str, 
 @click.option("--json", "as_json", is_flag=True, help="Also print each result line to stdout.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @click.argument("paths", nargs=-1, required=True)
-def predict_command(artifacts_dir, cls, out_dir, backend, model, precision, tiling, tta, tta_backend, tta_steps, tta_adapter,
+def predict_command(artifacts_dir, servers, cls, out_dir, backend, model, precision, tiling, tta, tta_backend, tta_steps, tta_adapter,
                     tta_init, tta_state, seed, alpha, image_threshold, pixel_threshold, threads, max_pixels,
                     max_output_pixels, no_verify, as_json, verbose, paths):
     """Score images (files or folders of images) and write anomaly maps.
@@ -176,7 +213,6 @@ def predict_command(artifacts_dir, cls, out_dir, backend, model, precision, tili
     """
     from tqdm import tqdm
 
-    from .detector import Detector
     from .outputs import IMAGE_SUFFIXES, ResultsLog, discover_images, run_id
     from .plumbing import ensure_writable_folder
     from .preprocess import read_image
@@ -188,7 +224,7 @@ def predict_command(artifacts_dir, cls, out_dir, backend, model, precision, tili
     images = discover_images(paths, exclude=out)
     if not images:
         raise AnoclipError(f"no images found in {', '.join(paths)} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
-    detector = Detector.load(artifacts_dir, backend=backend, model=model, precision=precision, tiling=tiling,
+    detector = load_detector(artifacts_dir, servers, backend=backend, model=model, precision=precision, tiling=tiling,
                              verify=not no_verify, threads=threads, tta=tta_config or False, tta_backend=tta_backend,
                              max_pixels=max_pixels)
     classes = detector.resolve_classes([c.strip() for c in cls.split(",") if c.strip()] if "," in cls else cls)

@@ -169,18 +169,12 @@ class Detector:
         None when there are neither; that is said once per class (info level): scores only.
         """
         calibrated = self.calibration(cls)
-        values = {"image": image, "pixel": pixel}
-        origins = {"override" for v in values.values() if v is not None}
-        for key in values:
-            if values[key] is None and calibrated is not None:
-                values[key] = getattr(calibrated, key)
-                origins.add("calibrated")
-        if not origins:
-            if cls not in self._told_no_threshold:
-                self._told_no_threshold.add(cls)
-                log.info("no threshold set for class %s: reporting scores only; run `%s`", cls, self._calibrate_hint(cls))
-            return None
-        return ClassThreshold(values["image"], values["pixel"], "+".join(sorted(origins)))
+        threshold = ClassThreshold.in_force(None if calibrated is None else (calibrated.image, calibrated.pixel),
+                                            image, pixel)
+        if threshold is None and cls not in self._told_no_threshold:
+            self._told_no_threshold.add(cls)
+            log.info("no threshold set for class %s: reporting scores only; run `%s`", cls, self._calibrate_hint(cls))
+        return threshold
 
     def calibration(self, cls: str) -> ClassCalibration | None:
         """The calibrated record of ``cls``, if any and if it was made on these artifacts and

@@ -88,9 +88,6 @@ def read_image(path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     ``max_pixels``: the largest width x height decoded (None: no limit); the size is read from the
     file's header first, so a file that claims more is refused without decoding it.
     """
-    import cv2
-    from PIL import Image
-
     if not os.path.isfile(path):
         raise ImageError(f"cannot read {path}: no such file")
     try:
@@ -98,19 +95,29 @@ def read_image(path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
             raw = handle.read()
     except OSError as exc:
         raise ImageError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    return decode_image(raw, max_pixels, str(path))
+
+
+def decode_image(raw: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS, shown: str = "the image bytes",
+                 limit_hint: str = "raise the limit with --max-pixels") -> np.ndarray:
+    """Encoded image bytes (a file's, or a request's) -> [H, W, 3] uint8 RGB; bytes whose header
+    claims more than ``max_pixels`` are refused without decoding. ``shown`` names them in errors."""
+    import cv2
+    from PIL import Image
+
     size = image_header_size(raw) if raw else None
     if size is None:
-        raise ImageError(f"cannot decode {path}: not an image OpenCV can read (png, jpg, bmp, tiff, webp)")
+        raise ImageError(f"cannot decode {shown}: not an image OpenCV can read (png, jpg, bmp, tiff, webp)")
     if max_pixels is not None:
         too_big = size == (-1, -1) and max_pixels <= 2 * (Image.MAX_IMAGE_PIXELS or 0)
         if too_big or size[0] * size[1] > max_pixels:
-            shown = "more than Pillow's limit" if size == (-1, -1) else f"{size[0]} x {size[1]} pixels"
-            raise ImageError(f"{path} is {shown}, above the limit of {max_pixels} pixels; it was not decoded "
-                             "(raise the limit with --max-pixels if the frame is genuine)")
-    data = np.frombuffer(raw, dtype=np.uint8)  # a view: the file's bytes are held once
+            claimed = "more than Pillow's limit" if size == (-1, -1) else f"{size[0]} x {size[1]} pixels"
+            raise ImageError(f"{shown} is {claimed}, above the limit of {max_pixels} pixels; it was not decoded "
+                             f"({limit_hint} if the frame is genuine)")
+    data = np.frombuffer(raw, dtype=np.uint8)  # a view: the bytes are held once
     image = cv2.imdecode(data, cv2.IMREAD_COLOR)
     if image is None:
-        raise ImageError(f"cannot decode {path}: not an image OpenCV can read (png, jpg, bmp, tiff, webp)")
+        raise ImageError(f"cannot decode {shown}: not an image OpenCV can read (png, jpg, bmp, tiff, webp)")
     return image[:, :, ::-1].copy()
 
 

@@ -47,6 +47,18 @@ class ClassThreshold:
     pixel: float | None
     origin: str
 
+    @classmethod
+    def in_force(cls, calibrated: tuple[float | None, float | None] | None, image: float | None = None,
+                 pixel: float | None = None) -> "ClassThreshold | None":
+        """The calibrated (image, pixel) thresholds, each replaced by ``image`` / ``pixel`` when
+        given; None when there are neither."""
+        values, origins = [image, pixel], {"override" for v in (image, pixel) if v is not None}
+        for i in range(2):
+            if values[i] is None and calibrated is not None and calibrated[i] is not None:
+                values[i] = calibrated[i]
+                origins.add("calibrated")
+        return cls(values[0], values[1], "+".join(sorted(origins))) if origins else None
+
 
 @dataclass
 class ClassCalibration:

@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from ..cli import detector_options, threshold_options, tta_config_from
+from ..cli import detector_options, load_detector, server_option, threshold_options, tta_config_from
 from ..plumbing import configure_logging
 from .pipeline import StreamOptions, StreamPipeline
 from .sources import parse_source
@@ -33,8 +33,9 @@ def _roi(ctx, param, value):
 
 
 @click.command("stream")
-@click.option("--artifacts", "artifacts_dir", required=True, type=click.Path(file_okay=False),
-              help="Artifact folder written by anoclip-export.")
+@click.option("--artifacts", "artifacts_dir", default=None, type=click.Path(file_okay=False),
+              help="Artifact folder written by anoclip-export (or --server).")
+@server_option
 @click.option("--source", "sources", multiple=True, required=True, metavar="SRC[=CLASS]",
               help="Repeatable. A camera index (0), /dev/videoN, a video file, rtsp:// or http(s):// (anything "
                    "FFmpeg opens), a GStreamer pipeline ending in appsink, or csi://N (Jetson CSI camera, "
@@ -76,7 +77,7 @@ def _roi(ctx, param, value):
               help="Seconds between stats lines in the log (0: none).")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the artifacts at load.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def stream_command(artifacts_dir, sources, cls, backend, model, precision, tiling, tta, tta_backend, tta_steps, tta_adapter,
+def stream_command(artifacts_dir, servers, sources, cls, backend, model, precision, tiling, tta, tta_backend, tta_steps, tta_adapter,
                    tta_init, tta_state, seed, threads, image_threshold, pixel_threshold, roi, stride, max_fps, loop, realtime, batch, record, record_fps, events, save_dir,
                    show, web, mqtt, topic, alpha, stats_interval, no_verify, verbose):
     """Score camera streams, network streams and video files frame by frame.
@@ -90,19 +91,17 @@ def stream_command(artifacts_dir, sources, cls, backend, model, precision, tilin
     (--tta-state persistent: across its frames), which starts afresh when the source reconnects. Ctrl-C or SIGTERM stops cleanly: the
     recording is finalised, the events file holds whole lines. Prints a JSON summary at the end.
     """
-    from ..detector import Detector
-
     configure_logging(verbose)
     tta_config = tta_config_from(tta, tta_steps, tta_adapter, tta_init, tta_state, seed)
     if not (record or events or save_dir or show or web or mqtt):
         log.warning("no sink given (--events, --record, --save-dir, --web, --mqtt, --show): only the summary is printed")
-    detector = Detector.load(artifacts_dir, backend=backend, model=model, precision=precision, tiling=tiling,
+    detector = load_detector(artifacts_dir, servers, backend=backend, model=model, precision=precision, tiling=tiling,
                              verify=not no_verify, threads=threads, tta=tta_config or False, tta_backend=tta_backend)
     specs = [parse_source(text, detector.classes, cls) for text in sources]
     for spec in specs:
         if spec.cls is None:
             raise click.UsageError(f"source {spec.uri!r} has no class: give --class or --source {spec.uri}=CLASS")
-        detector.class_prompts(spec.cls)  # an unknown class fails before any source opens
+        detector.resolve_classes(spec.cls)  # an unknown class fails before any source opens
         if tta_config is not None:
             detector.tta_adapter(spec.cls, tta_config)  # so does a TTA graph that does not fit
     options = StreamOptions(stride=stride, max_fps=max_fps, loop=loop, realtime=realtime, roi=roi, threshold=image_threshold,

@@ -1,0 +1,196 @@
+"""``RemoteDetector``: the Detector API answered by one or more ``anoclip serve`` servers.
+
+    detector = RemoteDetector(["http://10.0.0.5:8000", "grpc://10.0.0.6:8001"])
+    result = detector.predict("bottle_001.png", "bottle")   # the Result a local Detector gives
+
+Requests go round-robin over the servers. A server that fails (refused, timed out, unavailable, any
+error of Triton itself) is skipped for ``backoff`` seconds and the request goes to the next one; the
+call fails only when every server failed. An error the server reports about the request itself
+(unknown class, bytes that are no image) is raised at once as the runtime's own error class,
+since every server would say the same. Safe to call from several threads. Needs only tritonclient
+and numpy (no PyTorch, no PyTriton).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
+
+import numpy as np
+
+from anoclip.runtime import errors
+from anoclip.runtime.detector import Result
+from anoclip.runtime.errors import AnoclipError
+from anoclip.runtime.preprocess import as_rgb_uint8
+from anoclip.runtime.scoring import patch_grid, upsample_bilinear
+from anoclip.runtime.thresholds import ClassThreshold, tta_settings
+
+from . import FRAME_MODEL, INFO_MODEL, MODEL
+from .transport import ServerPool
+
+log = logging.getLogger(__name__)
+
+OUTPUTS = ("score", "map", "patch_probabilities", "tiles", "image_size", "threshold", "anomalous", "error")
+
+
+class RemoteDetector:
+    """Score images on Triton servers running ``anoclip serve``.
+
+    urls: ``http://host:port`` (Triton's HTTP port) or ``grpc://host:port`` (its gRPC port), one or more.
+    timeout: seconds one request may take on one server before the next server is tried.
+    backoff: seconds a failed server is skipped (tried again sooner only when every other one failed).
+    workers: requests in flight at once for one ``predict_batch`` call (the servers batch them).
+    """
+
+    def __init__(self, urls: str | Sequence[str], model: str = MODEL, timeout: float = 30.0, backoff: float = 10.0,
+                 workers: int = 8, frame_model: str = FRAME_MODEL, info_model: str = INFO_MODEL):
+        self.pool = ServerPool([urls] if isinstance(urls, str) else list(urls), timeout, backoff)
+        self.servers = self.pool.servers
+        self.model, self.frame_model, self.info_model = model, frame_model, info_model
+        self._info: dict | None = None
+        self._executor = ThreadPoolExecutor(max(1, workers), thread_name_prefix="anoclip-remote")
+
+    # -- what the servers run -------------------------------------------------------------------
+
+    @property
+    def info(self) -> dict:
+        """The servers' description (``anoclip_info``): classes, thresholds, input size, grid, TTA."""
+        if self._info is None:
+            from tritonclient.utils import np_to_triton_dtype
+
+            query = np.array([b"info"], dtype=object)
+            out = self.pool.call(self.info_model, [("query", query, np_to_triton_dtype(query.dtype))], ("info",))
+            self._info = json.loads(bytes(out["info"].reshape(-1)[0]).decode())
+        return self._info
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.info["classes"])
+
+    @property
+    def tta(self):
+        """The TTA configuration the servers adapt with (None: AnoCLIP without TTA)."""
+        from anoclip.runtime.tta import TTAConfig
+
+        settings = self.info["tta"]
+        return None if settings is None else TTAConfig(**settings)
+
+    def check_class(self, cls: str) -> None:
+        if cls not in self.classes:
+            raise errors.UnknownClassError(f"class '{cls}' is not served by {self.servers[0].url} "
+                                           f"(served: {', '.join(self.classes) or 'none'})")
+
+    def resolve_classes(self, cls: str | Sequence[str]) -> list[str]:
+        """Like ``Detector.resolve_classes``: one name, a list, or ``"all"``; each checked."""
+        names = (self.classes if cls == "all" and "all" not in self.classes else [cls]) if isinstance(cls, str) \
+            else list(dict.fromkeys(cls))
+        for name in names:
+            self.check_class(name)
+        return names
+
+    def threshold_for(self, cls: str, image: float | None = None, pixel: float | None = None) -> ClassThreshold | None:
+        """The servers' calibrated thresholds of ``cls``, each replaced by ``image`` / ``pixel`` when
+        given (as ``Detector.threshold_for``); None when there are neither."""
+        self.check_class(cls)
+        return ClassThreshold.in_force(self.info["thresholds"].get(cls), image, pixel)
+
+    def reset_tta(self, cls: str | None = None, state: str | None = None) -> None:
+        """The adapter states live on the servers; they are not reset from here."""
+        log.debug("TTA state of %s/%s is kept by the servers", cls, state)
+
+    # -- scoring --------------------------------------------------------------------------------
+
+    def predict(self, image, cls: str | Sequence[str], tta=None) -> Result:
+        """Score one image for ``cls``, or for several classes (a list, or ``"all"``): then
+        ``Result.per_class`` holds each, as ``Detector.predict`` gives them."""
+        return self.predict_batch([image], cls, tta=tta)[0]
+
+    def predict_batch(self, images: Sequence, cls: str | Sequence[str], tta=None,
+                      tta_keys: Sequence[str] | None = None) -> list[Result]:
+        """Score images (arrays, paths or encoded bytes), one request per image and class, sent
+        together so that the servers batch them (with TTA one after another, in order). ``tta_keys``:
+        per image, its TTA state (stream). Timings (ms): ``request`` (the round trip), ``scoring``
+        (the full-size map, made here), ``model`` (the call's time over its images, as a local batch)."""
+        names = [cls] if isinstance(cls, str) and cls != "all" else self.resolve_classes(cls)
+        if tta is not None:
+            self._check_tta(tta)
+        if tta_keys is not None and len(tta_keys) != len(images):
+            raise ValueError(f"tta_keys has {len(tta_keys)} entries for {len(images)} images")
+        keys = list(tta_keys) if tta_keys is not None else [None] * len(images)
+        jobs = [(image, name, key) for image, key in zip(images, keys) for name in names]
+        started = time.perf_counter()
+        if len(jobs) <= 1 or self.info["tta"] is not None:  # TTA: each image adapts the state the one before left
+            answers = [self._predict_one(*job) for job in jobs]
+        else:
+            answers = [future.result() for future in [self._executor.submit(self._predict_one, *job) for job in jobs]]
+        results = []
+        for i in range(len(images)):
+            per_class = dict(zip(names, answers[i * len(names):(i + 1) * len(names)]))
+            for result in per_class.values():  # as a local batch reports it: the call's time over its images
+                result.timings["model"] = (time.perf_counter() - started) * 1e3 / len(images)
+            first = per_class[names[0]]
+            first.per_class = per_class if len(names) > 1 else None
+            results.append(first)
+        return results
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False)
+
+    def _check_tta(self, tta) -> None:
+        from anoclip.runtime.tta import TTAConfig
+
+        wanted = None if tta is False else TTAConfig() if tta is True else tta
+        if tta_settings(wanted) != self.info["tta"]:
+            raise AnoclipError(f"the servers run with TTA settings {self.info['tta']}, not {tta_settings(wanted)}; "
+                               "start `anoclip serve` with the TTA options wanted")
+
+    def _predict_one(self, image, cls: str, key: str | None) -> Result:
+        from tritonclient.utils import np_to_triton_dtype
+
+        if isinstance(image, (str, os.PathLike)):
+            try:
+                with open(image, "rb") as handle:
+                    image = handle.read()
+            except OSError as exc:
+                raise errors.ImageError(f"cannot read {image}: {exc.strerror or exc}") from None
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            model, name, data = self.model, "image", np.array([[bytes(image)]], dtype=object)
+        else:
+            model, name, data = self.frame_model, "frame", np.ascontiguousarray(as_rgb_uint8(image))[None]
+        inputs = [(name, data, np_to_triton_dtype(data.dtype))]
+        for input_name, text in (("class", cls), ("stream", key)):
+            if text is not None:
+                inputs.append((input_name, np.array([[text.encode()]], dtype=object), "BYTES"))
+        started = time.perf_counter()
+        out = self.pool.call(model, inputs, OUTPUTS)
+        request_ms = (time.perf_counter() - started) * 1e3
+        error = bytes(out["error"].reshape(-1)[0]).decode()
+        if error:
+            kind, _, message = error.partition(": ")
+            cls_error = getattr(errors, kind, None)
+            if not (isinstance(cls_error, type) and issubclass(cls_error, AnoclipError)):
+                cls_error, message = AnoclipError, error
+            raise cls_error(message)
+        result = self._result(out, cls)
+        result.timings = {"request": request_ms, "scoring": (time.perf_counter() - started) * 1e3 - request_ms}
+        return result
+
+    def _result(self, out: dict, cls: str) -> Result:
+        model_map = out["map"][0]
+        probs = out["patch_probabilities"][0]
+        tiles = int(out["tiles"][0, 0])
+        height, width = (int(v) for v in out["image_size"][0])
+        # the full-size map as Detector._score makes it: a single tile's patch grid straight to the
+        # image size; a tiled frame's merged map resized like an image
+        if tiles == 1:
+            full = upsample_bilinear(patch_grid(probs, tuple(self.info["grid"]))[0], (height, width))
+        else:
+            import cv2
+
+            full = cv2.resize(model_map, (width, height), interpolation=cv2.INTER_LINEAR)
+        return Result(score=float(out["score"][0, 0]), anomaly_map=model_map, anomaly_map_full=full,
+                      patch_probabilities=probs, cls=cls, image_size=(height, width), tiles=tiles)

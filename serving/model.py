@@ -1,0 +1,173 @@
+"""The inference functions the server binds: requests in, per-image answers out (no PyTriton here).
+
+One :class:`AnoclipModel` per model instance, over one Detector. Requests of a batch are decoded one
+by one, grouped by class, and each group goes through ``Detector.predict_batch`` at once; a request
+that cannot be scored gets its own error text (see ``anoclip.serving.server`` for the protocol).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from collections import defaultdict
+
+import numpy as np
+
+from anoclip.runtime.errors import AnoclipError, ImageError, UnknownClassError
+from anoclip.runtime import preprocess
+from anoclip.runtime.preprocess import DEFAULT_MAX_PIXELS, as_rgb_uint8
+from anoclip.runtime.thresholds import ClassThreshold, decide, tta_settings
+
+NO_DECISION = -1  # "anomalous" of a class without an image threshold
+
+
+def decode_image(raw: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Encoded image bytes of a request -> [H, W, 3] uint8 RGB (refused unread above ``max_pixels``)."""
+    return preprocess.decode_image(raw, max_pixels, "the image bytes",
+                                   "start the server with a larger --max-pixels")
+
+
+def _text(value) -> str:
+    value = value.item() if isinstance(value, np.ndarray) else value
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _nan(*shape: int) -> np.ndarray:
+    return np.full(shape, np.nan, np.float32)
+
+
+class Drain:
+    """Stopping without dropping work: once :meth:`close` is called, new batches are refused with an
+    error of the server (a client retries them on another server) and :meth:`wait` returns when the
+    batches already running are answered."""
+
+    def __init__(self):
+        self.closed = False
+        self.active = 0
+        self.changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def batch(self):
+        with self.changed:
+            if self.closed:
+                raise RuntimeError("the server is stopping; send the request to another server")
+            self.active += 1
+        try:
+            yield
+        finally:
+            with self.changed:
+                self.active -= 1
+                self.changed.notify_all()
+
+    def close(self) -> None:
+        with self.changed:
+            self.closed = True
+
+    def wait(self, timeout: float) -> bool:
+        with self.changed:
+            return self.changed.wait_for(lambda: self.active == 0, timeout)
+
+
+class AnoclipModel:
+    """The inference functions of one model instance over one Detector.
+
+    With TTA the Detector's adapters keep state between images, so calls are serialised by a lock
+    shared by every function that uses the Detector.
+    """
+
+    def __init__(self, detector, lock: threading.Lock | None = None, classes: list[str] | None = None,
+                 drain: Drain | None = None):
+        self.detector = detector
+        self.lock = lock
+        self.drain = drain or Drain()
+        self.classes = sorted(classes) if classes else detector.classes
+
+    def check_class(self, cls: str) -> None:
+        self.detector.class_prompts(cls)  # not in the prompt weights: their error, naming the fix
+        if cls not in self.classes:
+            raise UnknownClassError(f"class '{cls}' is not served here (served: {', '.join(self.classes)}); "
+                                    "ask the server's operator to add it to --classes")
+
+    def info(self) -> dict:
+        detector = self.detector
+        thresholds = {}
+        for cls in self.classes:
+            found = detector.threshold_for(cls)
+            thresholds[cls] = None if found is None else [found.image, found.pixel]
+        return {"classes": self.classes, "thresholds": thresholds, "input_size": list(detector.input_size),
+                "grid": list(detector.grid), "tiling": detector.tiling, "smoothing_sigma": detector.smoothing_sigma,
+                "tta": tta_settings(detector.tta), "model": detector.model, "max_pixels": detector.max_pixels}
+
+    def infer_info(self, requests) -> list[dict]:
+        text = json.dumps(self.info()).encode()
+        return [{"info": np.array([text], dtype=object)} for _ in requests]
+
+    def infer_encoded(self, requests) -> list[dict]:
+        with self.drain.batch():
+            return self._infer(requests, "image")
+
+    def infer_frames(self, requests) -> list[dict]:
+        with self.drain.batch():
+            return self._infer(requests, "frame")
+
+    def _infer(self, requests, key: str) -> list[dict]:
+        rows = []  # per image: [request index, image, class, stream, result or error text]
+        for index, request in enumerate(requests):
+            images, classes, streams = request[key], request["class"], request.data.get("stream")
+            for i in range(len(images)):
+                cls = _text(classes[i])
+                row = [index, None, cls, _text(streams[i]) if streams is not None else "", None]
+                try:
+                    self.check_class(cls)
+                    row[1] = decode_image(bytes(images[i].item()), self.detector.max_pixels) if key == "image" \
+                        else as_rgb_uint8(images[i])
+                except AnoclipError as exc:
+                    row[4] = f"{type(exc).__name__}: {exc}"
+                rows.append(row)
+        groups = defaultdict(list)
+        for row in rows:
+            if row[4] is None:
+                groups[row[2]].append(row)
+        for cls, group in groups.items():
+            keys = [row[3] for row in group] if self.detector.tta is not None else None
+            try:
+                with self.lock or contextlib.nullcontext():
+                    results = self.detector.predict_batch([row[1] for row in group], cls, tta_keys=keys)
+            except AnoclipError as exc:  # about these requests (other errors fail the batch: the client retries)
+                results = [f"{type(exc).__name__}: {exc}"] * len(group)
+            for row, result in zip(group, results):
+                row[1], row[4] = None, result
+        by_request = defaultdict(list)
+        for row in rows:
+            by_request[row[0]].append(row[4])
+        return [self._response(by_request[i]) for i in range(len(requests))]
+
+    def _response(self, answers: list) -> dict:
+        """Outputs of one request (a batch dimension of one row per image it carried)."""
+        scored = [a for a in answers if not isinstance(a, str)]
+        shapes = {(a.anomaly_map.shape, a.patch_probabilities.shape) for a in scored}
+        if len(shapes) > 1:  # images of different sizes in one request: their maps cannot be stacked
+            message = "ImageError: images of different sizes in one request; send them as separate requests"
+            answers, scored, shapes = [message] * len(answers), [], set()
+        map_shape, probs_shape = shapes.pop() if shapes else ((1, 1), (1, 1))
+        out = {"score": _nan(len(answers), 1), "map": _nan(len(answers), *map_shape),
+               "patch_probabilities": _nan(len(answers), *probs_shape),
+               "tiles": np.zeros((len(answers), 1), np.int32), "image_size": np.zeros((len(answers), 2), np.int32),
+               "threshold": _nan(len(answers), 2), "anomalous": np.full((len(answers), 1), NO_DECISION, np.int8),
+               "error": np.array([[b""]] * len(answers), dtype=object)}
+        for i, answer in enumerate(answers):
+            if isinstance(answer, str):
+                out["error"][i, 0] = answer.encode()
+                continue
+            out["score"][i, 0] = answer.score
+            out["map"][i] = answer.anomaly_map
+            out["patch_probabilities"][i] = answer.patch_probabilities
+            out["tiles"][i, 0] = answer.tiles
+            out["image_size"][i] = answer.image_size
+            threshold = self.detector.threshold_for(answer.cls)
+            if threshold is not None:
+                out["threshold"][i] = [np.nan if v is None else v for v in (threshold.image, threshold.pixel)]
+                anomalous, _ = decide(answer.score, answer.anomaly_map, ClassThreshold(threshold.image, None, "served"))
+                out["anomalous"][i, 0] = NO_DECISION if anomalous is None else int(anomalous)
+        return out
