@@ -10,7 +10,8 @@ process on the same frame:
 * the same classes as that many single-class calls, one visual pass each (what a line pays without
   several classes per pass).
 
-Ratios are to the 1-class row of the same kind, measured in the same run. The fused graphs are
+Ratios are to the 1-class row of the same kind, measured in the same run; each round starts one row
+later than the last, so every row runs in every position equally often. The fused graphs are
 built into a temporary folder from the folder's visual model and prompt weights (needs onnx).
 """
 
@@ -74,7 +75,7 @@ def run(artifacts_dir: str, runs: int, warmup: int, image_size: int, threads: in
 
     progress(f"timing {len(candidates)} rows x {runs} runs, round-robin, after {warmup} warm-up")
     with tqdm(total=runs, desc="class count", unit="round", file=sys.stderr, disable=None) as bar:
-        timings = time_interleaved(candidates, runs=runs, warmup=warmup, progress=lambda i: bar.update(1))
+        timings = time_interleaved(candidates, runs=runs, warmup=warmup, progress=lambda i: bar.update(1), rotate=True)
     rows = []
     for name, timing in timings.items():
         base = next(t for n, t in timings.items() if n.split(",")[0] == name.split(",")[0])
@@ -88,7 +89,8 @@ def run(artifacts_dir: str, runs: int, warmup: int, image_size: int, threads: in
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--artifacts", "artifacts_dir", required=True, type=click.Path(file_okay=False),
               help="Artifact folder with several classes (e.g. the 15 MVTec classes), ideally --dynamic-batch.")
-@click.option("--runs", default=10, show_default=True, type=click.IntRange(min=3), help="Timed rounds.")
+@click.option("--runs", default=14, show_default=True, type=click.IntRange(min=3),
+              help="Timed rounds (a multiple of the 7 rows gives every row every position equally often).")
 @click.option("--warmup", default=2, show_default=True, type=click.IntRange(min=0), help="Untimed rounds first.")
 @click.option("--image-size", default=1024, show_default=True, type=click.IntRange(min=16),
               help="Side of the random frame (MVTec-sized by default).")

@@ -105,14 +105,21 @@ class Timing:
 
 
 def time_interleaved(candidates: dict[str, Callable[[], object]], runs: int = 30, warmup: int = 5,
-                     progress: Callable[[int], None] | None = None) -> dict[str, Timing]:
-    """Time each candidate ``runs`` times, round-robin, after ``warmup`` untimed rounds."""
+                     progress: Callable[[int], None] | None = None, rotate: bool = False) -> dict[str, Timing]:
+    """Time each candidate ``runs`` times, round-robin, after ``warmup`` untimed rounds.
+
+    ``rotate``: start each round one candidate later, so that every candidate runs in every position
+    of a round equally often (a candidate that follows a long one can run slower or faster: caches,
+    clocks)."""
     for _ in range(warmup):
         for fn in candidates.values():
             fn()
     timings = {name: Timing(name, []) for name in candidates}
+    names = list(candidates)
     for index in range(runs):
-        for name, fn in candidates.items():
+        shift = index % len(names) if rotate else 0
+        for name in names[shift:] + names[:shift]:
+            fn = candidates[name]
             start = time.perf_counter()
             fn()
             timings[name].ms.append((time.perf_counter() - start) * 1e3)
