@@ -56,7 +56,7 @@ def local_run(detector: Detector, frames: list[np.ndarray], cls: str, requests: 
 
 
 def served_run(remote, server, frames: list[np.ndarray], cls: str, clients: int, requests: int, bar) -> dict:
-    from anoclip.serving import FRAME_MODEL
+    from anoclip.runtime.serving import FRAME_MODEL
 
     for frame in frames[:2]:
         remote.predict(frame, cls)  # warm-up (and a connection per protocol)
@@ -101,9 +101,9 @@ def run(artifacts: str, cls: str | None, requests: int, size: tuple[int, int], c
         protocol: str, server_python: str | None, serve_options: list[str], threads: int | None, backend: str) -> dict:
     from tqdm import tqdm
 
-    from anoclip.serving.client import RemoteDetector
-    from anoclip.serving.environment import server_python as build_server_python
-    from anoclip.serving.process import ServeProcess
+    from anoclip.runtime.serving.client import RemoteDetector
+    from anoclip.runtime.serving.environment import server_python as build_server_python
+    from anoclip.runtime.serving.process import ServeProcess
 
     detector = Detector.load(artifacts, backend=backend, threads=threads)
     cls = cls or detector.classes[0]
@@ -169,7 +169,7 @@ def report_lines(result: dict) -> list[str]:
 @click.option("--protocol", default="grpc", show_default=True, type=click.Choice(["grpc", "http"]))
 @click.option("--server-python", default=None, type=click.Path(dir_okay=False),
               help="Python of an environment with 'anoclip[serve]' (default: this one if it has PyTriton, "
-                   "else the one `python -m anoclip.serving.environment` builds).")
+                   "else the one `python -m anoclip.runtime.serving.environment` builds).")
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-queue-delay-us", default=2000, show_default=True, type=click.IntRange(min=0))
 @click.option("--instances", default=1, show_default=True, type=click.IntRange(min=1))
@@ -181,7 +181,7 @@ def main(artifacts, cls, requests, client_counts, size, protocol, server_python,
     from anoclip.runtime.plumbing import configure_logging
 
     configure_logging(False)
-    logging.getLogger("anoclip.serving.client").setLevel(logging.ERROR)
+    logging.getLogger("anoclip.runtime.serving.client").setLevel(logging.ERROR)
     width, _, height = size.lower().partition("x")
     if not (width.isdigit() and height.isdigit()):
         raise click.BadParameter("write WIDTHxHEIGHT", param_hint="--size")

@@ -146,7 +146,7 @@ def load_detector(artifacts_dir: str | None, servers: tuple[str, ...], **options
             raise click.UsageError(f"{', '.join(given)} set up a local model; with --server the servers' model and "
                                    "settings apply (give those options to `anoclip serve`)")
         try:
-            from anoclip.serving.client import RemoteDetector
+            from anoclip.runtime.serving.client import RemoteDetector
         except ImportError as exc:
             raise AnoclipError(f"--server needs {exc.name or 'tritonclient'}; install it with "
                                "`pip install 'anoclip[client]'`") from None

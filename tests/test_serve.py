@@ -24,8 +24,8 @@ from services_triton import serve_process, serve_python, start_server  # noqa: F
 pytest.importorskip("tritonclient.http")
 pytest.importorskip("tritonclient.grpc")
 
-from anoclip.serving import FRAME_MODEL, MODEL  # noqa: E402
-from anoclip.serving.client import RemoteDetector  # noqa: E402
+from anoclip.runtime.serving import FRAME_MODEL, MODEL  # noqa: E402
+from anoclip.runtime.serving.client import RemoteDetector  # noqa: E402
 
 TOLERANCE = 1e-6
 
@@ -282,7 +282,7 @@ def test_client_side_imports_neither_torch_nor_pytriton():
     import subprocess
     import sys
 
-    code = ("import sys, anoclip.serving.client, anoclip.serving.process, anoclip.serving.environment, "
+    code = ("import sys, anoclip.runtime.serving.client, anoclip.runtime.serving.process, anoclip.runtime.serving.environment, "
             "tritonclient.http, tritonclient.grpc; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'open_clip', 'onnx', 'pytriton'}))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

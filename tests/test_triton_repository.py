@@ -19,7 +19,7 @@ model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2",
 from google.protobuf import text_format  # noqa: E402
 
 from anoclip.runtime.artifacts import read_manifest  # noqa: E402
-from anoclip.serving.model_repository import export_triton_command  # noqa: E402
+from anoclip.runtime.serving.model_repository import export_triton_command  # noqa: E402
 
 
 

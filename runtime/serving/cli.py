@@ -60,7 +60,7 @@ def serve_command(artifacts_dir, classes, host, http_port, grpc_port, metrics_po
     the decision, or an "error" text for that request alone (unknown class, undecodable bytes).
     `anoclip_info` describes what is served (classes, thresholds, grid, TTA) as JSON.
 
-    Clients: `anoclip.serving.client.RemoteDetector(["http://HOST:8000", "grpc://OTHER:8001"])`, a
+    Clients: `anoclip.runtime.serving.client.RemoteDetector(["http://HOST:8000", "grpc://OTHER:8001"])`, a
     drop-in for Detector.predict that spreads requests over the servers and fails over. The URLs are
     printed once the server answers. Needs `pip install 'anoclip[serve]'`.
     """

@@ -1,7 +1,7 @@
 """Serving the runtime through Triton Inference Server (PyTriton) and a client for it.
 
 ``anoclip serve`` (``server.py``, ``cli.py``) binds a :class:`~anoclip.runtime.detector.Detector` to
-a Triton server; :class:`~anoclip.serving.client.RemoteDetector` (``client.py``) sends images to one
+a Triton server; :class:`~anoclip.runtime.serving.client.RemoteDetector` (``client.py``) sends images to one
 or more such servers and returns the same ``Result`` objects a local Detector does. The client
 needs only ``tritonclient``; the server needs ``nvidia-pytriton`` (``pip install 'anoclip[serve]'``).
 """

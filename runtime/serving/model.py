@@ -2,7 +2,7 @@
 
 One :class:`AnoclipModel` per model instance, over one Detector. Requests of a batch are decoded one
 by one, grouped by class, and each group goes through ``Detector.predict_batch`` at once; a request
-that cannot be scored gets its own error text (see ``anoclip.serving.server`` for the protocol).
+that cannot be scored gets its own error text (see ``anoclip.runtime.serving.server`` for the protocol).
 """
 
 from __future__ import annotations

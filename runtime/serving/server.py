@@ -1,6 +1,6 @@
 """A Triton Inference Server in front of a Detector, through PyTriton.
 
-Three models are bound (names in ``anoclip.serving``), each with Triton's dynamic batcher:
+Three models are bound (names in ``anoclip.runtime.serving``), each with Triton's dynamic batcher:
 
 * ``anoclip``: input ``image`` BYTES [1], the encoded file (PNG, JPEG, BMP, TIFF, WebP), decoded on
   the server with the same size guard as ``anoclip predict`` (``--max-pixels``);
@@ -18,7 +18,7 @@ INT8 [1] (1, 0, or -1 without an image threshold) and ``error`` BYTES [1]. A req
 cannot score (unknown class, bytes that are no image) is answered with ``error`` set to
 ``"<ErrorClass>: <message>"`` and NaN in place of numbers, so that the other requests of its batch
 are scored as usual (PyTriton fails a whole batch on an exception); ``error`` is empty otherwise.
-The request handling itself is ``anoclip.serving.model``.
+The request handling itself is ``anoclip.runtime.serving.model``.
 
 SIGINT or SIGTERM stops gracefully: new batches are refused with a server error (a client with
 several servers sends them to another one), the batches running are answered, the models are
