@@ -101,9 +101,9 @@ def run(artifacts: str, cls: str | None, requests: int, size: tuple[int, int], c
         protocol: str, server_python: str | None, serve_options: list[str], threads: int | None, backend: str) -> dict:
     from tqdm import tqdm
 
+    from anoclip.benchmarks.serve_environment import server_python as build_server_python
+    from anoclip.benchmarks.serve_process import ServeProcess
     from anoclip.runtime.serving.client import RemoteDetector
-    from anoclip.runtime.serving.environment import server_python as build_server_python
-    from anoclip.runtime.serving.process import ServeProcess
 
     detector = Detector.load(artifacts, backend=backend, threads=threads)
     cls = cls or detector.classes[0]
@@ -169,7 +169,7 @@ def report_lines(result: dict) -> list[str]:
 @click.option("--protocol", default="grpc", show_default=True, type=click.Choice(["grpc", "http"]))
 @click.option("--server-python", default=None, type=click.Path(dir_okay=False),
               help="Python of an environment with 'anoclip[serve]' (default: this one if it has PyTriton, "
-                   "else the one `python -m anoclip.runtime.serving.environment` builds).")
+                   "else the one `python -m anoclip.benchmarks.serve_environment` builds).")
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-queue-delay-us", default=2000, show_default=True, type=click.IntRange(min=0))
 @click.option("--instances", default=1, show_default=True, type=click.IntRange(min=1))

@@ -1,6 +1,6 @@
 """A real Triton Inference Server for tests: ``anoclip serve`` on free loopback ports.
 
-The server runs in the environment of ``anoclip.runtime.serving.environment`` (this checkout with the
+The server runs in the environment of ``anoclip.benchmarks.serve_environment`` (this checkout with the
 ``serve`` extra; PyTriton needs numpy < 2 while the tests run with numpy 2), built on first use and
 reused. Use the fixtures by importing them into a test module::
 
@@ -8,7 +8,7 @@ reused. Use the fixtures by importing them into a test module::
 
 - ``serve_python``: the server environment's python (the tests skip, saying why, where it cannot
   be built);
-- ``start_server(artifacts, *options)``: starts a :class:`ServeProcess` (``anoclip.runtime.serving.process``)
+- ``start_server(artifacts, *options)``: starts a :class:`ServeProcess` (``anoclip.benchmarks.serve_process``)
   on the CPU backend with one onnxruntime thread, waits until its models answer, and stops whatever
   is still running at the end of the test.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from anoclip.runtime.serving.process import ServeProcess
+from anoclip.benchmarks.serve_process import ServeProcess
 from services import free_port
 
 TEST_OPTIONS = ("--backend", "cpu", "--threads", "1")
@@ -36,7 +36,7 @@ def serve_process(python: Path, artifacts: Path, folder: Path, *options: str) ->
 @pytest.fixture(scope="session")
 def serve_python() -> Path:
     from anoclip.runtime.errors import AnoclipError
-    from anoclip.runtime.serving.environment import server_python
+    from anoclip.benchmarks.serve_environment import server_python
 
     try:
         return server_python()

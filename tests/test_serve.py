@@ -282,7 +282,7 @@ def test_client_side_imports_neither_torch_nor_pytriton():
     import subprocess
     import sys
 
-    code = ("import sys, anoclip.runtime.serving.client, anoclip.runtime.serving.process, anoclip.runtime.serving.environment, "
+    code = ("import sys, anoclip.runtime.serving.client, anoclip.benchmarks.serve_process, anoclip.benchmarks.serve_environment, "
             "tritonclient.http, tritonclient.grpc; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'open_clip', 'onnx', 'pytriton'}))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -41,7 +41,7 @@ def check_numpy() -> None:
     if int(np.__version__.split(".")[0]) >= 2 and pytriton <= (0, 7, 0):
         raise AnoclipError(f"nvidia-pytriton {version('nvidia-pytriton')} needs numpy < 2 (it answers empty outputs "
                            f"with numpy {np.__version__}); install 'anoclip[serve]' into an environment of its own, "
-                           "e.g. `python -m anoclip.runtime.serving.environment`")
+                           "e.g. `python -m venv ~/anoclip-serve && ~/anoclip-serve/bin/pip install -e '.[serve]'`")
 
 
 def check_ports_free(host: str, ports: list[int]) -> None:

@@ -1,11 +1,12 @@
-"""A Python environment that can run ``anoclip serve``, built from this source checkout.
+"""A Python environment that can run ``anoclip serve``, built from this source checkout, for the
+serving tests and the serve benchmark.
 
 PyTriton 0.7.0 requires numpy < 2 (and its Python stub returned empty outputs under numpy 2.4), while
 the rest of the project is developed and tested with numpy 2 and OpenCV 5. So the server side gets a
 virtual environment of its own: the same interpreter, this checkout installed editable with the
 ``serve`` extra (pip resolves numpy 1.x and OpenCV 4.x there). Clients stay in the main environment.
 
-    python -m anoclip.runtime.serving.environment     # builds it once, prints its python
+    python -m anoclip.benchmarks.serve_environment     # builds it once, prints its python
 
 The environment lives under ``$ANOCLIP_SERVE_ENV`` (default ``~/.cache/anoclip/serve-env``), one per
 interpreter and install settings of setup.cfg, and is reused until either changes (environments
@@ -30,7 +31,7 @@ READY = "anoclip-serve-env-ready"
 
 def checkout_root() -> Path:
     """The source checkout this package runs from (an editable install)."""
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[1]
     if not (root / "setup.cfg").is_file() or not (root / "runtime" / "serving").is_dir():
         raise AnoclipError("anoclip is not running from a source checkout; install 'anoclip[serve]' into an "
                            "environment of its own and run `anoclip serve` from there")

@@ -1,6 +1,6 @@
-"""``anoclip serve`` as a child process, for benchmarks, tests and supervisors: started on given (or
-free) loopback ports in a process group of its own, ready once it prints its URLs, stopped with
-SIGTERM, or killed whole (Triton and its model stubs included) with SIGKILL."""
+"""``anoclip serve`` as a child process, for the serve benchmark and the serving tests: started on
+given (or free) loopback ports in a process group of its own, ready once it prints its URLs, stopped
+with SIGTERM, or killed whole (Triton and its model stubs included) with SIGKILL."""
 
 from __future__ import annotations
 
