@@ -11,7 +11,7 @@ their abnormal probabilities. Inputs and outputs are named in
 
 Only operators that TensorRT's ONNX parser takes are used (Gemm, MatMul, elementwise arithmetic,
 Tanh, Sigmoid, Exp, Log, Sqrt, Abs, Neg, Max, Relu, ReduceSum, ReduceMean, Concat, Split, Gather,
-Transpose, Reshape, Greater, Cast, Pow, Shape); no loops, conditionals or sequences. Opset 17.
+Transpose, Reshape, Greater, Cast, Pow, Shape, Identity); no loops, conditionals or sequences. Opset 17.
 All inputs and outputs are float32 (the step count too), so no INT64 tensor crosses the graph's
 boundary.
 

@@ -1,10 +1,11 @@
 """The V-V (value-value) visual tower: the PyTorch reference every other backend is checked against.
 
-The module is built from the weights of an open_clip ``VisionTransformer``. It reads only plain
-module parameters (``conv1``, ``class_embedding``, ``positional_embedding``, the layer norms, each
-block's ``attn.in_proj_weight`` / ``attn.in_proj_bias`` / ``attn.out_proj``, ``mlp``, ``ls_1`` /
-``ls_2``, ``proj``) and writes the attention itself, so it does not depend on how a given open_clip
-release implements its attention class.
+The module is built from the weights of an open_clip ``VisionTransformer``. It reads module
+parameters (``conv1``, ``class_embedding``, ``positional_embedding``, the layer norms, each block's
+``attn.in_proj_weight`` / ``attn.in_proj_bias`` / ``attn.out_proj``, ``mlp``, ``ls_1`` / ``ls_2``,
+``proj``) and writes the attention itself; the fused input projection it reads is that of
+``nn.MultiheadAttention``, so every block's attention must be one (:func:`tower_geometry` refuses
+other attention classes; open_clip releases after 3.3.0 replace it, hence ``open_clip_torch<3.4``).
 
 Forward (SPEC section 2): the standard CLIP stream ``Z`` runs unchanged and gives the global image
 token; beside it the stream ``Vt`` accumulates, per rewritten block, the output projection of

@@ -1,1 +1,2 @@
-"""Latency: ``anoclip bench``, the visual-tower and TTA latency scripts, metric timing."""
+"""Latency: ``anoclip bench``, the visual-tower, TTA, class-count and CPU-runtime latency scripts,
+metric timing."""
