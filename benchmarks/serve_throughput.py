@@ -28,6 +28,7 @@ import click
 import numpy as np
 
 from anoclip.benchmarks.latency.timing import Timing, machine_info
+from anoclip.benchmarks.options import Counts, FrameSize
 from anoclip.runtime.backends import BACKEND_CHOICES
 from anoclip.runtime.detector import Detector
 from anoclip.runtime.errors import AnoclipError
@@ -162,9 +163,9 @@ def report_lines(result: dict) -> list[str]:
 @click.option("--class", "cls", default=None, help="Class to score (default: the first in the prompt weights).")
 @click.option("--requests", default=200, show_default=True, type=click.IntRange(min=8),
               help="Requests per measurement (local, and each client count).")
-@click.option("--clients", "client_counts", default="1,4,8", show_default=True,
+@click.option("--clients", "client_counts", default="1,4,8", show_default=True, type=Counts(),
               help="Comma-separated numbers of concurrent clients.")
-@click.option("--size", default="640x640", show_default=True,
+@click.option("--size", default="640x640", show_default=True, type=FrameSize(),
               help="WIDTHxHEIGHT of the frames, sent raw (anoclip_frame).")
 @click.option("--protocol", default="grpc", show_default=True, type=click.Choice(["grpc", "http"]))
 @click.option("--server-python", default=None, type=click.Path(dir_okay=False),
@@ -182,18 +183,8 @@ def main(artifacts, cls, requests, client_counts, size, protocol, server_python,
 
     configure_logging(False)
     logging.getLogger("anoclip.runtime.serving.client").setLevel(logging.ERROR)
-    width, _, height = size.lower().partition("x")
-    if not (width.isdigit() and height.isdigit()):
-        raise click.BadParameter("write WIDTHxHEIGHT", param_hint="--size")
-    try:
-        counts = tuple(int(n) for n in client_counts.split(","))
-    except ValueError:
-        counts = ()
-    if not counts or min(counts) < 1:
-        raise click.BadParameter("write positive whole numbers, e.g. 1,4,8", param_hint="--clients")
     options = ["--max-batch", str(max_batch), "--max-queue-delay-us", str(max_queue_delay_us), "--instances", str(instances)]
-    result = run(artifacts, cls, requests, (int(width), int(height)), counts, protocol, server_python, options, threads,
-                 backend)
+    result = run(artifacts, cls, requests, size, client_counts, protocol, server_python, options, threads, backend)
     click.echo(json.dumps(result, indent=2) if as_json else "\n".join(report_lines(result)))
 
 

@@ -29,6 +29,7 @@ import numpy as np
 
 from anoclip.benchmarks.accuracy.synthetic import make_clip
 from anoclip.benchmarks.latency.timing import machine_info
+from anoclip.benchmarks.options import Counts, FrameSize
 from anoclip.runtime.backends import BACKEND_CHOICES
 from anoclip.runtime.detector import Detector
 from anoclip.runtime.stream import StreamOptions, StreamPipeline, parse_source
@@ -169,9 +170,9 @@ def report_lines(result: dict) -> list[str]:
               help="Frames of the clip timed for throughput.")
 @click.option("--rss-frames", default=2000, show_default=True, type=click.IntRange(min=0),
               help="Frames of the memory run (0: skip it; the RSS is sampled at frame 200 and at the end).")
-@click.option("--sources", "source_counts", default="1,4", show_default=True,
+@click.option("--sources", "source_counts", default="1,4", show_default=True, type=Counts(),
               help="Numbers of sources to time (comma-separated); each reads the same clip.")
-@click.option("--size", default="640x480", show_default=True, help="WIDTHxHEIGHT of the clip's frames.")
+@click.option("--size", default="640x480", show_default=True, type=FrameSize(), help="WIDTHxHEIGHT of the clip's frames.")
 @click.option("--backend", default="auto", show_default=True, type=click.Choice(BACKEND_CHOICES))
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads for onnxruntime.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of the table.")
@@ -181,16 +182,7 @@ def main(artifacts, cls, frames, rss_frames, source_counts, size, backend, threa
 
     configure_logging(False)
     logging.getLogger("anoclip.runtime.stream").setLevel(logging.WARNING)
-    width, _, height = size.lower().partition("x")
-    if not (width.isdigit() and height.isdigit()):
-        raise click.BadParameter("write WIDTHxHEIGHT", param_hint="--size")
-    try:
-        counts = tuple(int(n) for n in source_counts.split(","))
-    except ValueError:
-        counts = ()
-    if not counts or min(counts) < 1:
-        raise click.BadParameter("write positive whole numbers, e.g. 1,4", param_hint="--sources")
-    result = run(artifacts, cls, frames, rss_frames, (int(width), int(height)), threads, backend, counts)
+    result = run(artifacts, cls, frames, rss_frames, size, threads, backend, source_counts)
     click.echo(json.dumps(result, indent=2) if as_json else "\n".join(report_lines(result)))
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from ..options import FrameSize
 from .layouts import (DATASET_TITLES, DATASETS, MVTEC_CLASSES, MVTEC_TEXTURES, VISA_CLASSES, VISA_COLUMNS, VISA_CSV,
                       Sample, list_classes, load_mvtec, load_visa, read_mask)
 from .synthetic import DEFECT_KINDS, make_clip, make_mvtec_like, make_visa_like
@@ -27,21 +28,6 @@ __all__ = ["DATASETS", "DATASET_TITLES", "DEFECT_KINDS", "MVTEC_CLASSES", "MVTEC
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
-
-
-def _parse_size(text: str | None) -> tuple[int, int] | None:
-    """'N' -> (N, N); 'WxH' -> (W, H); None stays None (the layout's default)."""
-    if text is None:
-        return None
-    try:
-        parts = [int(v) for v in text.lower().split("x")]
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not N or WxH", param_hint="--size") from None
-    if len(parts) == 1:
-        return parts[0], parts[0]
-    if len(parts) == 2:
-        return parts[0], parts[1]
-    raise click.BadParameter(f"{text!r} is not N or WxH", param_hint="--size")
 
 
 @click.group()
@@ -61,26 +47,25 @@ def main() -> None:
               help="Normal images per class and split (train and test each).")
 @click.option("--n-anomalous", type=click.IntRange(min=0), default=3, show_default=True,
               help="Anomalous test images per class (scratch, spot, hole in turn).")
-@click.option("--size", default=None,
+@click.option("--size", default=None, type=FrameSize(square=True),
               help="Image size: N (square) or WxH. Default: 256 (mvtec), 320x240 (visa).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed; the same seed always writes the same images.")
 def make_command(layout: str, out: Path, classes: str | None, n_normal: int, n_anomalous: int,
-                 size: str | None, seed: int) -> None:
+                 size: tuple[int, int] | None, seed: int) -> None:
     """Write a small license-clean synthetic set (procedural images with exact masks)."""
     names = tuple(c.strip() for c in classes.split(",") if c.strip()) if classes else None
-    parsed = _parse_size(size)
     try:
         if layout == "mvtec":
-            if parsed is not None and parsed[0] != parsed[1]:
+            if size is not None and size[0] != size[1]:
                 raise click.BadParameter("MVTec-like images are square: give one number",
                                          param_hint="--size")
             root = make_mvtec_like(out, names or ("carpet", "bottle"), n_good=n_normal,
-                                   n_defect=n_anomalous, size=parsed[0] if parsed else 256,
+                                   n_defect=n_anomalous, size=size[0] if size else 256,
                                    seed=seed)
         else:
             root = make_visa_like(out, names or ("candle", "pcb1"), n_normal=n_normal,
-                                  n_anomaly=n_anomalous, size=parsed or (320, 240), seed=seed)
+                                  n_anomaly=n_anomalous, size=size or (320, 240), seed=seed)
     except (OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     found = list_classes(root, layout)
@@ -95,14 +80,14 @@ def make_command(layout: str, out: Path, classes: str | None, n_normal: int, n_a
 @click.option("--defect-from", type=click.IntRange(min=0), default=100, show_default=True,
               help="First frame showing the defect (>= --frames: none does).")
 @click.option("--defect", type=click.Choice(DEFECT_KINDS), default="scratch", show_default=True, help="Kind of defect.")
-@click.option("--size", default="320x240", show_default=True, help="WIDTHxHEIGHT of the frames.")
+@click.option("--size", default="320x240", show_default=True, type=FrameSize(), help="WIDTHxHEIGHT of the frames.")
 @click.option("--fps", type=click.FloatRange(min=1), default=25.0, show_default=True, help="Frame rate stored in the file.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed; the same seed writes the same clip.")
-def clip_command(out: Path, cls: str, frames: int, defect_from: int, defect: str, size: str, fps: float,
+def clip_command(out: Path, cls: str, frames: int, defect_from: int, defect: str, size: tuple[int, int], fps: float,
                  seed: int) -> None:
     """Write a synthetic inspection clip: a part jittering under the camera, defective from a known frame."""
     try:
-        make_clip(out, cls, frames, defect_from, _parse_size(size) or (320, 240), fps, seed, defect)
+        make_clip(out, cls, frames, defect_from, size, fps, seed, defect)
     except (OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     shown = f"from frame {defect_from}" if defect_from < frames else "in no frame"
