@@ -11,8 +11,9 @@ reuses or keeps that export), then times, on batch 1, whatever is installed:
 * the TTA adapter loop on cupy arrays (GPU) and on numpy (CPU, the baseline).
 
 Every row says ok (mean and median ms) or why it was skipped; a row that fails says so and the
-others still run. Rows that would start after ``--budget`` seconds are skipped. Without a CUDA GPU
-every row is skipped and the exit code is still 0: this is a report, not a test.
+others still run. Rows that would start after ``--budget`` seconds are skipped. The exit code is 1
+when a row that could run failed, else 0: a row skipped for a missing library, a missing GPU or the
+time budget is not a failure (without a CUDA GPU every GPU row is skipped and the exit code is 0).
 """
 
 from __future__ import annotations
@@ -140,6 +141,7 @@ def check_torch(check: Check, torch) -> None:
 def check_backends(check: Check, folder: Path | None, why: str) -> None:
     from anoclip.runtime.artifacts import load_artifacts
     from anoclip.runtime.backends import create_backend
+    from anoclip.runtime.vocabulary import VISUAL
 
     names = [("onnxruntime CUDA EP", "cuda"), ("onnxruntime TensorRT EP", "tensorrt"),
              ("TensorRT native", "tensorrt-native")]
@@ -154,6 +156,7 @@ def check_backends(check: Check, folder: Path | None, why: str) -> None:
         def build():
             import onnxruntime as ort
 
+            loaded, precision = artifacts, "fp32"
             if backend == "tensorrt-native":
                 trt = _import("tensorrt", "pip install tensorrt")
                 try:
@@ -161,7 +164,8 @@ def check_backends(check: Check, folder: Path | None, why: str) -> None:
                 except ImportError:
                     _import("cuda.cudart", "pip install cuda-python")
                 from anoclip.calibration.engine import build_engine
-                from anoclip.runtime.engine import BatchProfile, release
+                from anoclip.runtime.engine import BatchProfile
+                from anoclip.runtime.gpu import release
 
                 # fp16 needs the fp16 model on TensorRT 11 (no weakly typed fallback there)
                 fp16 = "visual_fp16" in artifacts.manifest.models or release(trt.__version__)[0] == 10
@@ -170,13 +174,15 @@ def check_backends(check: Check, folder: Path | None, why: str) -> None:
                 cosine = result.sidecar.parity.get("patch_embeds_min_cosine", "n/a")
                 note = (f"{result.sidecar.precision} engine built in {time.monotonic() - start:.0f} s, parity min "
                         f"cosine {cosine}")
+                precision = result.sidecar.precision
+                loaded = load_artifacts(folder, load_thresholds=False)  # its manifest names the new engine
             else:
                 provider = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}[backend]
                 if provider not in ort.get_available_providers():
                     raise SkipRow(f"onnxruntime {ort.__version__} has no {provider} (install onnxruntime-gpu)")
                 note = ""
             start = time.monotonic()
-            runner = create_backend(artifacts.model_path(), backend)
+            runner = create_backend(loaded, VISUAL, backend, precision=precision)
             runner.run(image)
             note = note or f"first run {time.monotonic() - start:.1f} s (TensorRT EP: engine build)"
             return (lambda: runner.run(image)), (lambda: None), f"{runner.describe()}; {note}"
@@ -219,7 +225,7 @@ def check_tta(check: Check, folder: Path | None) -> None:
 
 
 def _probe():
-    from anoclip.runtime.engine import probe_gpu
+    from anoclip.runtime.gpu import probe_gpu
 
     return probe_gpu(0)
 
@@ -253,10 +259,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         try:
             folder, note = export_model(args.keep)
+            status = "ok" if folder else f"skipped: {note}"
         except Exception as exc:  # noqa: BLE001
             folder, note = None, f"export failed: {str(exc).splitlines()[0][:120]}"
+            status = f"failed: {note}"
             traceback.print_exc(file=sys.stderr)
-        check.rows.append(Row(gpu_rows[0], "ok" if folder else f"skipped: {note}", note=note if folder else ""))
+        check.rows.append(Row(gpu_rows[0], status, note=note if folder else ""))
         if torch is None:
             check.skip(gpu_rows[1], "torch without CUDA")
             check.skip(gpu_rows[2], "torch without CUDA")
@@ -272,7 +280,15 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(check.rows))
     if args.json:
         print(json.dumps([asdict(r) for r in check.rows], indent=2))
-    return 0
+    return exit_status(check.rows)
+
+
+def exit_status(rows: list[Row]) -> int:
+    """1 when a row that could run failed (skips are not failures), else 0; the failures named on stderr."""
+    failed = [r.name for r in rows if r.status.startswith("failed")]
+    if failed:
+        print(f"device check: {len(failed)} row(s) failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

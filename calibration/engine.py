@@ -35,12 +35,13 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from anoclip.runtime.artifacts import content_addressed, load_artifacts, read_manifest, write_manifest
-from anoclip.runtime.engine import (ENGINE_NAME, GPU, PRECISION_MODELS, PRECISIONS, BatchProfile, EngineSidecar,
-                                    engine_base_name, engine_candidates, load_engine_sidecars, probe_gpu, release,
-                                    sidecar_name)
+from anoclip.runtime.artifacts import MAKE_MODEL, content_addressed, load_artifacts, read_manifest, write_manifest
+from anoclip.runtime.engine import (ENGINE_NAME, GPU, BatchProfile, EngineSidecar, engine_base_name, engine_candidates,
+                                    load_engine_sidecars, sidecar_name)
 from anoclip.runtime.errors import AnoclipError, BackendError
+from anoclip.runtime.gpu import probe_gpu, release
 from anoclip.runtime.plumbing import atomic_write_bytes, folder_lock, remove_unnamed, sync_folder
+from anoclip.runtime.vocabulary import PRECISION_MODELS, PRECISIONS, VISUAL, VISUAL_FP16
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +51,6 @@ DEFAULT_DYNAMIC_PROFILE = BatchProfile(1, 1, 8)
 LOCK_WAIT_S = 5.0
 INSTALL_TENSORRT = ("`anoclip build-engine` needs TensorRT's Python package: `pip install tensorrt` on a desktop GPU "
                     "(TensorRT 10.x or 11.x), or JetPack's `sudo apt install python3-libnvinfer` on a Jetson")
-# The commands that make the reduced-precision model files (calibration stage).
-MAKE_MODEL = {"visual_fp16": "anoclip calibrate fp16 --artifacts {folder}",
-              "visual_int8": "anoclip calibrate int8 --artifacts {folder} --images <folder of normal images>"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,12 +117,12 @@ def network_plan(tensorrt_version: str, precision: str, models: Iterable[str], f
     models = set(models)
     wanted = PRECISION_MODELS[precision]
     if precision == "fp32":
-        return NetworkPlan("visual", strongly_typed=True, clear_tf32=True)
+        return NetworkPlan(VISUAL, strongly_typed=True, clear_tf32=True)
     if wanted in models:
         return NetworkPlan(wanted, strongly_typed=True)
     make = MAKE_MODEL[wanted].format(folder=folder)
     if precision == "fp16" and major == 10:
-        return NetworkPlan("visual", strongly_typed=False, fp16_flag=True, pin_fp32=True)
+        return NetworkPlan(VISUAL, strongly_typed=False, fp16_flag=True, pin_fp32=True)
     if precision == "fp16":
         raise AnoclipError(f"{folder} has no fp16 model and TensorRT {tensorrt_version} builds only strongly typed "
                            f"networks (no fp16 builder flag since 11.0); make the fp16 model with `{make}`")
@@ -304,8 +302,8 @@ def build_engine(folder: str | os.PathLike, precision: str, batch: BatchProfile 
     if plan.fp16_flag:
         log.warning("%s has no fp16 model: building a weakly typed fp16 network from the fp32 one (TensorRT %s), "
                     "LayerNormalization and Softmax kept in fp32; `%s` makes the fp16 model", folder, trt.__version__,
-                    MAKE_MODEL["visual_fp16"].format(folder=folder))
-    artifacts = load_artifacts(folder, models=list(dict.fromkeys([plan.source_model, "visual"])), load_thresholds=False)
+                    MAKE_MODEL[VISUAL_FP16].format(folder=folder))
+    artifacts = load_artifacts(folder, models=list(dict.fromkeys([plan.source_model, VISUAL])), load_thresholds=False)
     manifest = artifacts.manifest
     entry = manifest.models[plan.source_model]
     if len(entry.inputs) != 1:
@@ -323,7 +321,7 @@ def build_engine(folder: str | os.PathLike, precision: str, batch: BatchProfile 
     if parity > 0:
         images = parity_images(parity, manifest.image_size, manifest.mean, manifest.std)
         try:
-            figures = measure_parity(trt, plan_bytes, artifacts.model_path("visual"), images, device)
+            figures = measure_parity(trt, plan_bytes, artifacts.model_path(VISUAL), images, device)
         except (BackendError, AnoclipError) as exc:
             log.warning("parity run skipped: %s", exc)
             figures = {"not_measured": str(exc)}

@@ -7,7 +7,7 @@ from dataclasses import asdict
 
 import click
 
-from anoclip.runtime.engine import PRECISIONS
+from anoclip.runtime.vocabulary import PRECISIONS
 from anoclip.runtime.plumbing import configure_logging, given_command, run_guarded
 
 

@@ -25,7 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
-from anoclip.runtime.backends import create_backend
+from anoclip.runtime.backends import OnnxRuntimeBackend
 from anoclip.runtime.errors import AnoclipError
 from anoclip.runtime.plumbing import quiet_loggers
 from anoclip.runtime.prompt_weights import PromptBank
@@ -128,7 +128,7 @@ def run_model(path: str | Path, inputs: Sequence[np.ndarray], desc: str, threads
     from tqdm import tqdm
 
     with quiet_loggers("anoclip.runtime.backends", level=logging.WARNING):  # "runs X on CPU": we know
-        backend = create_backend(path, "cpu", threads=threads)
+        backend = OnnxRuntimeBackend(path, providers="cpu", threads=threads)  # a candidate file, not yet a folder's
     images, patches = [], []
     for batch in tqdm(inputs, desc=desc, unit="img", file=sys.stderr, disable=None, leave=False):
         image, patch = backend.run(batch)

@@ -42,6 +42,8 @@ from .integrity import VerificationRecord, onnx_external_files, resolve_inside, 
 from .plumbing import atomic_write_bytes
 from .prompt_weights import PromptBank, read_prompts
 from .thresholds import ThresholdTable, read_thresholds
+from .vocabulary import (FUSED, PRECISION_MODELS, PRECISIONS, TTA_GRAPH, VISUAL, VISUAL_FP16, VISUAL_INT8,  # noqa: F401
+                         VISUAL_QKV, precision_model)
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +51,7 @@ FORMAT_VERSION = 2  # 2: the manifest names the prompt weights file; content-add
 READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 PROMPTS = "prompts.safetensors"
-VISUAL = "visual"
-VISUAL_QKV = "visual_qkv"
-TTA_GRAPH = "tta"
-VISUAL_FP16 = "visual_fp16"
-VISUAL_INT8 = "visual_int8"
-FUSED = "fused"  # image -> scores and maps of K classes in one graph; its file is anoclip.<sha>.onnx
-FUSED_FILE = "anoclip.onnx"
-PRECISIONS = ("fp32", "fp16", "int8")
-PRECISION_MODELS = {"fp32": VISUAL, "fp16": VISUAL_FP16, "int8": VISUAL_INT8}  # the model each precision runs
+FUSED_FILE = "anoclip.onnx"  # the fused model's file: anoclip.<sha>.onnx
 MAKE_MODEL = {VISUAL_INT8: "anoclip calibrate int8 --artifacts {folder} --images <frames of the scene>",
               VISUAL_FP16: "anoclip calibrate fp16 --artifacts {folder}",
               FUSED: "anoclip fuse --artifacts {folder}"}
@@ -91,18 +85,6 @@ class ModelEntry:
 
 
 DERIVED_FIELDS = {"precision": "fp32", "source_sha256": "", "provenance": {}}  # left out of the JSON at these values
-
-
-def precision_model(precision: str, model: str = VISUAL) -> str:
-    """The manifest model that runs ``model`` at ``precision`` (fp32: ``model`` itself)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == "fp32":
-        return model
-    if model != VISUAL:
-        raise ArtifactError(f"--precision {precision} exists for the visual model only, not {model}; "
-                            "use --model visual")
-    return PRECISION_MODELS[precision]
 
 
 @dataclass
@@ -308,6 +290,8 @@ class Artifacts:
     manifest: Manifest
     prompts: PromptBank
     thresholds: ThresholdTable | None = None  # None: the folder has no thresholds file (or it was not loaded)
+    verify: bool = True  # files read later (engines) are hashed against the manifest, as load_artifacts' were
+    _engines: list | None = field(default=None, repr=False, compare=False)
 
     def model_sha256(self, model: str = VISUAL) -> str:
         """The sha256 the manifest records for a graph's file ("" when it records none)."""
@@ -359,6 +343,32 @@ class Artifacts:
         return names
 
 
+    # ------------------------------------------------------------------------------------------
+    # TensorRT engines (their sidecar format: ``engine``)
+
+    def engines(self) -> list:
+        """The engines the manifest names, as their sidecars (``engine.EngineSidecar``), read once:
+        each sidecar checked against the manifest (hashed unless ``verify`` is off); one that fails
+        is left out with a warning, so that another device's damaged engine never stops this one."""
+        if self._engines is None:
+            from .engine import load_engine_sidecars
+
+            record = VerificationRecord() if self.verify else None
+            self._engines = load_engine_sidecars(self.folder, self.manifest, record, self.verify, skip_damaged=True)
+            if record is not None:
+                record.save()
+        return self._engines
+
+    def engine_plan(self, sidecar) -> bytes:
+        """The plan bytes of an engine of :meth:`engines`, checked against the manifest (hashed
+        unless ``verify`` is off)."""
+        record = VerificationRecord() if self.verify else None
+        verify_files(self.folder, self.manifest, [sidecar.engine], record, hashes=self.verify)
+        if record is not None:
+            record.save()
+        return resolve_inside(self.folder, sidecar.engine).read_bytes()
+
+
 def check_prompts_belong(manifest: Manifest, bank: PromptBank, where: str) -> None:
     """Raise unless the prompt weights were made with the same backbone, weights and embed dim."""
     mismatch = []
@@ -392,7 +402,7 @@ def load_artifacts(folder: str | os.PathLike, verify: bool = True, models: list[
     """
     folder = Path(folder)
     manifest = read_manifest(folder)
-    artifacts = Artifacts(folder, manifest, PromptBank({}, "", "", 0))
+    artifacts = Artifacts(folder, manifest, PromptBank({}, "", "", 0), verify=verify)
     models = models or [VISUAL]
     for model in models:
         artifacts.check_source(model)

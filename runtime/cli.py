@@ -87,8 +87,9 @@ def detector_options(command):
                           "anoclip.onnx of `anoclip fuse`, scores and maps of its classes from one graph."),
         click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "int8"]),
                      help="Of the visual model: fp32 as exported; int8 the Q/DQ model of `anoclip calibrate int8`; "
-                          "fp16 that of `anoclip calibrate fp16`. Thresholds hold for the precision they were "
-                          "calibrated with."),
+                          "fp16 that of `anoclip calibrate fp16`. With --backend tensorrt-native: the engine of that "
+                          "precision (`anoclip build-engine --precision`), whatever model it was built from. "
+                          "Thresholds hold for the precision they were calibrated with."),
         click.option("--tiling", default="auto", show_default=True, type=click.Choice(["auto", "never", "always"]),
                      help="Cut frames far from square (aspect > 1.2) into overlapping square tiles."),
         click.option("--tta", is_flag=True,

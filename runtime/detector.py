@@ -10,8 +10,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .artifacts import FUSED, PRECISION_MODELS, TTA_GRAPH, VISUAL, Artifacts, load_artifacts, precision_model
-from .backends import Backend, create_backend
+from .artifacts import FUSED, TTA_GRAPH, VISUAL, Artifacts, load_artifacts
+from .backends import Backend, backend_model, create_backend
 from .errors import ArtifactError
 from .fused import OUTPUTS as FUSED_OUTPUTS, fused_classes
 from .preprocess import DEFAULT_MAX_PIXELS, TileLayout, as_rgb_uint8, merge_tiles, preprocess, read_image
@@ -19,6 +19,7 @@ from .prompt_weights import ClassPrompts
 from .scoring import abnormal_probability, gaussian_smooth, patch_grid, upsample_bilinear
 from .thresholds import ClassCalibration, ClassThreshold, ThresholdTable, text_features_sha256, tta_settings
 from .tta import OnnxTTARunner, TTAAdapter, TTAConfig
+from .vocabulary import model_precision
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +98,10 @@ class Detector:
 
     @property
     def precision(self) -> str:
-        """fp32, fp16 or int8: the precision of the model the backend runs."""
-        return next((p for p, name in PRECISION_MODELS.items() if name == self.model), "fp32")
+        """fp32, fp16 or int8: the precision of the model the backend runs (of the engine, natively)."""
+        if getattr(self.backend, "name", "") == "tensorrt-native":
+            return self.backend.precision
+        return model_precision(self.model)
 
     @classmethod
     def load(cls, artifacts_dir: str | os.PathLike, backend: str = "auto", tta=False, *, model: str = VISUAL,
@@ -109,7 +112,8 @@ class Detector:
 
         Args:
             artifacts_dir: folder written by ``anoclip-export``.
-            backend: ``auto`` (TensorRT -> CUDA -> CPU execution providers), ``cpu``, ``cuda``, ``tensorrt``.
+            backend: ``auto`` (TensorRT -> CUDA -> CPU execution providers), ``cpu``, ``cuda``, ``tensorrt``,
+                ``tensorrt-native`` (the folder's engine, `anoclip build-engine`) or ``openvino``.
             tta: False, True (default TTA settings) or a ``TTAConfig``: AnoCLIP+ maps (the image
                 score does not change).
             model: ``visual`` (V-V tokens), ``visual_qkv`` (the plain-CLIP baseline, when exported) or
@@ -117,20 +121,24 @@ class Detector:
                 with ``--patch-embeds``).
             precision: ``fp32`` (the exported model), ``int8`` (the Q/DQ model of `anoclip calibrate
                 int8`) or ``fp16`` (`anoclip calibrate fp16`); reduced precision exists for ``visual``.
+                With ``tensorrt-native`` it picks the engine of that precision (`anoclip build-engine
+                --precision`), whatever model it was built from.
             tiling: ``auto`` (tile frames whose aspect ratio exceeds 1.2), ``never`` or ``always``.
             smoothing_sigma: optional Gaussian smoothing of the map in model pixels (0 = off, as published).
-            verify: check file hashes against the manifest.
+            verify: check file hashes against the manifest (engine files too).
             threads: CPU threads for onnxruntime (default: its own choice).
             tta_backend: ``numpy`` (array code; cupy arrays run it on a GPU) or ``onnx`` (the
                 exported ``tta.onnx`` through onnxruntime with the same providers).
             max_pixels: image files claiming more pixels than this are refused before decoding.
             load_thresholds: read the folder's calibrated thresholds (see :meth:`threshold_for`).
         """
-        model = precision_model(precision, model)
+        model = backend_model(backend, model, precision)
         models = [model] + ([TTA_GRAPH] if tta_backend == "onnx" else [])
         artifacts = load_artifacts(artifacts_dir, verify=verify, models=models, load_thresholds=load_thresholds)
         options = {"outputs": FUSED_OUTPUTS} if model == FUSED else {}
-        engine = create_backend(artifacts.model_path(model), backend, threads=threads, **options)
+        engine = create_backend(artifacts, model, backend, precision=precision, threads=threads, **options)
+        if backend == "tensorrt-native":  # thresholds are checked against the model the engine was built from
+            model = engine.sidecar.source_model
         return cls(artifacts, engine, tiling=tiling, smoothing_sigma=smoothing_sigma, tta=_tta_config(tta),
                    tta_backend=tta_backend, max_pixels=max_pixels, model=model)
 

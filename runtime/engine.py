@@ -1,4 +1,5 @@
-"""TensorRT engines of an artifact folder: the plan file, its sidecar, and whether it runs here.
+"""TensorRT engines of an artifact folder: the plan file and its sidecar (the format; which engine
+runs on this machine is ``gpu``).
 
 An engine is two files, both named and hashed by the manifest like every other file::
 
@@ -9,40 +10,27 @@ An engine is two files, both named and hashed by the manifest like every other f
                                              outputs came to onnxruntime's fp32 ones
 
 ``<sha12>`` is the start of the plan's own sha256. ``anoclip build-engine`` (calibration stage)
-writes both; the ``tensorrt-native`` backend reads them.
-
-Compatibility: a plan built without TensorRT's version-compatible flag deserialises only with the
-TensorRT release that built it, so major.minor.patch must match (the build number may differ); a
-version-compatible plan runs on the same or a later release of the same major version (and a 10.x
-one on 11.x). Without hardware compatibility a plan is tied to the GPU architecture, so the compute
-capability must match; a GPU of another name (even of the same architecture) is refused as well,
-because TensorRT's tactic choices are specific to the device they were timed on. Any mismatch is
-one line naming both sides and the command that rebuilds the engine.
+writes both; the ``tensorrt-native`` backend reads them (``Artifacts.engines``).
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
 import logging
 import math
 import os
 import re
-import sys
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .artifacts import PRECISION_MODELS
 from .errors import ArtifactError
+from .vocabulary import PRECISIONS
 
 log = logging.getLogger(__name__)
 
 SIDECAR_FORMAT = "anoclip-engine"
 SIDECAR_FORMAT_VERSION = 1
-PRECISIONS = ("fp32", "fp16", "int8")
-# Manifest model each precision is built from (fp16 falls back to "visual" on TensorRT 10.x).
 ENGINE_NAME = re.compile(r"^visual_(fp32|fp16|int8)\.[0-9a-f]{12}\.engine$")
 SIDECAR_SUFFIX = ".json"
 
@@ -58,16 +46,19 @@ def sidecar_name(engine_name: str) -> str:
     return engine_name + SIDECAR_SUFFIX
 
 
-def model_precision(model: str) -> str:
-    """The precision of a manifest model by its name: visual_fp16 -> fp16, visual_int8 -> int8, else fp32."""
-    for precision, name in PRECISION_MODELS.items():
-        if model == name:
-            return precision
-    return "fp32"
-
-
 # ----------------------------------------------------------------------------------------------
 # The sidecar
+
+
+@dataclass(frozen=True)
+class GPU:
+    """A CUDA device as a sidecar names it (``gpu.probe_gpu`` finds this machine's)."""
+
+    name: str
+    compute_capability: str  # "8.7"
+
+    def __str__(self) -> str:
+        return f"{self.name} (compute {self.compute_capability})"
 
 
 @dataclass(frozen=True)
@@ -237,136 +228,11 @@ def parse_sidecar(raw: bytes, shown: str, folder: str | os.PathLike) -> EngineSi
                             f"`anoclip build-engine --artifacts {folder} --precision ...`") from None
 
 
-# ----------------------------------------------------------------------------------------------
-# This machine: TensorRT release and GPU
-
-
-@dataclass(frozen=True)
-class GPU:
-    name: str
-    compute_capability: str  # "8.7"
-
-    def __str__(self) -> str:
-        return f"{self.name} (compute {self.compute_capability})"
-
-
-def probe_gpu(device: int = 0) -> GPU | None:
-    """Name and compute capability of CUDA device ``device`` from the driver library (no CUDA
-    toolkit or Python binding needed); None when there is no driver or no such device."""
-    names = ["nvcuda.dll"] if sys.platform == "win32" else ["libcuda.so.1", "libcuda.so"]
-    found = ctypes.util.find_library("cuda")
-    lib = None
-    for name in names + ([found] if found else []):
-        try:
-            lib = ctypes.CDLL(name)
-            break
-        except OSError:
-            continue
-    if lib is None:
-        return None
-    handle, major, minor = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
-    buffer = ctypes.create_string_buffer(256)
-    # cuDeviceGetAttribute: 75 = COMPUTE_CAPABILITY_MAJOR, 76 = COMPUTE_CAPABILITY_MINOR
-    calls = (lambda: lib.cuInit(0), lambda: lib.cuDeviceGet(ctypes.byref(handle), device),
-             lambda: lib.cuDeviceGetName(buffer, 256, handle),
-             lambda: lib.cuDeviceGetAttribute(ctypes.byref(major), 75, handle),
-             lambda: lib.cuDeviceGetAttribute(ctypes.byref(minor), 76, handle))
-    try:
-        if any(call() != 0 for call in calls):
-            return None
-    except (AttributeError, OSError):
-        return None
-    return GPU(buffer.value.decode("utf-8", "replace").strip(), f"{major.value}.{minor.value}")
-
-
-_TENSORRT_DISTRIBUTIONS = ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt-cu11", "tensorrt_cu13_libs",
-                           "tensorrt_cu12_libs", "tensorrt-lean", "tensorrt-dispatch")
-
-
-def installed_tensorrt_version() -> str:
-    """The TensorRT release installed here without importing it ("" when none is found): from the
-    Python package's metadata, else from libnvinfer's getInferLibVersion()."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    module = sys.modules.get("tensorrt")
-    if module is not None and getattr(module, "__version__", ""):
-        return module.__version__
-    for dist in _TENSORRT_DISTRIBUTIONS:
-        try:
-            return version(dist)
-        except PackageNotFoundError:
-            continue
-    libraries = ["nvinfer_11.dll", "nvinfer_10.dll"] if sys.platform == "win32" else ["libnvinfer.so.11",
-                                                                                       "libnvinfer.so.10"]
-    for name in libraries:
-        try:
-            number = int(ctypes.CDLL(name).getInferLibVersion())
-        except (OSError, AttributeError):
-            continue
-        return f"{number // 10000}.{number // 100 % 100}.{number % 100}"  # (MAJOR * 100 + MINOR) * 100 + PATCH
-    return ""
-
-
-def release(version: str) -> tuple[int, ...]:
-    """``10.3.0.30`` -> (10, 3, 0): the part of a TensorRT version that a plan is tied to."""
-    parts = re.findall(r"\d+", version)[:3]
-    return tuple(int(p) for p in parts) + (0,) * (3 - len(parts))
-
-
-def versions_compatible(built: str, running: str, version_compatible: bool = False) -> bool:
-    """Whether a plan built by TensorRT ``built`` deserialises with TensorRT ``running``."""
-    b, r = release(built), release(running)
-    if not version_compatible:
-        return b == r
-    return r >= b and (r[0] == b[0] or (b[0], r[0]) == (10, 11))
-
-
-# ----------------------------------------------------------------------------------------------
-# Finding the engine of a model and checking it belongs here
-
-
-def rebuild_command(folder: str | os.PathLike, sidecar: EngineSidecar) -> str:
-    return (f"anoclip build-engine --artifacts {folder} --precision {sidecar.precision} "
-            f"--batch {sidecar.profile}")
-
-
-def check_compatible(sidecar: EngineSidecar, tensorrt_version: str, gpu: GPU | None, shown: str,
-                     folder: str | os.PathLike) -> None:
-    """Raise one ArtifactError line unless the engine was built for this TensorRT release and GPU."""
-    built_gpu = GPU(sidecar.gpu_name, sidecar.compute_capability)
-    version_ok = versions_compatible(sidecar.tensorrt_version, tensorrt_version, sidecar.version_compatible)
-    gpu_ok = gpu is not None and gpu == built_gpu
-    if version_ok and gpu_ok:
-        return
-    here = f"TensorRT {tensorrt_version or '(none)'} and {gpu if gpu is not None else 'no CUDA GPU'}"
-    raise ArtifactError(
-        f"{shown} was built with TensorRT {sidecar.tensorrt_version} for {built_gpu}, but this machine has {here}; "
-        f"rebuild it here with `{rebuild_command(folder, sidecar)}`")
-
 
 def engine_candidates(manifest_files: dict[str, str]) -> list[str]:
     """Engine files the manifest names together with their sidecar, sorted."""
     return sorted(name for name in manifest_files if ENGINE_NAME.match(name) and sidecar_name(name) in manifest_files)
 
-
-def choose_engine(sidecars: list[EngineSidecar], source_sha256: str, precision: str, tensorrt_version: str,
-                  gpu: GPU | None, folder: str | os.PathLike, model: str) -> EngineSidecar:
-    """The engine among ``sidecars`` built from the model file ``source_sha256`` at ``precision`` for
-    this TensorRT release and GPU; one ArtifactError line saying why there is none."""
-    build = f"anoclip build-engine --artifacts {folder} --precision {precision}"
-    same_precision = [s for s in sidecars if s.precision == precision]
-    if not same_precision:
-        raise ArtifactError(f"{folder} has no {precision} TensorRT engine; build one on this machine with `{build}`")
-    built_from = [s for s in same_precision if s.source_sha256 == source_sha256]
-    if not built_from:
-        raise ArtifactError(f"the {precision} TensorRT engine of {folder} was built from another {model} model than the "
-                            f"one the folder holds now (it was re-exported or re-calibrated); rebuild it with `{build}`")
-    for sidecar in built_from:
-        if versions_compatible(sidecar.tensorrt_version, tensorrt_version, sidecar.version_compatible) and \
-                gpu == GPU(sidecar.gpu_name, sidecar.compute_capability):
-            return sidecar
-    check_compatible(built_from[0], tensorrt_version, gpu, str(Path(folder) / built_from[0].engine), folder)
-    raise AssertionError("unreachable")  # check_compatible raised
 
 
 def load_engine_sidecars(folder: str | os.PathLike, manifest, record=None, verify: bool = True,

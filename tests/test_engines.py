@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anoclip.runtime.engine import (BatchProfile, EngineSidecar, GPU, check_compatible, choose_engine,
-                                    installed_tensorrt_version, load_engine_sidecars, parse_sidecar, probe_gpu,
-                                    versions_compatible)
+from anoclip.runtime.engine import BatchProfile, EngineSidecar, GPU, load_engine_sidecars, parse_sidecar
+from anoclip.runtime.gpu import (check_compatible, choose_engine, installed_tensorrt_version, probe_gpu,
+                                 versions_compatible)
 from anoclip.runtime.errors import AnoclipError, ArtifactError, BackendError
 
 from conftest import DATA, copy_artifacts, one_error_line, run_cli
@@ -132,17 +132,30 @@ def test_choose_engine():
     here = sidecar()
     desktop = sidecar(engine="visual_fp16.ba9876543210.engine", gpu_name=RTX.name, compute_capability="8.9",
                       tensorrt_version="10.7.0")
-    assert choose_engine([desktop, here], SHA, "fp16", "10.3.0", ORIN, "DIR", "visual_fp16") is here
-    assert choose_engine([desktop, here], SHA, "fp16", "10.7.0.1", RTX, "DIR", "visual_fp16") is desktop
+    sources = {"visual_fp16": SHA}
+    assert choose_engine([desktop, here], "fp16", sources, "10.3.0", ORIN, "DIR") is here
+    assert choose_engine([desktop, here], "fp16", sources, "10.7.0.1", RTX, "DIR") is desktop
     with pytest.raises(ArtifactError) as exc:
-        choose_engine([here], SHA, "int8", "10.3.0", ORIN, "DIR", "visual_int8")
-    assert "has no int8 TensorRT engine" in single_line(exc) and "--precision int8" in str(exc.value)
+        choose_engine([here], "int8", sources, "10.3.0", ORIN, "DIR")
+    assert "has no int8 TensorRT engine (it has fp16 ones that run here: pass --precision fp16)" in single_line(exc)
+    assert "`anoclip build-engine --artifacts DIR --precision int8`" in str(exc.value)
     with pytest.raises(ArtifactError) as exc:
-        choose_engine([here], "cd" * 32, "fp16", "10.3.0", ORIN, "DIR", "visual_fp16")
-    assert "built from another visual_fp16 model" in single_line(exc)
+        choose_engine([desktop], "int8", sources, "10.3.0", ORIN, "DIR")
+    assert "has no int8 TensorRT engine; build one" in single_line(exc)  # none runs here: no --precision hint
     with pytest.raises(ArtifactError) as exc:
-        choose_engine([here], SHA, "fp16", "11.1.0", ORIN, "DIR", "visual_fp16")
+        choose_engine([here], "fp16", {"visual_fp16": "cd" * 32}, "10.3.0", ORIN, "DIR")
+    assert "built from a visual_fp16 model file the folder no longer holds" in single_line(exc)
+    with pytest.raises(ArtifactError) as exc:
+        choose_engine([here], "fp16", sources, "11.1.0", ORIN, "DIR")
     assert "TensorRT 10.3.0.30" in single_line(exc) and "TensorRT 11.1.0" in str(exc.value)
+
+
+def test_the_engine_precision_decides_not_the_model_it_was_built_from():
+    weak = sidecar(engine="visual_fp16.0000000000aa.engine", source_model="visual", strongly_typed=False)
+    assert choose_engine([weak], "fp16", {"visual": SHA}, "10.3.0", ORIN, "DIR") is weak
+    with pytest.raises(ArtifactError) as exc:
+        choose_engine([weak], "fp32", {"visual": SHA}, "10.3.0", ORIN, "DIR")
+    assert "pass --precision fp16" in single_line(exc)
 
 
 def test_probe_and_installed_version_answer_without_raising():
@@ -309,7 +322,7 @@ def test_sessions_get_the_shared_options(tiny_artifacts):
     from anoclip.runtime.tta import OnnxTTARunner
 
     artifacts = load_artifacts(tiny_artifacts, models=["visual", "tta"])
-    backend = create_backend(artifacts.model_path(), "cpu")
+    backend = create_backend(artifacts, "visual", "cpu")
     assert backend.provider_chain == [("CPUExecutionProvider", {})] and backend.precision == "fp32"
     prompts = artifacts.prompts.get("bottle")
     runner = OnnxTTARunner(str(artifacts.model_path("tta")), backend.providers, T=prompts.prompt_features,
@@ -340,7 +353,7 @@ def test_native_backend_without_tensorrt_is_one_line(tiny_artifacts, rgb_image, 
 
     assert "tensorrt-native" in BACKEND_CHOICES
     with pytest.raises(BackendError) as exc:
-        create_backend(load_artifacts(tiny_artifacts).model_path(), "tensorrt-native")
+        create_backend(load_artifacts(tiny_artifacts), "visual", "tensorrt-native")
     assert "pip install tensorrt" in single_line(exc)
     image = tmp_path / "a.png"
     import cv2
@@ -369,7 +382,7 @@ def test_bad_batch_is_a_usage_error(tmp_path):
 
 def test_cuda_error_codes_become_one_line():
     cudart = pytest.importorskip("cuda.bindings.runtime", reason="cuda-python is not installed")
-    from anoclip.runtime.backends.tensorrt import Cuda, chunks
+    from anoclip.runtime.backends.tensorrt import Cuda
 
     cuda = Cuda(cudart)
     assert cuda.check("cudaX", (cudart.cudaError_t.cudaSuccess, 42)) == 42
@@ -381,7 +394,6 @@ def test_cuda_error_codes_become_one_line():
         with pytest.raises(BackendError) as exc:
             cuda.device_count()
         assert "CUDA cudaGetDeviceCount failed: cudaError" in single_line(exc)
-    assert chunks(10, 4) == [(0, 4), (4, 8), (8, 10)] and chunks(0, 4) == [] and chunks(3, 8) == [(0, 3)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -611,3 +623,29 @@ def test_device_check_without_a_gpu_skips_every_gpu_row():
     assert len(rows) == 8
     assert all("skipped: no CUDA GPU" in line for line in rows if "numpy" not in line)
     assert any("TTA loop, numpy (CPU)" in line and " ok" in line for line in rows)
+
+
+@pytest.mark.parametrize("raised, code", [(RuntimeError("CUDA out of memory"), 1),
+                                          (None, 0)])
+def test_device_check_exits_nonzero_when_a_row_that_could_run_fails(monkeypatch, capsys, raised, code):
+    from anoclip.benchmarks import device_check
+
+    def rows(check, folder):
+        def failing():
+            raise raised
+
+        def missing():
+            raise device_check.SkipRow("cupy not installed (pip install cupy-cuda12x)")
+
+        check.row("TTA loop, numpy (CPU)", lambda: ((lambda: None), (lambda: None), ""))
+        check.row("TTA loop, cupy (GPU)", missing)  # a missing library is a skip, never a failure
+        if raised is not None:
+            check.row("TensorRT native", failing)
+
+    monkeypatch.setattr(device_check, "_probe", lambda: None)
+    monkeypatch.setattr(device_check, "_cuda_torch", lambda: None)
+    monkeypatch.setattr(device_check, "check_tta", rows)
+    assert device_check.main(["--runs", "1"]) == code
+    captured = capsys.readouterr()
+    assert "skipped: cupy not installed" in captured.out
+    assert ("1 row(s) failed: TensorRT native" in captured.err) == (code == 1)

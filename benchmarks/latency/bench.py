@@ -30,13 +30,13 @@ from pathlib import Path
 import click
 import numpy as np
 
-from anoclip.runtime.artifacts import (FUSED, MAKE_MODEL, PRECISION_MODELS, PRECISIONS, TTA_GRAPH, VISUAL,
-                                       VISUAL_QKV, load_artifacts)
+from anoclip.runtime.artifacts import MAKE_MODEL, load_artifacts
 from anoclip.runtime.backends import PROVIDER_ALIASES, named_providers
 from anoclip.runtime.detector import Detector
 from anoclip.runtime.errors import AnoclipError
 from anoclip.runtime.overlay import overlay
 from anoclip.runtime.plumbing import atomic_write_bytes, configure_logging, ensure_writable_folder
+from anoclip.runtime.vocabulary import FUSED, PRECISION_MODELS, PRECISIONS, TTA_GRAPH, VISUAL, VISUAL_QKV
 
 from .. import paper
 from .timing import machine_info

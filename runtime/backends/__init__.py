@@ -1,4 +1,6 @@
-"""Inference backends behind one interface: ``run(batch NCHW float32) -> (image_embeds, patch_embeds)``.
+"""Inference backends behind one interface: ``run(batch NCHW float32) -> (image_embeds, patch_embeds)``;
+each is made for a model of a loaded folder (``create_backend(artifacts, model, ...)``), never from a
+bare file path, and batches of any size go through ``batching.run_in_chunks``.
 
 One module per backend: ``onnxruntime`` (execution providers TensorRT -> CUDA -> CPU, picked from
 what the installed onnxruntime offers or named by the caller), ``tensorrt`` (``tensorrt-native``:
@@ -8,20 +10,21 @@ the last two are imported only when used.
 
 from __future__ import annotations
 
-import os
 from typing import Protocol
 
 import numpy as np
 
+from ..artifacts import Artifacts
 from ..errors import BackendError
+from ..vocabulary import PRECISIONS, VISUAL, precision_model
 from .onnxruntime import PROVIDER_ALIASES, PROVIDER_PREFERENCE, OnnxRuntimeBackend, named_providers, resolve_providers
 
 # What --backend accepts: onnxruntime with its best providers (auto) or one named provider chain, or the
 # folder's prebuilt TensorRT engine run natively (tensorrt-native).
 BACKEND_CHOICES = ("auto", "cpu", "cuda", "tensorrt", "tensorrt-native", "openvino")
 
-__all__ = ["BACKEND_CHOICES", "Backend", "OnnxRuntimeBackend", "PROVIDER_ALIASES", "PROVIDER_PREFERENCE", "create_backend",
-           "named_providers", "resolve_providers"]
+__all__ = ["BACKEND_CHOICES", "Backend", "OnnxRuntimeBackend", "PROVIDER_ALIASES", "PROVIDER_PREFERENCE", "backend_model",
+           "create_backend", "named_providers", "resolve_providers"]
 
 
 class Backend(Protocol):
@@ -33,20 +36,35 @@ class Backend(Protocol):
     def describe(self) -> str: ...
 
 
-def create_backend(model_path: str | os.PathLike, backend: str = "auto", **options) -> Backend:
-    """Backend by name: ``auto``/``onnxruntime`` (best provider), ``cpu``, ``cuda``, ``tensorrt``
-    (onnxruntime providers), ``tensorrt-native`` (the folder's engine of ``model_path``, see
-    ``anoclip build-engine``; options ``precision``, ``device``, ``verify``) or ``openvino``
-    (OpenVINO on the CPU: faster than onnxruntime on int8 Q/DQ models where the CPU has VNNI)."""
+def backend_model(backend: str, model: str = VISUAL, precision: str = "fp32") -> str:
+    """The manifest model a backend loads for ``model`` at ``precision``: ``tensorrt-native`` runs the
+    engine of that precision (whatever model it was built from), so the model stays as named; the
+    others run the precision's model file (``visual_fp16`` for fp16...)."""
+    if backend == "tensorrt-native":
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        return model
+    return precision_model(precision, model)
+
+
+def create_backend(artifacts: Artifacts, model: str = VISUAL, backend: str = "auto", *, precision: str | None = None,
+                   **options) -> Backend:
+    """Backend by name for ``model`` of the loaded (and verified) folder ``artifacts``: ``auto``/
+    ``onnxruntime`` (best provider), ``cpu``, ``cuda``, ``tensorrt`` (onnxruntime providers),
+    ``tensorrt-native`` (the folder's engine of ``precision``, see ``anoclip build-engine``; options
+    ``device``, ``outputs``) or ``openvino`` (OpenVINO on the CPU: faster than onnxruntime on int8
+    Q/DQ models where the CPU has VNNI). ``precision`` matters to ``tensorrt-native`` only: the
+    other backends run the model's file as it is (see :func:`backend_model`)."""
     if backend == "tensorrt-native":
         from .tensorrt import TensorRTBackend
 
-        return TensorRTBackend(model_path, **options)
+        return TensorRTBackend(artifacts, model, precision=precision, **options)
+    path = artifacts.model_path(model)
     if backend == "openvino":
         from .openvino import OpenVinoBackend
 
-        return OpenVinoBackend(model_path, **options)
+        return OpenVinoBackend(path, **options)
     known = ("auto", "onnxruntime", "ort", *PROVIDER_ALIASES)
     if backend not in known:
         raise BackendError(f"unknown backend '{backend}'; choose one of {', '.join(BACKEND_CHOICES)}")
-    return OnnxRuntimeBackend(model_path, providers=backend, **options)
+    return OnnxRuntimeBackend(path, providers=backend, **options)

@@ -20,8 +20,11 @@ from typing import Sequence
 
 import numpy as np
 
-from ..engine import GPU, installed_tensorrt_version, model_precision, probe_gpu
+from ..engine import GPU
 from ..errors import BackendError
+from ..gpu import installed_tensorrt_version, probe_gpu
+from ..vocabulary import model_precision
+from .batching import run_in_chunks
 
 log = logging.getLogger(__name__)
 
@@ -210,22 +213,13 @@ class OnnxRuntimeBackend:
         return ort.__version__
 
     def run_all(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        """Run ``batch`` through the graph and return every output by name."""
+        """Run ``batch`` through the graph and return every output by name (a fixed-batch graph runs
+        it in chunks of its batch size)."""
         batch = np.ascontiguousarray(batch, dtype=np.float32)
-        if self.batch_size is None or batch.shape[0] == self.batch_size:
-            outs = self.session.run(None, {self.input_name: batch})
-            return dict(zip(self.output_names, outs))
-        # Fixed-batch graph: run in chunks of its batch size.
-        step = self.batch_size
-        parts = [self.run_all(self._pad(batch[i : i + step], step)) for i in range(0, batch.shape[0], step)]
-        return {k: np.concatenate([p[k] for p in parts])[: batch.shape[0]] for k in self.output_names}
+        return run_in_chunks(self._run, batch, self.batch_size, self.batch_size or 1)
 
-    @staticmethod
-    def _pad(chunk: np.ndarray, size: int) -> np.ndarray:
-        if chunk.shape[0] == size:
-            return chunk
-        pad = np.zeros((size - chunk.shape[0],) + chunk.shape[1:], dtype=chunk.dtype)
-        return np.concatenate([chunk, pad])
+    def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        return dict(zip(self.output_names, self.session.run(None, {self.input_name: batch})))
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         outs = self.run_all(batch)

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BackendError
+from .batching import run_in_chunks
 from .onnxruntime import EMBEDDINGS
 
 log = logging.getLogger(__name__)
@@ -127,18 +128,17 @@ class OpenVinoBackend:
         return f"openvino {self.version} [{self.device}, {self.hint}, {self.precision}, {threads} thread{plural}]"
 
     def run_all(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        """Run ``batch`` through the graph and return every output by name (float32 arrays of their own)."""
+        """Run ``batch`` through the graph and return every output by name (float32 arrays of their own;
+        a fixed-batch graph runs it in chunks of its batch size)."""
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         if batch.ndim != 4:
             raise ValueError(f"expected an NCHW batch, got shape {batch.shape}")
-        if self.batch_size is None or batch.shape[0] == self.batch_size:
-            with self._lock:
-                result = self.request.infer({0: batch}, share_inputs=False, share_outputs=False)
-            return {name: np.asarray(result[port], dtype=np.float32) for name, port in self.outputs.items()}
-        # Fixed-batch graph: run in chunks of its batch size, the last one padded.
-        step = self.batch_size
-        parts = [self.run_all(_pad(batch[i : i + step], step)) for i in range(0, batch.shape[0], step)]
-        return {k: np.concatenate([p[k] for p in parts])[: batch.shape[0]] for k in self.output_names}
+        return run_in_chunks(self._infer, batch, self.batch_size, self.batch_size or 1)
+
+    def _infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        with self._lock:
+            result = self.request.infer({0: batch}, share_inputs=False, share_outputs=False)
+        return {name: np.asarray(result[port], dtype=np.float32) for name, port in self.outputs.items()}
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         outs = self.run_all(batch)
@@ -150,9 +150,3 @@ def _port_name(port, expected: tuple[str, ...]) -> str:
     names = port.get_names()
     return next((n for n in expected if n in names), None) or (sorted(names)[0] if names else "?")
 
-
-def _pad(chunk: np.ndarray, size: int) -> np.ndarray:
-    if chunk.shape[0] == size:
-        return chunk
-    pad = np.zeros((size - chunk.shape[0],) + chunk.shape[1:], dtype=chunk.dtype)
-    return np.concatenate([chunk, pad])

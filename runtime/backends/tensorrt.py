@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
-from pathlib import Path
 
 import numpy as np
 
-from ..engine import EngineSidecar, choose_engine, load_engine_sidecars, probe_gpu
+from ..engine import EngineSidecar
 from ..errors import AnoclipError, BackendError
+from ..gpu import choose_engine, probe_gpu
+from ..vocabulary import PRECISION_MODELS, VISUAL, model_precision
+from .batching import run_in_chunks
 from .onnxruntime import EMBEDDINGS
 
 log = logging.getLogger(__name__)
@@ -75,13 +76,6 @@ class Cuda:
 
     def device_count(self) -> int:
         return int(self.check("cudaGetDeviceCount", self.rt.cudaGetDeviceCount()))
-
-
-def chunks(total: int, step: int) -> list[tuple[int, int]]:
-    """(start, stop) of consecutive chunks of at most ``step`` items covering ``total``."""
-    if step < 1:
-        raise ValueError("step must be >= 1")
-    return [(start, min(start + step, total)) for start in range(0, total, step)]
 
 
 class _Buffer:
@@ -169,28 +163,21 @@ class EngineRunner:
         self.stream = self.cuda.check("cudaStreamCreate", self.cuda.rt.cudaStreamCreate())
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        """Every output (float32) for ``batch`` [N, C, H, W]."""
+        """Every output (float32) for ``batch`` [N, C, H, W], in chunks the profile accepts."""
         if self.stream is None:
             raise BackendError("the TensorRT engine was closed")
         batch = np.asarray(batch)
         if tuple(batch.shape[1:]) != tuple(self.sample_shape):
             raise BackendError(f"the engine takes images of shape {self.sample_shape}, got {tuple(batch.shape[1:])}")
-        parts: dict[str, list[np.ndarray]] = {
-            name: [np.zeros((0, *self.buffers[name].host.shape[1:]), np.float32)] for name in self.outputs}
-        for start, stop in chunks(batch.shape[0], self.max_batch):
-            for name, value in self._run_chunk(batch[start:stop]).items():
-                parts[name].append(value)
-        return {name: np.concatenate(values) for name, values in parts.items()}
+        return run_in_chunks(self._run_chunk, batch, self.max_batch, self.min_batch)
 
     def _run_chunk(self, chunk: np.ndarray) -> dict[str, np.ndarray]:
         rt, check = self.cuda.rt, self.cuda.check
-        count = chunk.shape[0]
-        size = max(count, self.min_batch)  # a fixed-batch engine, or one whose profile starts above count
+        size = chunk.shape[0]  # min_batch <= size <= max_batch
         if not self.context.set_input_shape(self.input, (size, *self.sample_shape)):
             raise BackendError(f"TensorRT refused batch {size}")
         source = self.buffers[self.input]
-        source.host[:count] = chunk
-        source.host[count:size] = 0
+        source.host[:size] = chunk
         to_device, to_host = rt.cudaMemcpyKind.cudaMemcpyHostToDevice, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
         used = source.nbytes // self.max_batch * size
         check("cudaMemcpyAsync", rt.cudaMemcpyAsync(source.device_ptr, source.host_ptr, used, to_device, self.stream))
@@ -206,7 +193,7 @@ class EngineRunner:
         result = {}
         for name in self.outputs:
             flat = self.buffers[name].host.reshape(-1)[: int(np.prod(shapes[name]))]
-            result[name] = flat.reshape(shapes[name])[:count].astype(np.float32, copy=True)
+            result[name] = flat.reshape(shapes[name]).astype(np.float32, copy=True)
         return result
 
     def close(self) -> None:
@@ -236,44 +223,34 @@ class EngineRunner:
 
 
 class TensorRTBackend:
-    """The folder's TensorRT engine for the model file ``model_path``, run natively.
+    """The folder's TensorRT engine of ``precision``, run natively.
 
-    The engine is the one the manifest lists for this model file (by its sha256) and ``precision``
-    (default: the model's own, fp16 for ``visual_fp16``...) that was built with this TensorRT
-    release for this GPU; its sidecar and plan are verified against the manifest's sha256.
+    ``artifacts``: the folder as ``load_artifacts`` opened it (its ``verify`` setting holds for the
+    engine files too); ``model``: the model the detector runs (engines exist for ``visual``: of any
+    precision, built from ``visual``, ``visual_fp16`` or ``visual_int8``). The engine is the one whose
+    sidecar says ``precision`` (default: the model's own), built from a model file the folder still
+    holds, with this TensorRT release for this GPU.
     """
 
     name = "tensorrt-native"
 
-    def __init__(self, model_path: str | os.PathLike, precision: str | None = None, device: int = 0,
-                 verify: bool = True, threads: int | None = None, outputs: tuple[str, ...] = EMBEDDINGS):
-        from ..artifacts import read_manifest, verify_files
-        from ..engine import model_precision
-        from ..integrity import VerificationRecord, resolve_inside
-
+    def __init__(self, artifacts, model: str = VISUAL, precision: str | None = None, device: int = 0,
+                 threads: int | None = None, outputs: tuple[str, ...] = EMBEDDINGS):
         del threads  # the CPU thread count is onnxruntime's option
+        folder = artifacts.folder
+        if model not in PRECISION_MODELS.values():
+            raise BackendError(f"the tensorrt-native backend runs engines of the visual model, not of {model}; use "
+                               "--model visual and choose the engine with --precision")
+        precision = precision or model_precision(model)
         trt = import_tensorrt()
         cuda = Cuda()
-        path = Path(model_path)
-        folder = path.parent
-        manifest = read_manifest(folder)
-        source = path.name
-        model = next((m for m, e in manifest.models.items() if e.file == source), None)
-        if model is None or source not in manifest.files:
-            raise BackendError(f"{path} is not a model that {folder / 'manifest.json'} lists")
-        precision = precision or model_precision(model)
         gpu = probe_gpu(device)
-        record = VerificationRecord() if verify else None
-        sidecars = load_engine_sidecars(folder, manifest, record, verify, skip_damaged=True)
-        self.sidecar: EngineSidecar = choose_engine(sidecars, manifest.files[source], precision, trt.__version__, gpu,
-                                                    folder, model)
-        shown = str(folder / self.sidecar.engine)
-        verify_files(folder, manifest, [self.sidecar.engine], record, hashes=verify)
-        if record is not None:
-            record.save()
-        plan = resolve_inside(folder, self.sidecar.engine).read_bytes()
-        self.runner = EngineRunner(plan, trt, cuda, device, shown, outputs)
+        self.sidecar: EngineSidecar = choose_engine(artifacts.engines(), precision, engine_sources(artifacts),
+                                                    trt.__version__, gpu, folder)
+        plan = artifacts.engine_plan(self.sidecar)
         self.path = folder / self.sidecar.engine
+        self.runner = EngineRunner(plan, trt, cuda, device, str(self.path), outputs)
+        self.precision = self.sidecar.precision
         self.batch_size = None if self.runner.dynamic else self.runner.max_batch
         self.providers = None  # no onnxruntime providers: a TTA graph runs on onnxruntime's CPU provider
         self.tensorrt_version = trt.__version__
@@ -292,3 +269,17 @@ class TensorRTBackend:
 
     def close(self) -> None:
         self.runner.close()
+
+
+def engine_sources(artifacts) -> dict[str, str]:
+    """Model -> sha256 of its file now, for the models an engine may be built from that are the
+    folder's current ones (a reduced-precision model made from an older visual model is not)."""
+    sources = {}
+    for model in PRECISION_MODELS.values():
+        if model in artifacts.manifest.models:
+            try:
+                artifacts.check_source(model)
+            except AnoclipError:
+                continue
+            sources[model] = artifacts.model_sha256(model)
+    return sources

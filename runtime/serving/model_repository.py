@@ -31,7 +31,6 @@ from pathlib import Path
 import click
 
 from anoclip.runtime.artifacts import FUSED, VISUAL, Artifacts, ModelEntry, load_artifacts, read_manifest, verify_files
-from anoclip.runtime.engine import load_engine_sidecars
 from anoclip.runtime.errors import AnoclipError
 from anoclip.runtime.fused import fused_classes
 from anoclip.runtime.integrity import resolve_inside
@@ -124,7 +123,7 @@ def write_repository(artifacts_dir: str | os.PathLike, out: str | os.PathLike, *
         if model == FUSED:
             (staging / name / "classes.txt").write_text("\n".join(json.loads(parameters["anoclip.classes"])) + "\n")
         names.append(name)
-        for sidecar in load_engine_sidecars(folder, manifest, None, verify=True, skip_damaged=True):
+        for sidecar in artifacts.engines():
             source = manifest.models.get(sidecar.source_model)
             if source is None or manifest.files.get(source.file) != sidecar.source_sha256:
                 continue  # built from a model file the folder no longer has
