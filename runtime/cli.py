@@ -8,6 +8,7 @@ import logging
 import math
 import re
 import sys
+import time
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -216,8 +217,8 @@ def predict_command(artifacts_dir, servers, cls, out_dir, backend, model, precis
 
     from .outputs import IMAGE_SUFFIXES, ResultsLog, discover_images, run_id
     from .plumbing import ensure_writable_folder
-    from .preprocess import read_image
-    from .thresholds import decide
+    from .preprocess import decode_image, read_file
+    from .records import make_record
 
     configure_logging(verbose)
     tta_config = tta_config_from(tta, tta_steps, tta_adapter, tta_init, tta_state, seed)
@@ -231,7 +232,9 @@ def predict_command(artifacts_dir, servers, cls, out_dir, backend, model, precis
     classes = detector.resolve_classes([c.strip() for c in cls.split(",") if c.strip()] if "," in cls else cls)
     for name in classes if tta_config is not None else ():
         detector.tta_adapter(name, tta_config)  # a TTA graph that does not fit: fail before any image too
-    thresholds = {name: detector.threshold_for(name, image=image_threshold, pixel=pixel_threshold) for name in classes}
+    detector.threshold_override = (image_threshold, pixel_threshold)
+    for name in classes:
+        detector.threshold_for(name)  # says once, before any image, when a class has no threshold
     suffixes = class_suffixes(classes)
     ensure_writable_folder(out)
     run = run_id()
@@ -240,23 +243,20 @@ def predict_command(artifacts_dir, servers, cls, out_dir, backend, model, precis
     failed = 0
     with ResultsLog(out) as results, tqdm(images, desc="predict", unit="img", file=sys.stderr, disable=None) as bar:
         for path, key in bar:
+            captured = time.time()
             try:
-                rgb = read_image(path, max_pixels)
-                result = detector.predict(rgb, classes)
+                data = read_file(path)
+                rgb = decode_image(data, max_pixels, str(path))
+                # a remote detector is sent the encoded file as it is, a local one the decoded pixels
+                result = detector.predict(data if getattr(detector, "sends_encoded", False) else rgb, classes)
             except AnoclipError as exc:
                 failed += 1
                 log.error("skipped %s: %s", path, exc)
                 continue
             for name, one in result.by_class.items():
-                threshold = thresholds[name]
-                anomalous, regions = decide(one.score, one.anomaly_map_full, threshold)
-                record = {"image": str(path), "class": name, "run": run, "score": one.score, "anomalous": anomalous,
-                          "threshold": threshold.image if threshold else None, "regions": regions,
-                          "map_max": float(one.anomaly_map_full.max()), "map_mean": float(one.anomaly_map_full.mean()),
-                          **_write_maps(run_dir, key + suffixes[name], rgb, one.anomaly_map_full, alpha,
-                                        max_output_pixels, threshold.pixel if threshold else None),
-                          "tiles": one.tiles, "timings_ms": {k: round(v, 3) for k, v in one.timings.items()}}
-                line = results.append(record)
+                files = _write_maps(run_dir, key + suffixes[name], rgb, one.anomaly_map_full, alpha, max_output_pixels,
+                                    one.threshold.pixel if one.threshold else None)
+                line = results.append(make_record(one, str(path), captured=captured, run=run, files=files))
                 if as_json:
                     click.echo(line, nl=False)
     ok = len(images) - failed

@@ -17,7 +17,8 @@ from .fused import OUTPUTS as FUSED_OUTPUTS, fused_classes
 from .preprocess import DEFAULT_MAX_PIXELS, TileLayout, as_rgb_uint8, merge_tiles, preprocess, read_image
 from .prompt_weights import ClassPrompts
 from .scoring import abnormal_probability, gaussian_smooth, patch_grid, upsample_bilinear
-from .thresholds import ClassCalibration, ClassThreshold, ThresholdTable, text_features_sha256, tta_settings
+from .decision import ClassThreshold, decide
+from .thresholds import ClassCalibration, ThresholdTable, text_features_sha256, tta_settings
 from .tta import OnnxTTARunner, TTAAdapter, TTAConfig
 from .vocabulary import model_precision
 
@@ -37,6 +38,11 @@ class Result:
         the model time is the batch's time divided by the number of images.
     per_class: for a call with several classes, class -> its Result (in the order asked); the fields
         above are then those of the first class. None for a single class (see :attr:`by_class`).
+    threshold: the class's thresholds in force (:meth:`Detector.threshold_for`), None without any.
+    anomalous: ``score > threshold.image``; None without an image threshold.
+    regions: the connected regions of ``anomaly_map_full`` above ``threshold.pixel``, as
+        ``{"box": [x, y, width, height], "area": pixels}`` in image pixels, largest first ([]
+        without a pixel threshold).
     """
 
     score: float
@@ -48,6 +54,9 @@ class Result:
     tiles: int
     timings: dict[str, float] = field(default_factory=dict)
     per_class: dict[str, "Result"] | None = None
+    threshold: ClassThreshold | None = None
+    anomalous: bool | None = None
+    regions: list[dict] = field(default_factory=list)
 
     @property
     def by_class(self) -> dict[str, "Result"]:
@@ -59,8 +68,8 @@ class Detector:
     """Zero-shot anomaly detector over an exported artifact folder (no PyTorch needed).
 
     Build it with :meth:`load`. ``predict`` takes an RGB image ([H, W, 3] uint8, or a path) and a
-    class name present in the prompt weights; :meth:`threshold_for` gives the thresholds that turn
-    its score and map into a decision (``thresholds.decide``).
+    class name present in the prompt weights; the Result carries the decision of the thresholds in
+    force (:meth:`threshold_for`: calibrated, or :attr:`threshold_override`).
 
     ``model``: the graph ``backend`` runs (``visual``, ``visual_qkv``, a reduced-precision model of
     the visual one: ``visual_int8``, ``visual_fp16``, or ``fused``: image to scores and maps of its
@@ -89,6 +98,8 @@ class Detector:
         self.thresholds = thresholds if thresholds is not None else artifacts.thresholds
         self._calibrations: dict[tuple[str, TTAConfig | None], ClassCalibration | None] = {}
         self._told_no_threshold: set[str] = set()
+        # (image, pixel): the user's thresholds, each in place of the calibrated one when not None
+        self.threshold_override: tuple[float | None, float | None] = (None, None)
         manifest = artifacts.manifest
         self.input_size = tuple(manifest.image_size)
         self.grid = tuple(manifest.grid)
@@ -172,10 +183,13 @@ class Detector:
 
     def threshold_for(self, cls: str, image: float | None = None, pixel: float | None = None) -> ClassThreshold | None:
         """The thresholds for ``cls``: the calibrated ones (when they hold for this model, these
-        prompts and this TTA setting), each replaced by ``image`` / ``pixel`` when given.
+        prompts and this TTA setting), each replaced by ``image`` / ``pixel`` when given (by those
+        of :attr:`threshold_override` when not).
 
         None when there are neither; that is said once per class (info level): scores only.
         """
+        image = self.threshold_override[0] if image is None else image
+        pixel = self.threshold_override[1] if pixel is None else pixel
         calibrated = self.calibration(cls)
         threshold = ClassThreshold.in_force(None if calibrated is None else (calibrated.image, calibrated.pixel),
                                             image, pixel)
@@ -248,6 +262,7 @@ class Detector:
                 result = self._class_result(outputs, tiles, name, layout, size, tta_config,
                                             "" if tta_keys is None else tta_keys[i])
                 result.timings = {"preprocess": (t1 - t0) * 1e3 / n, "model": (t2 - t1) * 1e3 / n, **result.timings}
+                self.decide(result)
                 per_class[name] = result
             first = per_class[classes[0]]
             if len(classes) > 1:
@@ -255,6 +270,14 @@ class Detector:
             results.append(first)
             start = tiles.stop
         return results
+
+    def decide(self, result: Result) -> None:
+        """Set ``result``'s threshold, anomalous and regions: the decision of the thresholds in force
+        for its class (nothing to decide, and nothing said, without a thresholds file or override)."""
+        if self.thresholds is None and self.threshold_override == (None, None):
+            return
+        result.threshold = self.threshold_for(result.cls)
+        result.anomalous, result.regions = decide(result.score, result.anomaly_map_full, result.threshold)
 
     def _run(self, batch: np.ndarray, tokens: bool) -> dict[str, np.ndarray]:
         """The model's outputs by name (``tokens``: the patch tokens are needed, for TTA)."""
@@ -293,25 +316,7 @@ class Detector:
               size: tuple[int, int], cls: str) -> Result:
         """The Result of per-patch probabilities [tiles, M] (and the tiles' maps at model resolution,
         when the model made them)."""
-        grids = patch_grid(probs, self.grid)
-        if tile_maps is None:
-            tile_maps = upsample_bilinear(grids, self.input_size)
-        model_map = merge_tiles(tile_maps, layout)
-        # Two resamplers on purpose. A single tile's map is the patch grid itself, so it is upsampled
-        # straight to the image size with align_corners, as the method does to the model size
-        # (docs/method.md): one interpolation, not two. A tiled frame's map exists only as pixels of
-        # the resized frame (tiles merged), so it is resized back like an image, pixel centres
-        # aligned (OpenCV's INTER_LINEAR), the inverse of the resize that made the tiles.
-        if layout.single:
-            full = upsample_bilinear(grids[0], size)
-        else:
-            import cv2
-
-            full = cv2.resize(model_map, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
-        if self.smoothing_sigma > 0:
-            model_map = gaussian_smooth(model_map, self.smoothing_sigma)
-            scale = size[0] / model_map.shape[0]
-            full = gaussian_smooth(full, self.smoothing_sigma * scale)
+        model_map, full = anomaly_maps(probs, self.grid, layout, size, self.smoothing_sigma, tile_maps)
         return Result(score=score, anomaly_map=model_map, anomaly_map_full=full, patch_probabilities=probs,
                       cls=cls, image_size=(int(size[0]), int(size[1])), tiles=len(layout.offsets))
 
@@ -346,6 +351,33 @@ class Detector:
         """Adapt the patch tokens of every tile (each tile is one image for the adapter)."""
         adapter = self.tta_adapter(cls, config, state)
         return np.stack([np.asarray(adapter.adapt(tile)) for tile in patches])
+
+
+def anomaly_maps(probs: np.ndarray, grid: tuple[int, int], layout: TileLayout, size: tuple[int, int],
+                 smoothing_sigma: float = 0.0, tile_maps: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(map at model resolution, map at the image's ``size``) of per-patch probabilities [tiles, M]
+    of an image cut as ``layout`` (``tile_maps``: the tiles' maps at model resolution, when the
+    model made them). The one place the full-resolution map is made (the remote client too)."""
+    grids = patch_grid(probs, grid)
+    if tile_maps is None:
+        tile_maps = upsample_bilinear(grids, layout.tile)
+    model_map = merge_tiles(tile_maps, layout)
+    # Two resamplers on purpose. A single tile's map is the patch grid itself, so it is upsampled
+    # straight to the image size with align_corners, as the method does to the model size
+    # (docs/method.md): one interpolation, not two. A tiled frame's map exists only as pixels of
+    # the resized frame (tiles merged), so it is resized back like an image, pixel centres
+    # aligned (OpenCV's INTER_LINEAR), the inverse of the resize that made the tiles.
+    if layout.single:
+        full = upsample_bilinear(grids[0], size)
+    else:
+        import cv2
+
+        full = cv2.resize(model_map, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+    if smoothing_sigma > 0:
+        model_map = gaussian_smooth(model_map, smoothing_sigma)
+        scale = size[0] / model_map.shape[0]
+        full = gaussian_smooth(full, smoothing_sigma * scale)
+    return model_map, full
 
 
 def _tta_config(tta) -> TTAConfig | None:

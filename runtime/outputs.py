@@ -60,7 +60,7 @@ class ResultsLog:
         try:
             line = json.dumps(record, allow_nan=False) + "\n"
         except ValueError:
-            raise AnoclipError(f"the result for {record.get('image')} holds NaN or infinity; the model or its "
+            raise AnoclipError(f"the result for {record.get('source')} holds NaN or infinity; the model or its "
                                "artifacts are damaged, re-export them") from None
         data = line.encode()
         fcntl.flock(self.fd, fcntl.LOCK_EX)

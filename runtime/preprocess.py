@@ -88,14 +88,18 @@ def read_image(path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     ``max_pixels``: the largest width x height decoded (None: no limit); the size is read from the
     file's header first, so a file that claims more is refused without decoding it.
     """
+    return decode_image(read_file(path), max_pixels, str(path))
+
+
+def read_file(path) -> bytes:
+    """The bytes of an image file as stored (encoded); an ImageError naming it when it cannot be read."""
     if not os.path.isfile(path):
         raise ImageError(f"cannot read {path}: no such file")
     try:
         with open(path, "rb") as handle:
-            raw = handle.read()
+            return handle.read()
     except OSError as exc:
         raise ImageError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    return decode_image(raw, max_pixels, str(path))
 
 
 def decode_image(raw: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS, shown: str = "the image bytes",

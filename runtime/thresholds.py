@@ -1,4 +1,4 @@
-"""Score thresholds: the file that holds them, the thresholds in use, and the decision they make.
+"""Score thresholds: the file that holds them (the decision they make is ``decision.py``).
 
 ``anoclip calibrate threshold`` measures, per class, the scores and maps of normal frames and
 writes ``thresholds.<sha>.json`` (content-addressed like the folder's other files, named by the
@@ -31,33 +31,6 @@ from .errors import ArtifactError
 THRESHOLDS = "thresholds.json"  # content-addressed on disk: thresholds.<first 12 hex of sha256>.json
 THRESHOLDS_FORMAT = "anoclip-thresholds"
 THRESHOLDS_FORMAT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class ClassThreshold:
-    """The thresholds in use for one class.
-
-    image: a frame is anomalous when its score > image (None: no decision).
-    pixel: map pixels > pixel form the anomalous regions (None: no regions).
-    origin: "calibrated" (from the thresholds file), "override" (given by the user) or
-        "calibrated+override" (one of each).
-    """
-
-    image: float | None
-    pixel: float | None
-    origin: str
-
-    @classmethod
-    def in_force(cls, calibrated: tuple[float | None, float | None] | None, image: float | None = None,
-                 pixel: float | None = None) -> "ClassThreshold | None":
-        """The calibrated (image, pixel) thresholds, each replaced by ``image`` / ``pixel`` when
-        given; None when there are neither."""
-        values, origins = [image, pixel], {"override" for v in (image, pixel) if v is not None}
-        for i in range(2):
-            if values[i] is None and calibrated is not None and calibrated[i] is not None:
-                values[i] = calibrated[i]
-                origins.add("calibrated")
-        return cls(values[0], values[1], "+".join(sorted(origins))) if origins else None
 
 
 @dataclass
@@ -254,33 +227,3 @@ _FIELD_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "normal": _names,
 }
 
-
-# ----------------------------------------------------------------------------------------------
-# The decision
-
-
-def find_regions(anomaly_map: np.ndarray, pixel: float, min_area: int = 1) -> list[dict]:
-    """Connected regions (8-connectivity) of the pixels with ``anomaly_map > pixel``, each
-    ``{"box": [x, y, width, height], "area": pixels}`` in map pixels, largest first; regions
-    smaller than ``min_area`` pixels are left out."""
-    import cv2
-
-    mask = (np.asarray(anomaly_map) > pixel).astype(np.uint8)
-    count, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
-    regions = []
-    for x, y, w, h, area in stats[1:count].tolist():  # label 0 is the background
-        if area >= min_area:
-            regions.append({"box": [int(x), int(y), int(w), int(h)], "area": int(area)})
-    regions.sort(key=lambda r: (-r["area"], r["box"][1], r["box"][0]))
-    return regions
-
-
-def decide(score: float, anomaly_map: np.ndarray,
-           threshold: ClassThreshold | None) -> tuple[bool | None, list[dict]]:
-    """(anomalous, regions): anomalous is ``score > threshold.image`` (None without an image
-    threshold), regions those of :func:`find_regions` ([] without a pixel threshold)."""
-    if threshold is None:
-        return None, []
-    anomalous = None if threshold.image is None else bool(score > threshold.image)
-    regions = [] if threshold.pixel is None else find_regions(anomaly_map, threshold.pixel)
-    return anomalous, regions

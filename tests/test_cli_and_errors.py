@@ -41,14 +41,14 @@ def test_predict_writes_overlays_maps_and_jsonl(tiny_artifacts, tmp_path):
                    str(tmp_path / "imgs"))
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert [Path(r["image"]).name for r in lines] == sorted(p.name for p in images)
+    assert [Path(r["source"]).name for r in lines] == sorted(p.name for p in images)
     for record in lines:
         amap = np.load(record["map"])
         assert amap.dtype == np.float32
         assert 0.0 < record["score"] < 1.0
         assert Path(record["overlay"]).is_file()
         assert set(record["timings_ms"]) == {"preprocess", "model", "scoring"}
-    wide = next(r for r in lines if r["image"].endswith("wide.jpg"))
+    wide = next(r for r in lines if r["source"].endswith("wide.jpg"))
     assert np.load(wide["map"]).shape == (60, 200) and wide["tiles"] == 4  # 48 x 160 after resizing: 4 tiles of 48
     assert not list(out.rglob(".*.tmp"))
     assert {Path(r["map"]).parent for r in lines} == {out / lines[0]["run"]}  # the run's own folder

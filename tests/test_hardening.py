@@ -228,7 +228,7 @@ def test_decompression_bomb_is_refused_before_decoding(folder, image, tmp_path, 
     proc = predict(folder, "--out", str(tmp_path / "o"), str(bomb), str(image))
     assert proc.returncode == 3
     assert "above the limit" in proc.stderr and "--max-pixels" in proc.stderr
-    assert [Path(r["image"]).name for r in records(tmp_path / "o")] == ["one.png"]
+    assert [Path(r["source"]).name for r in records(tmp_path / "o")] == ["one.png"]
 
 
 def test_max_pixels_option_sets_the_limit(folder, image, tmp_path):
@@ -262,7 +262,7 @@ def test_two_concurrent_predict_runs_keep_every_record(folder, tmp_path):
     lines = (out / "results.jsonl").read_text().splitlines()
     assert len(lines) == 100
     got = [json.loads(line) for line in lines]  # every line parses
-    assert sorted(r["image"] for r in got) == sorted(str(p) for p in first + second)
+    assert sorted(r["source"] for r in got) == sorted(str(p) for p in first + second)
     assert len({r["run"] for r in got}) == 2
     # a/img00.png and b/img00.png share a name; each run's maps are its own, none overwritten
     assert len({r["map"] for r in got}) == 100 and all(Path(r["map"]).is_file() for r in got)
@@ -284,7 +284,7 @@ def test_killed_run_leaves_no_line_that_swallows_the_next(folder, image, tmp_pat
     (out / "results.jsonl").write_text('{"image": "half-writ')  # a run killed mid-line
     assert predict(folder, "--out", str(out), str(image)).returncode == 0
     lines = (out / "results.jsonl").read_text().splitlines()
-    assert lines[0] == '{"image": "half-writ' and json.loads(lines[1])["image"] == str(image)
+    assert lines[0] == '{"image": "half-writ' and json.loads(lines[1])["source"] == str(image)
 
 
 def test_symlinked_results_file_is_refused(folder, image, tmp_path):
@@ -304,7 +304,7 @@ def test_out_inside_the_input_folder_is_not_read_back(folder, tmp_path):
     write_pngs(inputs, ["a.png", "b.png"])
     for _ in range(2):
         assert predict(folder, "--out", str(inputs / "preds"), str(inputs)).returncode == 0
-    assert sorted(Path(r["image"]).name for r in records(inputs / "preds")) == ["a.png", "a.png", "b.png", "b.png"]
+    assert sorted(Path(r["source"]).name for r in records(inputs / "preds")) == ["a.png", "a.png", "b.png", "b.png"]
 
 
 def test_out_equal_to_the_input_folder_is_one_line(folder, tmp_path):

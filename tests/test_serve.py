@@ -15,7 +15,7 @@ import pytest
 
 from anoclip.runtime.detector import Detector
 from anoclip.runtime.errors import AnoclipError, ImageError, UnknownClassError
-from anoclip.runtime.thresholds import ClassThreshold, decide
+from anoclip.runtime.decision import ClassThreshold, decide
 
 from conftest import copy_artifacts
 from services import wait_until
@@ -213,8 +213,10 @@ def test_thresholds_decide_as_local_ones_and_sigterm_stops(start_server, tiny_ar
     decisions = []
     for image in frames(12, seed=7):
         mine, theirs = remote.predict(image, "bottle"), local.predict(image, "bottle")
-        decision = decide(mine.score, mine.anomaly_map_full, threshold)
-        assert decision == decide(theirs.score, theirs.anomaly_map_full, threshold)
+        # the server's decision, as the client received it, is the local one
+        assert (mine.threshold, mine.anomalous, mine.regions) == (theirs.threshold, theirs.anomalous, theirs.regions)
+        decision = decide(theirs.score, theirs.anomaly_map_full, threshold)
+        assert (theirs.anomalous, theirs.regions) == decision
         decisions.append(decision[0])
         # the decision the server answers itself, for clients other than RemoteDetector
         inputs = [("frame", image[None], "UINT8"), ("class", np.array([[b"bottle"]], dtype=object), "BYTES")]
@@ -222,6 +224,11 @@ def test_thresholds_decide_as_local_ones_and_sigterm_stops(start_server, tiny_ar
         assert out["anomalous"][0, 0] == int(decision[0])
         assert np.allclose(out["threshold"][0], [threshold.image, threshold.pixel])
     assert True in decisions and False in decisions  # the threshold splits these frames
+    remote.threshold_override = local.threshold_override = (0.7, 0.0)  # the user's, sent with each request
+    for image in frames(3, seed=9):
+        mine, theirs = remote.predict(image, "bottle"), local.predict(image, "bottle")
+        assert mine.threshold == theirs.threshold == ClassThreshold(0.7, 0.0, "override")
+        assert (mine.anomalous, mine.regions) == (theirs.anomalous, theirs.regions) != (None, [])
     assert_stops_cleanly(process, signal.SIGTERM)
 
 
@@ -241,6 +248,11 @@ def test_tta_states_per_stream_match_local_ones_and_sigint_stops(start_server, t
     for image, key in zip(images[3:], keys[3:]):
         assert_same(remote.predict_batch([image], "bottle", tta_keys=[key])[0],
                     local.predict_batch([image], "bottle", tta_keys=[key])[0])
+    # a stream that reconnects starts afresh on the server as it does locally
+    remote.reset_tta("bottle", "cam-a")
+    local.reset_tta("bottle", "cam-a")
+    assert_same(remote.predict_batch([images[0]], "bottle", tta_keys=["cam-a"])[0],
+                local.predict_batch([images[0]], "bottle", tta_keys=["cam-a"])[0])
     with pytest.raises(AnoclipError, match="TTA settings"):
         remote.predict(images[0], "bottle", tta=False)
     assert_stops_cleanly(process, signal.SIGINT)
@@ -331,14 +343,19 @@ def test_predict_and_stream_commands_run_on_the_servers(server, local, tiny_arti
     for where in ("local", "remote"):
         target = ("--artifacts", str(tiny_artifacts), "--backend", "cpu") if where == "local" else (
             "--server", server.grpc_url, "--server", server.http_url)
-        proc = run_cli("predict", *target, "--class", "bottle,carpet", "--out", str(tmp_path / where), str(images))
+        proc = run_cli("predict", *target, "--class", "bottle,carpet", "--out", str(tmp_path / where),
+                       "--threshold", "0.5", "--pixel-threshold", "0.0", str(images))
         assert proc.returncode == 0, proc.stderr
         runs[where] = [json.loads(line) for line in (tmp_path / where / "results.jsonl").read_text().splitlines()]
     assert len(runs["remote"]) == 4
+    per_run = {"run", "captured", "timings_ms", "overlay", "map"}
     for mine, theirs in zip(runs["remote"], runs["local"]):
-        assert (mine["image"], mine["class"]) == (theirs["image"], theirs["class"])
-        assert abs(mine["score"] - theirs["score"]) <= TOLERANCE
+        for key in ("score", "map_max", "map_mean"):
+            assert abs(mine.pop(key) - theirs.pop(key)) <= TOLERANCE
         assert np.abs(np.load(mine["map"]) - np.load(theirs["map"])).max() <= TOLERANCE
+        # the same record, the decision (made on the server) included
+        assert {k: v for k, v in mine.items() if k not in per_run} == {k: v for k, v in theirs.items() if k not in per_run}
+        assert mine["anomalous"] is not None and mine["regions"]
     proc = run_cli("predict", "--server", server.http_url, "--tta", "--class", "bottle", str(images))
     assert proc.returncode == 2 and "--tta set up a local model" in proc.stderr
     proc = run_cli("predict", "--class", "bottle", str(images))

@@ -132,7 +132,7 @@ def test_defect_turns_events_anomalous_at_its_frame(tmp_path, defect_detector, t
     assert len(saved) == 30 and saved[0] == "0-line.avi_00000025.jpg" and saved[1] == "0-line.avi_00000025_map.npy"
     saved_map = np.load(tmp_path / "saved" / saved[1])
     assert saved_map.shape == (128, 128) and saved_map.dtype == np.float32
-    assert set(records[0]["latency_ms"]) >= {"wait", "preprocess", "model", "scoring", "total", "added"}
+    assert set(records[0]["timings_ms"]) >= {"wait", "preprocess", "model", "scoring", "total", "added"}
 
 
 def test_calibrated_thresholds_decide_by_default(tmp_path, tiny_artifacts):

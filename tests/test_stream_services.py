@@ -122,6 +122,7 @@ def test_http_mjpeg_source(tmp_path, tiny_artifacts):
     from fakes import defect_frame, normal_frame, red_defect_detector
 
     from anoclip.runtime.stream import StreamOptions, StreamPipeline, parse_source
+    from anoclip.runtime.detector import Result
     from anoclip.runtime.stream.events import FrameEvent
     from anoclip.runtime.stream.sinks import EventsLog
     from anoclip.runtime.stream.web import WebView
@@ -133,8 +134,9 @@ def test_http_mjpeg_source(tmp_path, tiny_artifacts):
         index = 0
         while not stop.is_set():
             frame = defect_frame(index) if index % 2 else normal_frame(index)
-            camera.write(FrameEvent("camera", index, time.time(), "bottle", 0.0, None, [], {}, frame,
-                                    np.zeros(frame.shape[:2], np.float32), annotated=frame))
+            amap = np.zeros(frame.shape[:2], np.float32)
+            result = Result(0.0, amap, amap, np.zeros((1, 4), np.float32), "bottle", frame.shape[:2], 1)
+            camera.write(FrameEvent("camera", index, time.time(), result, {}, frame, annotated=frame))
             index += 1
             time.sleep(0.04)
 

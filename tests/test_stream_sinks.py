@@ -20,6 +20,8 @@ import pytest
 from fakes import defect_frame, normal_frame
 from services import Subscriber, chromium, free_port, mosquitto, mosquitto_broker, wait_until  # noqa: F401 (fixtures)
 
+from anoclip.runtime.decision import ClassThreshold
+from anoclip.runtime.detector import Result
 from anoclip.runtime.errors import AnoclipError
 from anoclip.runtime.stream.events import FrameEvent
 from anoclip.runtime.stream.web import WebView
@@ -34,9 +36,12 @@ def make_event(index: int, source: str = "cam0", defect: bool = False) -> FrameE
     frame = (defect_frame if defect else normal_frame)(index).copy()
     cv2.putText(frame, f"#{index}", (4, 122), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (255, 255, 255), 2)
     score = 0.9 if defect else 0.1
-    return FrameEvent(source=source, frame_index=index, captured=time.time(), cls="bottle", score=score,
-                      anomalous=defect, regions=[], latency_ms={"model": 1.5, "total": 3.25}, frame=frame,
-                      anomaly_map=np.zeros(frame.shape[:2], np.float32), annotated=frame, threshold=0.5)
+    amap = np.zeros(frame.shape[:2], np.float32)
+    result = Result(score=score, anomaly_map=amap, anomaly_map_full=amap, patch_probabilities=np.zeros((1, 4), np.float32),
+                    cls="bottle", image_size=frame.shape[:2], tiles=1, threshold=ClassThreshold(0.5, None, "override"),
+                    anomalous=defect)
+    return FrameEvent(source=source, frame_index=index, captured=time.time(), result=result,
+                      latency_ms={"model": 1.5, "total": 3.25}, frame=frame, annotated=frame)
 
 
 class EventWriter(threading.Thread):

@@ -22,8 +22,8 @@ from anoclip.runtime.detector import Detector
 from anoclip.runtime.errors import AnoclipError, ArtifactError
 from anoclip.runtime.integrity import sha256_file
 from anoclip.runtime.overlay import REGION_RGB, draw_regions
-from anoclip.runtime.thresholds import (ClassThreshold, ThresholdTable, decide, find_regions, read_thresholds,
-                                        text_features_sha256, write_thresholds)
+from anoclip.runtime.decision import ClassThreshold, decide, find_regions
+from anoclip.runtime.thresholds import ThresholdTable, read_thresholds, text_features_sha256, write_thresholds
 from anoclip.runtime.tta import TTAConfig
 
 from conftest import TINY_CONFIG, copy_artifacts, one_error_line, run_cli

@@ -55,9 +55,11 @@ def serve_command(artifacts_dir, classes, host, http_port, grpc_port, metrics_po
     Three models answer on the HTTP and gRPC ports: `anoclip` takes an encoded image (input "image",
     BYTES: PNG, JPEG, ... decoded on the server), `anoclip_frame` a decoded RGB frame (input "frame",
     UINT8 [H, W, 3]); both take "class" (BYTES) and, with --tta, an optional "stream" (BYTES: the
-    camera whose adapter state the image adapts). They answer the image score, the map at model
-    resolution, the patch probabilities (to rebuild the full-size map), the calibrated thresholds and
-    the decision, or an "error" text for that request alone (unknown class, undecodable bytes).
+    camera whose adapter state the image adapts) and "reset" (that state starts afresh); optional
+    "image_threshold" / "pixel_threshold" replace the calibrated ones. They answer the image score,
+    the map at model resolution, the patch probabilities (to rebuild the full-size map), the
+    thresholds in force and the decision (anomalous, regions), or an "error" text for that request
+    alone (unknown class, undecodable bytes).
     `anoclip_info` describes what is served (classes, thresholds, grid, TTA) as JSON.
 
     Clients: `anoclip.runtime.serving.client.RemoteDetector(["http://HOST:8000", "grpc://OTHER:8001"])`, a

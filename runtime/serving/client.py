@@ -23,22 +23,27 @@ from typing import Sequence
 import numpy as np
 
 from anoclip.runtime import errors
-from anoclip.runtime.detector import Result
+from anoclip.runtime.decision import ClassThreshold
+from anoclip.runtime.detector import Result, anomaly_maps
 from anoclip.runtime.errors import AnoclipError
-from anoclip.runtime.preprocess import as_rgb_uint8
-from anoclip.runtime.scoring import patch_grid, upsample_bilinear
-from anoclip.runtime.thresholds import ClassThreshold, tta_settings
+from anoclip.runtime.preprocess import as_rgb_uint8, read_file, tile_layout
+from anoclip.runtime.thresholds import tta_settings
 
 from . import FRAME_MODEL, INFO_MODEL, MODEL
 from .transport import ServerPool
 
 log = logging.getLogger(__name__)
 
-OUTPUTS = ("score", "map", "patch_probabilities", "tiles", "image_size", "threshold", "anomalous", "error")
+OUTPUTS = ("score", "map", "patch_probabilities", "tiles", "image_size", "threshold", "anomalous", "threshold_origin",
+           "regions", "error")
 
 
 class RemoteDetector:
     """Score images on Triton servers running ``anoclip serve``.
+
+    Image files and encoded bytes are sent as they are (the server decodes them); arrays go to the
+    raw-frame model. The servers take the decision (thresholds in force, anomalous, regions); the
+    client only makes the full-resolution map, with the Detector's own function.
 
     urls: ``http://host:port`` (Triton's HTTP port) or ``grpc://host:port`` (its gRPC port), one or more.
     timeout: seconds one request may take on one server before the next server is tried.
@@ -53,6 +58,11 @@ class RemoteDetector:
         self.model, self.frame_model, self.info_model = model, frame_model, info_model
         self._info: dict | None = None
         self._executor = ThreadPoolExecutor(max(1, workers), thread_name_prefix="anoclip-remote")
+        # (image, pixel): the user's thresholds, sent with every request in place of the calibrated ones
+        self.threshold_override: tuple[float | None, float | None] = (None, None)
+        self._resets: set[tuple[str, str]] = set()  # (class, stream) whose adapter state starts afresh
+
+    sends_encoded = True  # give it an image file's bytes rather than decoded pixels
 
     # -- what the servers run -------------------------------------------------------------------
 
@@ -94,13 +104,17 @@ class RemoteDetector:
 
     def threshold_for(self, cls: str, image: float | None = None, pixel: float | None = None) -> ClassThreshold | None:
         """The servers' calibrated thresholds of ``cls``, each replaced by ``image`` / ``pixel`` when
-        given (as ``Detector.threshold_for``); None when there are neither."""
+        given (by those of :attr:`threshold_override` when not), as ``Detector.threshold_for``; None
+        when there are neither."""
         self.check_class(cls)
+        image = self.threshold_override[0] if image is None else image
+        pixel = self.threshold_override[1] if pixel is None else pixel
         return ClassThreshold.in_force(self.info["thresholds"].get(cls), image, pixel)
 
-    def reset_tta(self, cls: str | None = None, state: str | None = None) -> None:
-        """The adapter states live on the servers; they are not reset from here."""
-        log.debug("TTA state of %s/%s is kept by the servers", cls, state)
+    def reset_tta(self, cls: str, state: str) -> None:
+        """Start the servers' adapter state of ``cls`` for the stream ``state`` afresh: the next
+        request of that class and stream asks its server to (e.g. after the camera reconnected)."""
+        self._resets.add((cls, state))
 
     # -- scoring --------------------------------------------------------------------------------
 
@@ -149,22 +163,8 @@ class RemoteDetector:
                                "start `anoclip serve` with the TTA options wanted")
 
     def _predict_one(self, image, cls: str, key: str | None) -> Result:
-        from tritonclient.utils import np_to_triton_dtype
-
-        if isinstance(image, (str, os.PathLike)):
-            try:
-                with open(image, "rb") as handle:
-                    image = handle.read()
-            except OSError as exc:
-                raise errors.ImageError(f"cannot read {image}: {exc.strerror or exc}") from None
-        if isinstance(image, (bytes, bytearray, memoryview)):
-            model, name, data = self.model, "image", np.array([[bytes(image)]], dtype=object)
-        else:
-            model, name, data = self.frame_model, "frame", np.ascontiguousarray(as_rgb_uint8(image))[None]
-        inputs = [(name, data, np_to_triton_dtype(data.dtype))]
-        for input_name, text in (("class", cls), ("stream", key)):
-            if text is not None:
-                inputs.append((input_name, np.array([[text.encode()]], dtype=object), "BYTES"))
+        inputs = self.request(image, cls, key)
+        model = self.model if inputs[0][0] == "image" else self.frame_model
         started = time.perf_counter()
         out = self.pool.call(model, inputs, OUTPUTS)
         request_ms = (time.perf_counter() - started) * 1e3
@@ -179,18 +179,40 @@ class RemoteDetector:
         result.timings = {"request": request_ms, "scoring": (time.perf_counter() - started) * 1e3 - request_ms}
         return result
 
-    def _result(self, out: dict, cls: str) -> Result:
-        model_map = out["map"][0]
-        probs = out["patch_probabilities"][0]
-        tiles = int(out["tiles"][0, 0])
-        height, width = (int(v) for v in out["image_size"][0])
-        # the full-size map as Detector._score makes it: a single tile's patch grid straight to the
-        # image size; a tiled frame's merged map resized like an image
-        if tiles == 1:
-            full = upsample_bilinear(patch_grid(probs, tuple(self.info["grid"]))[0], (height, width))
+    def request(self, image, cls: str, key: str | None) -> list[tuple[str, np.ndarray, str]]:
+        """The inputs of one request ([(name, array, Triton dtype)]): an image file (path) or encoded
+        bytes as they are, for the server to decode; an array as a raw frame."""
+        if isinstance(image, (str, os.PathLike)):
+            image = read_file(image)
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            inputs = [("image", np.array([[bytes(image)]], dtype=object), "BYTES")]
         else:
-            import cv2
+            frame = np.ascontiguousarray(as_rgb_uint8(image))[None]
+            inputs = [("frame", frame, "UINT8")]
+        for name, text in (("class", cls), ("stream", key)):
+            if text is not None:
+                inputs.append((name, np.array([[text.encode()]], dtype=object), "BYTES"))
+        for name, value in zip(("image_threshold", "pixel_threshold"), self.threshold_override):
+            if value is not None:
+                inputs.append((name, np.array([[value]], dtype=np.float64), "FP64"))
+        if key is not None and (cls, key) in self._resets:
+            self._resets.discard((cls, key))
+            inputs.append(("reset", np.array([[1]], dtype=np.int8), "INT8"))
+        return inputs
 
-            full = cv2.resize(model_map, (width, height), interpolation=cv2.INTER_LINEAR)
-        return Result(score=float(out["score"][0, 0]), anomaly_map=model_map, anomaly_map_full=full,
-                      patch_probabilities=probs, cls=cls, image_size=(height, width), tiles=tiles)
+    def _result(self, out: dict, cls: str) -> Result:
+        """The Result of a server's answer: its score, map and decision; the full-resolution map
+        made from its patch probabilities as the Detector makes it (``detector.anomaly_maps``)."""
+        info = self.info
+        probs = out["patch_probabilities"][0]
+        height, width = (int(v) for v in out["image_size"][0])
+        layout = tile_layout(height, width, tuple(info["input_size"]), info["tiling"])
+        _, full = anomaly_maps(probs, tuple(info["grid"]), layout, (height, width), info["smoothing_sigma"])
+        image, pixel = (None if np.isnan(v) else float(v) for v in out["threshold"][0])
+        origin = bytes(out["threshold_origin"].reshape(-1)[0]).decode()
+        anomalous = int(out["anomalous"][0, 0])
+        return Result(score=float(out["score"][0, 0]), anomaly_map=out["map"][0], anomaly_map_full=full,
+                      patch_probabilities=probs, cls=cls, image_size=(height, width), tiles=int(out["tiles"][0, 0]),
+                      threshold=ClassThreshold(image, pixel, origin) if origin else None,
+                      anomalous=None if anomalous < 0 else bool(anomalous),
+                      regions=json.loads(bytes(out["regions"].reshape(-1)[0]).decode()))

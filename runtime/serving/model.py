@@ -17,7 +17,7 @@ import numpy as np
 from anoclip.runtime.errors import AnoclipError, ImageError, UnknownClassError
 from anoclip.runtime import preprocess
 from anoclip.runtime.preprocess import DEFAULT_MAX_PIXELS, as_rgb_uint8
-from anoclip.runtime.thresholds import ClassThreshold, decide, tta_settings
+from anoclip.runtime.thresholds import tta_settings
 
 NO_DECISION = -1  # "anomalous" of a class without an image threshold
 
@@ -31,6 +31,15 @@ def decode_image(raw: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.
 def _text(value) -> str:
     value = value.item() if isinstance(value, np.ndarray) else value
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _optional_number(request, name: str, i: int) -> float | None:
+    """Row ``i`` of the optional FP64 input ``name`` (None when not sent or NaN)."""
+    values = request.data.get(name)
+    if values is None:
+        return None
+    value = float(np.asarray(values[i]).reshape(-1)[0])
+    return None if np.isnan(value) else value
 
 
 def _nan(*shape: int) -> np.ndarray:
@@ -93,7 +102,7 @@ class AnoclipModel:
         detector = self.detector
         thresholds = {}
         for cls in self.classes:
-            found = detector.threshold_for(cls)
+            found = detector.calibration(cls)  # calibrated, and valid for what this server runs
             thresholds[cls] = None if found is None else [found.image, found.pixel]
         return {"classes": self.classes, "thresholds": thresholds, "input_size": list(detector.input_size),
                 "grid": list(detector.grid), "tiling": detector.tiling, "smoothing_sigma": detector.smoothing_sigma,
@@ -112,12 +121,16 @@ class AnoclipModel:
             return self._infer(requests, "frame")
 
     def _infer(self, requests, key: str) -> list[dict]:
-        rows = []  # per image: [request index, image, class, stream, result or error text]
+        # per image: [request index, image, class, stream, result or error text, (image, pixel) thresholds, reset]
+        rows = []
         for index, request in enumerate(requests):
             images, classes, streams = request[key], request["class"], request.data.get("stream")
+            resets = request.data.get("reset")
             for i in range(len(images)):
                 cls = _text(classes[i])
-                row = [index, None, cls, _text(streams[i]) if streams is not None else "", None]
+                row = [index, None, cls, _text(streams[i]) if streams is not None else "", None,
+                       (_optional_number(request, "image_threshold", i), _optional_number(request, "pixel_threshold", i)),
+                       resets is not None and bool(np.asarray(resets[i]).reshape(-1)[0])]
                 try:
                     self.check_class(cls)
                     row[1] = decode_image(bytes(images[i].item()), self.detector.max_pixels) if key == "image" \
@@ -125,14 +138,18 @@ class AnoclipModel:
                 except AnoclipError as exc:
                     row[4] = f"{type(exc).__name__}: {exc}"
                 rows.append(row)
-        groups = defaultdict(list)
+        groups = defaultdict(list)  # by class and the thresholds the request asks for
         for row in rows:
             if row[4] is None:
-                groups[row[2]].append(row)
-        for cls, group in groups.items():
+                groups[row[2], row[5]].append(row)
+        for (cls, override), group in groups.items():
             keys = [row[3] for row in group] if self.detector.tta is not None else None
             try:
                 with self.lock or contextlib.nullcontext():
+                    for row in group:
+                        if row[6] and self.detector.tta is not None:  # the client's stream starts afresh
+                            self.detector.reset_tta(cls, row[3])
+                    self.detector.threshold_override = override  # the decision is taken in predict
                     results = self.detector.predict_batch([row[1] for row in group], cls, tta_keys=keys)
             except AnoclipError as exc:  # about these requests (other errors fail the batch: the client retries)
                 results = [f"{type(exc).__name__}: {exc}"] * len(group)
@@ -154,7 +171,9 @@ class AnoclipModel:
         out = {"score": _nan(len(answers), 1), "map": _nan(len(answers), *map_shape),
                "patch_probabilities": _nan(len(answers), *probs_shape),
                "tiles": np.zeros((len(answers), 1), np.int32), "image_size": np.zeros((len(answers), 2), np.int32),
-               "threshold": _nan(len(answers), 2), "anomalous": np.full((len(answers), 1), NO_DECISION, np.int8),
+               "threshold": np.full((len(answers), 2), np.nan), "anomalous": np.full((len(answers), 1), NO_DECISION, np.int8),
+               "threshold_origin": np.array([[b""]] * len(answers), dtype=object),
+               "regions": np.array([[b"[]"]] * len(answers), dtype=object),
                "error": np.array([[b""]] * len(answers), dtype=object)}
         for i, answer in enumerate(answers):
             if isinstance(answer, str):
@@ -165,9 +184,10 @@ class AnoclipModel:
             out["patch_probabilities"][i] = answer.patch_probabilities
             out["tiles"][i, 0] = answer.tiles
             out["image_size"][i] = answer.image_size
-            threshold = self.detector.threshold_for(answer.cls)
+            threshold = answer.threshold  # the decision Detector.predict took
             if threshold is not None:
                 out["threshold"][i] = [np.nan if v is None else v for v in (threshold.image, threshold.pixel)]
-                anomalous, _ = decide(answer.score, answer.anomaly_map, ClassThreshold(threshold.image, None, "served"))
-                out["anomalous"][i, 0] = NO_DECISION if anomalous is None else int(anomalous)
+                out["threshold_origin"][i, 0] = threshold.origin.encode()
+            out["anomalous"][i, 0] = NO_DECISION if answer.anomalous is None else int(answer.anomalous)
+            out["regions"][i, 0] = json.dumps(answer.regions).encode()
         return out

@@ -9,12 +9,17 @@ Three models are bound (names in ``anoclip.runtime.serving``), each with Triton'
   with the classes, their calibrated thresholds, the model input size, patch grid, tiling, map
   smoothing and TTA settings the server runs (what a client needs to rebuild full-size maps).
 
-Both image models also take ``class`` BYTES [1] and an optional ``stream`` BYTES [1]: with TTA
-(AnoCLIP+), the name of the adapter state the image adapts (one per camera; default one per class).
-They answer, per image: ``score`` FP32 [1], ``map`` FP32 [H, W] (``Result.anomaly_map``, model
-resolution), ``patch_probabilities`` FP32 [tiles, M], ``tiles`` INT32 [1], ``image_size`` INT32 [2]
-(height, width), ``threshold`` FP32 [2] (image, pixel; NaN where the class has none), ``anomalous``
-INT8 [1] (1, 0, or -1 without an image threshold) and ``error`` BYTES [1]. A request the server
+Both image models also take ``class`` BYTES [1] and optionally ``stream`` BYTES [1] (with TTA
+(AnoCLIP+), the name of the adapter state the image adapts: one per camera; default one per class),
+``reset`` INT8 [1] (non-zero: that adapter state starts afresh first, as after a camera reconnects),
+``image_threshold`` / ``pixel_threshold`` FP64 [1] (the user's thresholds in place of the
+calibrated ones; NaN: the calibrated one). They answer, per image: ``score`` FP32 [1], ``map`` FP32
+[H, W] (``Result.anomaly_map``, model resolution), ``patch_probabilities`` FP32 [tiles, M],
+``tiles`` INT32 [1], ``image_size`` INT32 [2] (height, width), and the decision ``Detector.predict``
+took: ``threshold`` FP64 [2] (image, pixel in force; NaN where there is none), ``anomalous`` INT8 [1]
+(1, 0, or -1 without an image threshold), ``threshold_origin`` BYTES [1] (calibrated, override,
+calibrated+override; empty without thresholds), ``regions`` BYTES [1] (JSON list of ``{"box":
+[x, y, width, height], "area": pixels}`` in image pixels); and ``error`` BYTES [1]. A request the server
 cannot score (unknown class, bytes that are no image) is answered with ``error`` set to
 ``"<ErrorClass>: <message>"`` and NaN in place of numbers, so that the other requests of its batch
 are scored as usual (PyTriton fails a whole batch on an exception); ``error`` is empty otherwise.
@@ -70,13 +75,17 @@ class ServeOptions:
 def _tensors():
     from pytriton.model_config import Tensor
 
-    common = [Tensor(name="class", dtype=bytes, shape=(1,)), Tensor(name="stream", dtype=bytes, shape=(1,), optional=True)]
+    common = [Tensor(name="class", dtype=bytes, shape=(1,)), Tensor(name="stream", dtype=bytes, shape=(1,), optional=True),
+              Tensor(name="image_threshold", dtype=np.float64, shape=(1,), optional=True),
+              Tensor(name="pixel_threshold", dtype=np.float64, shape=(1,), optional=True),
+              Tensor(name="reset", dtype=np.int8, shape=(1,), optional=True)]
     inputs = {MODEL: [Tensor(name="image", dtype=bytes, shape=(1,))] + common,
               FRAME_MODEL: [Tensor(name="frame", dtype=np.uint8, shape=(-1, -1, 3))] + common}
     outputs = [Tensor(name="score", dtype=np.float32, shape=(1,)), Tensor(name="map", dtype=np.float32, shape=(-1, -1)),
                Tensor(name="patch_probabilities", dtype=np.float32, shape=(-1, -1)),
                Tensor(name="tiles", dtype=np.int32, shape=(1,)), Tensor(name="image_size", dtype=np.int32, shape=(2,)),
-               Tensor(name="threshold", dtype=np.float32, shape=(2,)), Tensor(name="anomalous", dtype=np.int8, shape=(1,)),
+               Tensor(name="threshold", dtype=np.float64, shape=(2,)), Tensor(name="anomalous", dtype=np.int8, shape=(1,)),
+               Tensor(name="threshold_origin", dtype=bytes, shape=(1,)), Tensor(name="regions", dtype=bytes, shape=(1,)),
                Tensor(name="error", dtype=bytes, shape=(1,))]
     return inputs, outputs
 

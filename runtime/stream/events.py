@@ -7,6 +7,9 @@ from typing import Any
 
 import numpy as np
 
+from ..detector import Result
+from ..records import make_record
+
 
 @dataclass
 class FrameEvent:
@@ -15,15 +18,14 @@ class FrameEvent:
     source: the source's name (``--source NAME=...`` or the spec as given).
     frame_index: index of the frame in its source, counting every frame read (dropped ones too).
     captured: wall-clock time (``time.time()``) when the frame was read.
-    cls: the class the frame was scored for.
-    score: image-level p_abnormal.
-    anomalous: the decision against the class's image threshold; None when the class has none.
-    regions: connected regions of the map at or above the pixel threshold, as
-        ``{"box": [x, y, width, height], "area": pixels}`` in frame pixels (empty without a threshold).
+    result: the Detector's Result for the frame: score, maps at the frame's resolution and the
+        decision (``anomalous``, ``threshold``, ``regions`` in frame pixels).
     latency_ms: per stage: wait (capture -> inference start), preprocess, model, scoring, tta, total
-        (capture -> decision).
+        (capture -> decision), added (total less the model's share).
     frame: the frame as read (BGR uint8, region of interest applied).
-    anomaly_map: float32 [H, W] p_abnormal at the frame's resolution.
+    source_index: the source's position in the pipeline (for sinks that keep one output per
+        source; not part of the record).
+    run: the id of the stream run.
     annotated: the frame with heat map, region contours, score, decision and FPS drawn (BGR uint8);
         set by the pipeline before any sink sees the event.
     """
@@ -31,33 +33,52 @@ class FrameEvent:
     source: str
     frame_index: int
     captured: float
-    cls: str
-    score: float
-    anomalous: bool | None
-    regions: list[dict[str, Any]]
+    result: Result
     latency_ms: dict[str, float]
     frame: np.ndarray
-    anomaly_map: np.ndarray
+    source_index: int = 0
+    run: str | None = None
     annotated: np.ndarray | None = None
-    threshold: float | None = None  # the image-score threshold the decision used
-    pixel_threshold: float | None = None  # the map threshold the regions used
-    extra: dict[str, Any] = field(default_factory=dict)
     _record: dict[str, Any] | None = field(default=None, init=False, repr=False, compare=False)
 
-    def record(self) -> dict[str, Any]:
-        """The event as a JSON-ready dict (what the events file, MQTT and the web view carry); made
-        once per event, whatever the number of sinks (treat it as read-only)."""
-        if self._record is None:
-            self._record = self._make_record()
-        return self._record
+    @property
+    def cls(self) -> str:
+        return self.result.cls
 
-    def _make_record(self) -> dict[str, Any]:
-        return {
-            "source": self.source, "frame": self.frame_index, "captured": round(self.captured, 6),
-            "class": self.cls, "score": self.score, "anomalous": self.anomalous, "threshold": self.threshold,
-            "pixel_threshold": self.pixel_threshold, "regions": self.regions, "map_max": float(self.anomaly_map.max()),
-            "latency_ms": {k: round(v, 3) for k, v in self.latency_ms.items()}, **self.extra,
-        }
+    @property
+    def score(self) -> float:
+        return self.result.score
+
+    @property
+    def anomalous(self) -> bool | None:
+        return self.result.anomalous
+
+    @property
+    def regions(self) -> list[dict[str, Any]]:
+        return self.result.regions
+
+    @property
+    def anomaly_map(self) -> np.ndarray:
+        """float32 [H, W] p_abnormal at the frame's resolution."""
+        return self.result.anomaly_map_full
+
+    @property
+    def threshold(self) -> float | None:
+        """The image-score threshold the decision used."""
+        return None if self.result.threshold is None else self.result.threshold.image
+
+    @property
+    def pixel_threshold(self) -> float | None:
+        """The map threshold the regions used."""
+        return None if self.result.threshold is None else self.result.threshold.pixel
+
+    def record(self) -> dict[str, Any]:
+        """The event's record (``anoclip.runtime.records``: what the events file, MQTT and the web
+        view carry); made once per event, whatever the number of sinks (treat it as read-only)."""
+        if self._record is None:
+            self._record = make_record(self.result, self.source, frame=self.frame_index, captured=self.captured,
+                                       run=self.run, timings_ms=self.latency_ms)
+        return self._record
 
 
 class Sink:

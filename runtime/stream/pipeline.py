@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from ..detector import Detector
 from ..errors import AnoclipError
-from ..thresholds import ClassThreshold, decide
+from ..outputs import run_id
 from .annotate import annotate
 from .capture import CaptureThread, Frame, FrameBoard
 from .events import FrameEvent, Sink
@@ -57,6 +57,7 @@ class StreamPipeline:
         self.sources = sources = unique_names(sources)
         self.sinks = list(sinks)
         self.options = options or StreamOptions()
+        detector.threshold_override = (self.options.threshold, self.options.pixel_threshold)  # decided in predict
         self.stop = threading.Event()
         self.board = FrameBoard(len(sources))
         o = self.options
@@ -65,7 +66,7 @@ class StreamPipeline:
                          for i, spec in enumerate(sources)]
         self.stats = StreamStats(self.captures)
         self._queue: queue.Queue[FrameEvent | None] = queue.Queue(maxsize=o.sink_queue)
-        self._thresholds: dict[str, ClassThreshold | None] = {}
+        self.run_id = run_id()
         self._generations = [0] * len(sources)
         self.sink_errors: dict[str, str] = {}
 
@@ -132,31 +133,21 @@ class StreamPipeline:
                 self.stats.failed[frame.source] += 1
             log.error("frames of %s could not be scored: %s", ", ".join(self.sources[f.source].name for f in frames), exc)
             return
-        threshold = self._threshold(cls)
         self.stats.batch_sizes.append(len(frames))
         for frame, result in zip(frames, results):
-            anomalous, regions = decide(result.score, result.anomaly_map_full, threshold)
             decided = time.perf_counter()
             model_ms = result.timings["model"] * len(frames)  # the engine run this frame waited for
             total_ms = (decided - frame.captured_perf) * 1e3
             latency = {"wait": (started - frame.captured_perf) * 1e3, **result.timings, "model": model_ms,
                        "total": total_ms, "added": total_ms - model_ms}
-            self.stats.record(frame.source, anomalous, latency)
-            event = FrameEvent(
-                source=self.sources[frame.source].name, frame_index=frame.index, captured=frame.captured, cls=cls,
-                score=result.score, anomalous=anomalous, regions=regions, latency_ms=latency, frame=frame.image,
-                anomaly_map=result.anomaly_map_full, threshold=threshold.image if threshold else None,
-                pixel_threshold=threshold.pixel if threshold else None, extra={"source_index": frame.source})
+            self.stats.record(frame.source, result.anomalous, latency)
+            event = FrameEvent(source=self.sources[frame.source].name, frame_index=frame.index, captured=frame.captured,
+                               result=result, latency_ms=latency, frame=frame.image, source_index=frame.source,
+                               run=self.run_id)
             self._queue.put(event)
 
     def _tta_key(self, frame: Frame) -> str:
         return self.sources[frame.source].name
-
-    def _threshold(self, cls: str) -> ClassThreshold | None:
-        if cls not in self._thresholds:
-            self._thresholds[cls] = self.detector.threshold_for(cls, image=self.options.threshold,
-                                                                 pixel=self.options.pixel_threshold)
-        return self._thresholds[cls]
 
     def _share_stats(self) -> None:
         summary = None
@@ -173,9 +164,8 @@ class StreamPipeline:
             event = self._queue.get()
             if event is None:
                 break
-            source = event.extra["source_index"]
             try:
-                event.annotated = annotate(event, self.stats.fps(source), self.options.alpha)
+                event.annotated = annotate(event, self.stats.fps(event.source_index), self.options.alpha)
             except Exception:
                 log.exception("drawing frame %d of %s failed", event.frame_index, event.source)
                 continue

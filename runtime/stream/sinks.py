@@ -55,7 +55,7 @@ class VideoRecorder(Sink):
     def write(self, event: FrameEvent) -> None:
         import cv2
 
-        index = event.extra["source_index"]
+        index = event.source_index
         image = event.annotated
         if index not in self.writers:
             height, width = image.shape[:2]
@@ -111,7 +111,7 @@ class SavedFrames(Sink):
 
         if not event.anomalous:
             return
-        stem = f"{event.extra['source_index']}-{_safe(event.source)}_{event.frame_index:08d}"
+        stem = f"{event.source_index}-{_safe(event.source)}_{event.frame_index:08d}"
         ok, jpeg = cv2.imencode(".jpg", event.annotated, [cv2.IMWRITE_JPEG_QUALITY, self.quality])
         if not ok:
             raise AnoclipError("JPEG encoding of an annotated frame failed")

@@ -1,0 +1,45 @@
+"""The one record of a scored image: what predict's results.jsonl lines, stream events (events
+file, MQTT payloads, the live view's ``/stats.json``) and the remote client's results carry.
+
+Made from a :class:`~anoclip.runtime.detector.Result` by :func:`make_record` and nowhere else, so the
+field names cannot drift apart; documented field by field in ``docs/records.md`` and checked
+against ``docs/record.schema.json``. ``schema`` names the version: a field is only ever added
+within a version; renaming or removing one makes the next version.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+SCHEMA = "anoclip.record/1"
+
+
+def make_record(result: Any, source: str, *, frame: int = 0, captured: float | None = None, run: str | None = None,
+                timings_ms: dict[str, float] | None = None, files: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The record of one class's ``result`` (a ``Result``; not its ``per_class``) for one frame.
+
+    source: the image file as given, or the stream source's name.
+    frame: the frame's index in its source (0 for an image file).
+    captured: when the frame was read (UNIX time, seconds).
+    run: the id of the run that scored it.
+    timings_ms: milliseconds per stage (default: the Result's own timings).
+    files: what was written for it (``overlay``, ``map``, ``map_shape``), when something was.
+    """
+    threshold = result.threshold
+    amap = result.anomaly_map_full
+    timings = result.timings if timings_ms is None else timings_ms
+    record = {
+        "schema": SCHEMA, "source": str(source), "frame": int(frame),
+        "captured": None if captured is None else round(float(captured), 6), "run": run,
+        "class": result.cls, "score": float(result.score), "anomalous": result.anomalous,
+        "threshold": None if threshold is None else threshold.image,
+        "pixel_threshold": None if threshold is None else threshold.pixel,
+        "threshold_origin": None if threshold is None else threshold.origin,
+        "regions": [{"box": list(r["box"]), "area": int(r["area"])} for r in result.regions],
+        "map_max": float(amap.max()), "map_mean": float(amap.mean()),
+        "image_size": [int(v) for v in result.image_size], "tiles": int(result.tiles),
+        "timings_ms": {k: round(float(v), 3) for k, v in timings.items()},
+    }
+    if files:
+        record.update(files)
+    return record
