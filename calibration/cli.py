@@ -69,8 +69,8 @@ def calibrate_group():
 @click.option("--json", "as_json", is_flag=True, help="Print the stored thresholds and their provenance as JSON.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def threshold_command(artifacts_dir, cls, normal, quantile, margin, pixel_quantile, pixel_margin, stride, max_frames,
-                      replace_file, backend, model, precision, tiling, tta, tta_backend, tta_steps, tta_adapter,
-                      tta_init, tta_state, seed, threads, max_pixels, as_json, verbose):
+                      replace_file, backend, model, precision, tiling, smoothing_sigma, tta, tta_backend, tta_steps,
+                      tta_adapter, tta_init, tta_state, seed, threads, max_pixels, as_json, verbose):
     """Thresholds of a class from normal frames.
 
     An image-score threshold (a frame scoring above it is anomalous) and a pixel threshold (map
@@ -97,7 +97,8 @@ def threshold_command(artifacts_dir, cls, normal, quantile, margin, pixel_quanti
     tta_config = tta_config_from(tta, tta_steps, tta_adapter, tta_init, tta_state, seed)
     sources = plan_sources(normal, stride)
     detector = Detector.load(artifacts_dir, backend=backend, model=model, precision=precision, tiling=tiling,
-                             threads=threads, tta=tta_config or False, tta_backend=tta_backend, max_pixels=max_pixels,
+                             smoothing_sigma=smoothing_sigma, threads=threads, tta=tta_config or False,
+                             tta_backend=tta_backend, max_pixels=max_pixels,
                              load_thresholds=False)
     detector.class_prompts(cls)  # unknown class: fail before reading any frame
     if tta_config is not None:

@@ -93,6 +93,9 @@ def detector_options(command):
                           "Thresholds hold for the precision they were calibrated with."),
         click.option("--tiling", default="auto", show_default=True, type=click.Choice(["auto", "never", "always"]),
                      help="Cut frames far from square (aspect > 1.2) into overlapping square tiles."),
+        click.option("--smoothing-sigma", default=0.0, show_default=True, type=click.FloatRange(min=0),
+                     help="Gaussian smoothing of the maps, in model pixels (0: off, as published). Thresholds hold "
+                          "for the smoothing they were calibrated with."),
         click.option("--tta", is_flag=True,
                      help="AnoCLIP+: adapt the patch tokens at test time (maps change, scores do not)."),
         click.option("--tta-backend", default="numpy", show_default=True, type=click.Choice(["numpy", "onnx"]),
@@ -125,7 +128,7 @@ def threshold_options(command):
 
 
 # Options that set up a model run here; with --server the servers' own settings apply instead.
-LOCAL_MODEL_OPTIONS = ("artifacts_dir", "backend", "model", "precision", "tiling", "tta", "tta_backend", "tta_steps",
+LOCAL_MODEL_OPTIONS = ("artifacts_dir", "backend", "model", "precision", "tiling", "smoothing_sigma", "tta", "tta_backend", "tta_steps",
                        "tta_adapter", "tta_init", "tta_state", "seed", "threads", "no_verify")
 
 
@@ -194,7 +197,7 @@ def tta_config_from(tta: bool, tta_steps: int, tta_adapter: str, tta_init: str, 
 @click.option("--json", "as_json", is_flag=True, help="Also print each result line to stdout.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @click.argument("paths", nargs=-1, required=True)
-def predict_command(artifacts_dir, servers, cls, out_dir, backend, model, precision, tiling, tta, tta_backend, tta_steps, tta_adapter,
+def predict_command(artifacts_dir, servers, cls, out_dir, backend, model, precision, tiling, smoothing_sigma, tta, tta_backend, tta_steps, tta_adapter,
                     tta_init, tta_state, seed, alpha, image_threshold, pixel_threshold, threads, max_pixels,
                     max_output_pixels, no_verify, as_json, verbose, paths):
     """Score images (files or folders of images) and write anomaly maps.
@@ -227,8 +230,8 @@ def predict_command(artifacts_dir, servers, cls, out_dir, backend, model, precis
     if not images:
         raise AnoclipError(f"no images found in {', '.join(paths)} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     detector = load_detector(artifacts_dir, servers, backend=backend, model=model, precision=precision, tiling=tiling,
-                             verify=not no_verify, threads=threads, tta=tta_config or False, tta_backend=tta_backend,
-                             max_pixels=max_pixels)
+                             smoothing_sigma=smoothing_sigma, verify=not no_verify, threads=threads,
+                             tta=tta_config or False, tta_backend=tta_backend, max_pixels=max_pixels)
     classes = detector.resolve_classes([c.strip() for c in cls.split(",") if c.strip()] if "," in cls else cls)
     for name in classes if tta_config is not None else ():
         detector.tta_adapter(name, tta_config)  # a TTA graph that does not fit: fail before any image too

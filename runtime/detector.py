@@ -144,7 +144,7 @@ class Detector:
             load_thresholds: read the folder's calibrated thresholds (see :meth:`threshold_for`).
         """
         model = backend_model(backend, model, precision)
-        models = [model] + ([TTA_GRAPH] if tta_backend == "onnx" else [])
+        models = [model] + ([TTA_GRAPH] if tta_backend == "onnx" and tta else [])  # only TTA runs it
         artifacts = load_artifacts(artifacts_dir, verify=verify, models=models, load_thresholds=load_thresholds)
         options = {"outputs": FUSED_OUTPUTS} if model == FUSED else {}
         engine = create_backend(artifacts, model, backend, precision=precision, threads=threads, **options)

@@ -256,3 +256,26 @@ def test_a_reconnected_stream_resets_its_adapter_state_on_the_server(tiny_artifa
     # afresh: the same maps as the stream's first frame (the adapter's draws are seeded per state)
     assert np.array_equal(again.anomaly_map, first.anomaly_map)
 
+
+def test_the_servers_map_smoothing_is_honoured_by_the_client(tiny_artifacts, monkeypatch):
+    pytest.importorskip("tritonclient.http")
+    local = Detector.load(tiny_artifacts, backend="cpu", smoothing_sigma=1.5)
+    remote, _ = _remote(Detector.load(tiny_artifacts, backend="cpu", smoothing_sigma=1.5), monkeypatch)
+    for size in ((64, 64), (48, 160)):  # one tile, and a frame cut into tiles
+        frame = normal_frame(2, size)[:, :, ::-1]
+        mine, theirs = remote.predict(frame, "bottle"), local.predict(frame, "bottle")
+        assert theirs.tiles == (1 if size[0] == size[1] else 4)
+        for name in ("anomaly_map", "anomaly_map_full"):
+            assert float(np.abs(getattr(mine, name) - getattr(theirs, name)).max()) <= 1e-6, (size, name)
+        plain = Detector.load(tiny_artifacts, backend="cpu").predict(frame, "bottle")
+        assert float(np.abs(plain.anomaly_map_full - mine.anomaly_map_full).max()) > 1e-5  # smoothed: not the plain map
+
+
+def test_smoothing_is_an_option_of_predict(tiny_artifacts, tmp_path):
+    frame = normal_frame(1, (64, 64))
+    cv2.imwrite(str(tmp_path / "a.png"), frame)
+    _invoke("predict", "--artifacts", str(tiny_artifacts), "--backend", "cpu", "--class", "bottle",
+            "--smoothing-sigma", "2", "--out", str(tmp_path / "out"), str(tmp_path / "a.png"))
+    record = check(json.loads((tmp_path / "out" / "results.jsonl").read_text()))
+    expected = Detector.load(tiny_artifacts, backend="cpu", smoothing_sigma=2.0).predict(frame[:, :, ::-1], "bottle")
+    assert np.allclose(np.load(record["map"]), expected.anomaly_map_full, atol=1e-6)

@@ -111,3 +111,13 @@ def test_each_stream_keeps_its_own_optimiser_state(tiny_artifacts, images):
     assert detector.tta_adapter("bottle", state="cam-b").state.step == 5
     with pytest.raises(ValueError, match="tta_keys"):
         detector.predict_batch(images, "bottle", tta_keys=["cam-a"])
+
+
+def test_the_tta_backend_only_matters_with_tta(fused_artifacts, images):
+    from anoclip.runtime.errors import ArtifactError
+
+    # a folder exported without --tta has no tta.onnx: without --tta nothing asks for it
+    detector = Detector.load(fused_artifacts, backend="cpu", tta_backend="onnx")
+    assert 0.0 < detector.predict(images[0], "bottle").score < 1.0
+    with pytest.raises(ArtifactError, match=r"model 'tta' is not in .*anoclip-export --tta"):
+        Detector.load(fused_artifacts, backend="cpu", tta=True, tta_backend="onnx")

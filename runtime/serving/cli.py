@@ -48,7 +48,8 @@ def _port(ctx, param, value: int) -> int:
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the artifacts at load.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def serve_command(artifacts_dir, classes, host, http_port, grpc_port, metrics_port, max_batch, max_queue_delay_us,
-                  instances, backend, model, precision, tiling, tta, tta_backend, tta_steps, tta_adapter, tta_init,
+                  instances, backend, model, precision, tiling, smoothing_sigma, tta, tta_backend, tta_steps, tta_adapter,
+                  tta_init,
                   tta_state, seed, threads, max_pixels, no_verify, verbose):
     """Serve the detector through NVIDIA Triton Inference Server (PyTriton) until Ctrl-C or SIGTERM.
 
@@ -82,7 +83,8 @@ def serve_command(artifacts_dir, classes, host, http_port, grpc_port, metrics_po
         raise AnoclipError("`anoclip serve` needs nvidia-pytriton; install it with `pip install 'anoclip[serve]'` "
                            "(in an environment of its own: it needs numpy < 2)") from None
     detectors = [Detector.load(artifacts_dir, backend=backend, model=model, precision=precision, tiling=tiling,
-                               verify=not no_verify, threads=threads, tta=tta_config or False, tta_backend=tta_backend,
+                               smoothing_sigma=smoothing_sigma, verify=not no_verify, threads=threads,
+                               tta=tta_config or False, tta_backend=tta_backend,
                                max_pixels=max_pixels) for _ in range(instances)]
     served = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
     for cls in served or []:

@@ -77,7 +77,7 @@ def _roi(ctx, param, value):
               help="Seconds between stats lines in the log (0: none).")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the artifacts at load.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def stream_command(artifacts_dir, servers, sources, cls, backend, model, precision, tiling, tta, tta_backend, tta_steps, tta_adapter,
+def stream_command(artifacts_dir, servers, sources, cls, backend, model, precision, tiling, smoothing_sigma, tta, tta_backend, tta_steps, tta_adapter,
                    tta_init, tta_state, seed, threads, image_threshold, pixel_threshold, roi, stride, max_fps, loop, realtime, batch, record, record_fps, events, save_dir,
                    show, web, mqtt, topic, alpha, stats_interval, no_verify, verbose):
     """Score camera streams, network streams and video files frame by frame.
@@ -96,7 +96,8 @@ def stream_command(artifacts_dir, servers, sources, cls, backend, model, precisi
     if not (record or events or save_dir or show or web or mqtt):
         log.warning("no sink given (--events, --record, --save-dir, --web, --mqtt, --show): only the summary is printed")
     detector = load_detector(artifacts_dir, servers, backend=backend, model=model, precision=precision, tiling=tiling,
-                             verify=not no_verify, threads=threads, tta=tta_config or False, tta_backend=tta_backend)
+                             smoothing_sigma=smoothing_sigma, verify=not no_verify, threads=threads,
+                             tta=tta_config or False, tta_backend=tta_backend)
     specs = [parse_source(text, detector.classes, cls) for text in sources]
     for spec in specs:
         if spec.cls is None:
