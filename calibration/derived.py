@@ -1,20 +1,17 @@
 """Reduced-precision models made from the folder's fp32 visual model (int8, fp16): the frames they
 are calibrated and checked on, the parity gate, and storing them in the artifact folder.
 
-The work runs outside the folder (the model is built in a temporary folder); only the commit takes
-the folder lock: the visual model must still be the one the new model was made from, the file is
-written under its content-addressed name (``visual_int8.<sha12>.onnx``), the manifest entry
-(``visual_int8`` / ``visual_fp16``) with its sha256 and provenance is added, and replacing the
-manifest is the one commit point. The file it replaces is removed afterwards. Any failure, the
-parity gate included, leaves the folder as it was.
+The work runs outside the folder (the model is built in a temporary folder); only the commit goes
+through the folder's transaction (``anoclip.runtime.folder.store_derived_model``): the visual model
+must still be the one the new model was made from, the file is written under its content-addressed
+name (``visual_int8.<sha12>.onnx``) and the manifest entry (``visual_int8`` / ``visual_fp16``) with
+its provenance is committed. Any failure, the parity gate included, leaves the folder as it was.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import re
-import shutil
 import sys
 import tempfile
 import time
@@ -24,11 +21,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from anoclip.runtime.artifacts import (MAKE_MODEL, PRECISION_MODELS, VISUAL, Manifest, ModelEntry, content_addressed,
-                                       load_artifacts, read_manifest, write_manifest)
+from anoclip.runtime.artifacts import PRECISION_MODELS, VISUAL, Manifest, ModelEntry, load_artifacts
 from anoclip.runtime.errors import AnoclipError
-from anoclip.runtime.integrity import sha256_file
-from anoclip.runtime.plumbing import atomic_path, folder_lock, remove_unnamed, sync_folder
+from anoclip.runtime.folder import store_derived_model
 from anoclip.runtime.preprocess import DEFAULT_MAX_PIXELS, as_rgb_uint8, normalise, preprocess, resize_bilinear
 
 from .parity import Gate, Parity, check_gate, compare, run_model
@@ -38,7 +33,6 @@ log = logging.getLogger(__name__)
 DEFAULT_FRAMES = 64
 DEFAULT_PARITY_FRAMES = 16
 LOCK_WAIT_S = 5.0  # the commit takes milliseconds: another calibration finishing is waited for
-DERIVED_FILE = re.compile(r"^(visual_(int8|fp16)|anoclip)\.[0-9a-f]{12}\.onnx$")  # models made from the visual one
 
 
 @dataclass
@@ -174,7 +168,7 @@ def make_model(folder: str | Path, precision: str, build: Callable[[Path, Path],
             provenance={**provenance, "structure": structure, "parity": parity.as_dict(),
                         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": command,
                         "seconds": round(seconds, 1)})
-        file = store_model(folder, name, target, entry, source_sha, command)
+        file = store_derived_model(folder, name, target, entry, command, wait=LOCK_WAIT_S, report=report)
     return file, entry, parity
 
 
@@ -183,39 +177,3 @@ def _opset(path: Path) -> int:
 
     model = onnx.load(str(path), load_external_data=False)
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
-
-
-def store_model(folder: Path, name: str, staged: Path, entry: ModelEntry, source_sha: str, command: str,
-                file_name: str | None = None) -> str:
-    """Write ``staged`` into the folder as ``name``'s model (file ``file_name``, default ``<name>.onnx``,
-    content-addressed) and commit the manifest; the file name."""
-    with folder_lock(folder, wait=LOCK_WAIT_S):
-        manifest = read_manifest(folder)
-        visual = manifest.models.get(VISUAL)
-        current = manifest.files.get(visual.file, "") if visual is not None else ""
-        if current != source_sha:
-            raise AnoclipError(f"the visual model of {folder} changed while calibrating (sha256 {source_sha[:12]} -> "
-                               f"{current[:12]}); nothing was written, run `{MAKE_MODEL[name].format(folder=folder)}` "
-                               "again")
-        sha = sha256_file(staged)
-        file = content_addressed(file_name or f"{name}.onnx", sha)
-        target = folder / file
-        existed = file in manifest.files
-        if not existed:
-            with atomic_path(target) as tmp:
-                shutil.copyfile(staged, tmp)
-        old = manifest.models.get(name)
-        entry.file = file
-        manifest.models[name] = entry
-        manifest.files = {k: v for k, v in manifest.files.items() if old is None or k != old.file or k == file}
-        manifest.files[file] = sha
-        manifest.history.append(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {command}")
-        try:
-            write_manifest(folder, manifest)  # the commit point
-        except BaseException:
-            if not existed:
-                target.unlink(missing_ok=True)
-            raise
-        sync_folder(folder)
-        remove_unnamed(folder, DERIVED_FILE, set(manifest.files))
-    return file

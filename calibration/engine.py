@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import math
 import os
 import time
@@ -35,17 +34,16 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from anoclip.runtime.artifacts import MAKE_MODEL, content_addressed, load_artifacts, read_manifest, write_manifest
-from anoclip.runtime.engine import (ENGINE_NAME, GPU, BatchProfile, EngineSidecar, engine_base_name, engine_candidates,
+from anoclip.runtime.artifacts import MAKE_MODEL, content_addressed, load_artifacts, read_manifest
+from anoclip.runtime.engine import (GPU, BatchProfile, EngineSidecar, engine_base_name, engine_candidates,
                                     load_engine_sidecars, sidecar_name)
 from anoclip.runtime.errors import AnoclipError, BackendError
+from anoclip.runtime.folder import transaction
 from anoclip.runtime.gpu import probe_gpu, release
-from anoclip.runtime.plumbing import atomic_write_bytes, folder_lock, remove_unnamed, sync_folder
+from anoclip.runtime.plumbing import atomic_write_bytes
 from anoclip.runtime.vocabulary import PRECISION_MODELS, PRECISIONS, VISUAL, VISUAL_FP16
 
 log = logging.getLogger(__name__)
-
-ENGINE_FILE = re.compile(ENGINE_NAME.pattern.removesuffix("$") + r"(\.json)?$")  # an engine or its sidecar
 
 DEFAULT_DYNAMIC_PROFILE = BatchProfile(1, 1, 8)
 LOCK_WAIT_S = 5.0
@@ -352,9 +350,9 @@ def superseded(sidecars: list[EngineSidecar], new: EngineSidecar, gpu: GPU, mode
 
 
 def store_engine(folder: Path, plan_bytes: bytes, sidecar: EngineSidecar, gpu: GPU, history: str) -> list[str]:
-    """Write the plan and its sidecar and commit them to the manifest, under the folder lock."""
-    with folder_lock(folder, wait=LOCK_WAIT_S):
-        manifest = read_manifest(folder)
+    """Commit the plan and its sidecar through the folder's transaction; the engines it replaced."""
+    with transaction(folder, wait=LOCK_WAIT_S) as tx:
+        manifest = tx.manifest
         if manifest.files.get(sidecar.source_file) != sidecar.source_sha256:
             raise AnoclipError(f"{folder} changed while the engine was being built ({sidecar.source_file} is no longer "
                                "the model it was built from); nothing was written, run build-engine again")
@@ -364,24 +362,10 @@ def store_engine(folder: Path, plan_bytes: bytes, sidecar: EngineSidecar, gpu: G
         old, damaged = readable_sidecars(folder, manifest)
         model_shas = {manifest.files.get(e.file, "") for e in manifest.models.values()}
         gone = superseded(old, sidecar, gpu, model_shas) + damaged
-        side = sidecar_name(sidecar.engine)
-        created = [n for n in (sidecar.engine, side) if n not in manifest.files]
-        try:
-            atomic_write_bytes(folder / sidecar.engine, plan_bytes)
-            side_bytes = sidecar.to_json().encode()
-            atomic_write_bytes(folder / side, side_bytes)
-            files = {k: v for k, v in manifest.files.items() if k not in gone and k not in map(sidecar_name, gone)}
-            files[sidecar.engine] = sidecar.engine_sha256
-            files[side] = hashlib.sha256(side_bytes).hexdigest()
-            manifest.files = files
-            manifest.history.append(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {history}")
-            write_manifest(folder, manifest)  # the commit point
-        except BaseException:
-            for n in created:
-                (folder / n).unlink(missing_ok=True)
-            raise
-        sync_folder(folder)
-        remove_unnamed(folder, ENGINE_FILE, set(manifest.files))
+        for name in gone:
+            tx.remove_engine(name)
+        tx.add_engine(plan_bytes, sidecar.to_json().encode(), sidecar.engine)
+        tx.commit(history)
     return gone
 
 

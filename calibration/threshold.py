@@ -3,10 +3,10 @@
 image threshold = the ``quantile`` of the normal frames' scores + ``margin``;
 pixel threshold = the ``pixel_quantile`` of their map values + ``pixel_margin``.
 
-Storing follows the folder's rules: under the folder lock, the thresholds file (every class
-already calibrated, plus this one) is written under a new content-addressed name, and replacing
-the manifest, which names it and records its sha256 and a history line, is the one commit point;
-the file it replaces is removed afterwards. A failure leaves the folder as it was.
+Storing goes through the folder's transaction (``anoclip.runtime.folder``): the thresholds file
+(every class already calibrated, plus this one) is written under a new content-addressed name and
+committed with the manifest; the file it replaces is removed afterwards. A failure leaves the
+folder as it was.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import itertools
 import logging
 import math
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -24,14 +23,14 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from anoclip.runtime.artifacts import read_manifest, verify_thresholds, write_manifest
+from anoclip.runtime.artifacts import read_manifest, verify_thresholds
 from anoclip.runtime.detector import Detector
 from anoclip.runtime.errors import AnoclipError
 from anoclip.runtime.integrity import resolve_inside
-from anoclip.runtime.plumbing import folder_lock, remove_unnamed, sync_folder
+from anoclip.runtime.folder import transaction
 from anoclip.runtime.prompt_weights import read_prompts
-from anoclip.runtime.thresholds import (ClassCalibration, ThresholdTable, read_thresholds, text_features_sha256,
-                                        tta_settings, write_thresholds)
+from anoclip.runtime.thresholds import (THRESHOLDS, ClassCalibration, ThresholdTable, read_thresholds,
+                                        text_features_sha256, threshold_bytes, tta_settings)
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +41,6 @@ PIXELS_PER_FRAME = 4096  # map values kept per frame (a strided subsample plus t
 BATCH = 8  # frames per model run
 LOCK_WAIT_S = 5.0  # storing takes milliseconds: a calibration of another class finishing is waited for
 CALIBRATION_STATE = "calibration"  # the TTA state key the calibration adapts (the detector's others stay as they are)
-THRESHOLDS_FILE = re.compile(r"^thresholds\.[0-9a-f]{12}\.json$")
 
 
 @dataclass(frozen=True)
@@ -164,25 +162,13 @@ def save_threshold(folder: str | os.PathLike, cls: str, record: ClassCalibration
     embeddings ``record`` was measured with.
     """
     folder = Path(folder)
-    with folder_lock(folder, wait=LOCK_WAIT_S):
-        manifest = read_manifest(folder)
+    with transaction(folder, wait=LOCK_WAIT_S) as tx:
+        manifest = tx.manifest
         _check_unchanged(folder, manifest, cls, record)
         table = (ThresholdTable() if replace_file else _current_table(folder, manifest)).with_class(cls, record)
-        old = manifest.thresholds
-        name, sha = write_thresholds(folder, table)
-        try:
-            manifest.thresholds = name
-            manifest.files = {**{k: v for k, v in manifest.files.items() if k != old}, name: sha}
-            now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-            manifest.history.append(f"{now} {command or f'calibrate threshold --class {cls}'}")
-            write_manifest(folder, manifest)  # the commit point
-        except BaseException:
-            if name != old:
-                (folder / name).unlink(missing_ok=True)
-            raise
-        sync_folder(folder)
-        remove_unnamed(folder, THRESHOLDS_FILE, set(manifest.files))
-    return name, table
+        manifest.thresholds = tx.add_file(THRESHOLDS, threshold_bytes(table))
+        tx.commit(command or f"calibrate threshold --class {cls}")
+    return manifest.thresholds, table
 
 
 def _current_table(folder: Path, manifest) -> ThresholdTable:

@@ -1,5 +1,5 @@
 """Exporting into an artifact folder as two idempotent steps, the visual models and the prompt
-weights, through ``folder`` (lock, staging, content-addressed names, the manifest as the commit)."""
+weights, through the folder's one transaction (``anoclip.runtime.folder``)."""
 
 from __future__ import annotations
 
@@ -13,15 +13,15 @@ from pathlib import Path
 import click
 
 from anoclip.runtime.artifacts import (
-    FORMAT_VERSION, MAKE_MODEL, PROMPTS, TTA_GRAPH, VISUAL, VISUAL_QKV, Manifest, ModelEntry, check_prompts_belong,
-    read_manifest, verify_files, write_manifest,
+    FORMAT_VERSION, MANIFEST, PROMPTS, TTA_GRAPH, VISUAL, VISUAL_QKV, Manifest, ModelEntry, check_prompts_belong,
+    read_manifest, verify_files,
 )
 from anoclip.runtime.errors import AnoclipError, ArtifactError
+from anoclip.runtime.folder import FolderTransaction, transaction
 from anoclip.runtime.integrity import VerificationRecord, resolve_inside
-from anoclip.runtime.plumbing import ensure_writable_folder, folder_lock, sync_folder
+from anoclip.runtime.plumbing import ensure_writable_folder
 from anoclip.runtime.prompt_weights import ClassPrompts, PromptBank, read_prompts, write_prompts
 
-from .folder import has_manifest, place, remove_unreferenced, staging_folder
 from .model import LoadedModel, Outliers, add_outlier_channels, load_model, resolve_pretrained
 from .prompts import PromptRecipe, class_embeddings, encode_sentences
 
@@ -203,6 +203,10 @@ def _encode_classes(loaded: LoadedModel, recipes: dict[str, PromptRecipe], text_
     return encoded
 
 
+def has_manifest(folder: Path) -> bool:
+    return (folder / MANIFEST).is_file()
+
+
 def _read_old(folder: Path, force: bool) -> tuple[Manifest | None, PromptBank | None]:
     """The folder's manifest and prompt weights, if it holds a loadable export; with ``force``, a
     folder that cannot be read counts as empty."""
@@ -227,8 +231,10 @@ def run_export(opts: ExportOptions, command: str) -> Manifest:
 
     The visual models are kept when they match the options; the prompt weights keep every class
     already baked (re-encoded from their recipes when the weights changed) unless
-    ``--drop-classes``/``--replace-classes`` say otherwise. Files are placed under new names and
-    the manifest is replaced last, so a folder that loaded before loads after any interruption.
+    ``--drop-classes``/``--replace-classes`` say otherwise. Everything goes through the folder's one
+    transaction (``anoclip.runtime.folder``): files under new names, derived files carried forward
+    or dropped with a word, the manifest replaced last, so a folder that loaded before loads after
+    any interruption.
     """
     def progress(message: str) -> None:
         click.echo(f"[anoclip-export] {message}", err=True)
@@ -236,22 +242,27 @@ def run_export(opts: ExportOptions, command: str) -> Manifest:
     if not has_manifest(opts.out) and not opts.classes:
         raise AnoclipError("no classes given; pass --classes a,b,c or --classes-file FILE")
     created = ensure_writable_folder(opts.out)
+    old_bank: list[PromptBank | None] = [None]
+
+    def read(folder: Path) -> Manifest | None:
+        manifest, old_bank[0] = _read_old(folder, opts.force)
+        return manifest
+
     try:
-        with folder_lock(opts.out):
-            old, old_bank = _read_old(opts.out, opts.force)
-            remove_unreferenced(opts.out, set(old.files) if old else set())  # what killed runs left
-            return _export_locked(opts, command, progress, old, old_bank)
+        with transaction(opts.out, report=progress, read=read) as tx:
+            return _export_locked(opts, command, progress, tx, old_bank[0])
     except BaseException:
         if created and not has_manifest(opts.out):
             shutil.rmtree(opts.out, ignore_errors=True)
         raise
 
 
-def _export_locked(opts: ExportOptions, command: str, progress, old: Manifest | None,
+def _export_locked(opts: ExportOptions, command: str, progress, tx: FolderTransaction,
                    old_bank: PromptBank | None) -> Manifest:
     import open_clip
     import torch
 
+    old = tx.old
     progress(f"creating {opts.backbone} with weights '{resolve_pretrained(opts.backbone, opts.pretrained)}'")
     torch.manual_seed(opts.seed)  # random weights (`--pretrained none`) repeat from run to run
     loaded = load_model(opts.backbone, opts.pretrained)
@@ -274,10 +285,10 @@ def _export_locked(opts: ExportOptions, command: str, progress, old: Manifest | 
         return old
     if not kept and not to_encode:
         raise AnoclipError(f"the export would leave {opts.out} without classes; pass --classes")
-    with staging_folder(opts.out) as staging:
+    with tx.staging() as staging:
         if reuse_visual:
             progress(f"visual model in {opts.out} is up to date; writing prompts only")
-            manifest = old
+            manifest = tx.manifest
         else:
             entries = _export_visual(opts, loaded, staging, progress)
             geometry = next(iter(entries.values()))[1]
@@ -287,7 +298,7 @@ def _export_locked(opts: ExportOptions, command: str, progress, old: Manifest | 
                 embed_dim=geometry.embed_dim, width=geometry.width, layers=geometry.layers, heads=geometry.heads,
                 models={name: entry for name, (entry, _) in entries.items()},
                 checkpoint_sha256=loaded.checkpoint_sha256, visual_weights_sha256=loaded.weights_sha256("visual"),
-                history=list(old.history) if old else [], thresholds=old.thresholds if old else "",
+                history=list(old.history) if old else [],
             )
             if old is not None and TTA_GRAPH in old.models and not opts.tta:
                 manifest.models[TTA_GRAPH] = old.models[TTA_GRAPH]  # class- and weight-independent
@@ -303,50 +314,22 @@ def _export_locked(opts: ExportOptions, command: str, progress, old: Manifest | 
         bank = PromptBank(dict(sorted(classes.items())), loaded.backbone, loaded.pretrained, manifest.embed_dim)
         write_prompts(staging / PROMPTS, bank, {"open_clip_version": open_clip.__version__,
                                                 TEXT_WEIGHTS_KEY: loaded.weights_sha256("text")})
-        placed = place(staging, opts.out)
+        placed = {path.name: tx.add_file(path.name, path, move=True) for path in sorted(staging.iterdir())}
     import onnx
     import onnxruntime
 
     for entry in manifest.models.values():
-        if entry.file in placed:
-            entry.file = placed[entry.file][0]
-    manifest.prompts = placed[PROMPTS][0]
-    shas = {**(old.files if old else {}), **dict(placed.values())}
-    _carry_derived(old, manifest, shas, progress, opts.out)
-    named = [entry.file for entry in manifest.models.values()] + [manifest.prompts]
-    if manifest.thresholds in shas:  # the calibration's thresholds stay; where the visual model or a
-        named.append(manifest.thresholds)  # class's prompts changed, loading warns that they are stale
-    else:
-        manifest.thresholds = ""
-    manifest.files = {name: shas[name] for name in named}
+        entry.file = placed.get(entry.file, entry.file)
+    manifest.prompts = placed[PROMPTS]
     manifest.format_version = FORMAT_VERSION
     manifest.versions = {"anoclip": _version(), "open_clip": open_clip.__version__, "torch": torch.__version__,
                          "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     if not reuse_visual or not manifest.command:  # the run that exported the visual model
         manifest.command, manifest.created = command, now
-    manifest.history.append(f"{now} {command}")
-    write_manifest(opts.out, manifest)  # the commit point
-    sync_folder(opts.out)
-    remove_unreferenced(opts.out, set(manifest.files))
+    tx.manifest = manifest
+    tx.commit(command)
     return manifest
-
-
-def _carry_derived(old: Manifest | None, manifest: Manifest, shas: dict[str, str], progress, folder: Path) -> None:
-    """The reduced-precision models (``visual_int8``, ``visual_fp16``) made from the folder's visual
-    model stay while the visual model is the one they were made from (the same sha256: a re-export
-    that left it unchanged); made from a visual model that changed, they are dropped, with a word."""
-    if old is None or manifest is old:  # the visual model was kept, and with it the models made from it
-        return
-    visual_sha = shas[manifest.models[VISUAL].file]
-    for name, entry in old.models.items():
-        if not entry.source_sha256 or name in manifest.models:
-            continue
-        if entry.source_sha256 == visual_sha and entry.file in shas:
-            manifest.models[name] = entry
-            continue
-        make = MAKE_MODEL.get(name, "anoclip calibrate ... --artifacts {folder}").format(folder=folder)
-        progress(f"dropping {name}: it was made from the previous visual model; make it anew with `{make}`")
 
 
 def _version() -> str:

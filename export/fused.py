@@ -31,6 +31,7 @@ import numpy as np
 
 from anoclip.runtime.artifacts import FUSED, FUSED_FILE, VISUAL, ModelEntry, load_artifacts
 from anoclip.runtime.errors import AnoclipError
+from anoclip.runtime.folder import store_derived_model
 from anoclip.runtime.fused import METHOD_VERSION, OUTPUTS
 from anoclip.runtime.scoring import l2_normalise, map_matrices
 from anoclip.runtime.thresholds import text_features_sha256
@@ -138,8 +139,6 @@ def fuse_folder(folder: str | Path, classes: Sequence[str] | None = None, *, pat
     an artifact folder as model ``fused`` (file ``anoclip.<sha>.onnx``); the file name and its entry."""
     import onnx
 
-    from anoclip.calibration.derived import store_model
-
     folder = Path(folder)
     artifacts = load_artifacts(folder, models=[VISUAL], load_thresholds=False)
     manifest, bank = artifacts.manifest, artifacts.prompts
@@ -182,7 +181,7 @@ def fuse_folder(folder: str | Path, classes: Sequence[str] | None = None, *, pat
         staged = Path(tmp) / FUSED_FILE
         onnx.save(model, str(staged))
         del model
-        file = store_model(folder, FUSED, staged, entry, source_sha, command, file_name=FUSED_FILE)
+        file = store_derived_model(folder, FUSED, staged, entry, command, base_name=FUSED_FILE, report=report)
     report(f"wrote {folder / file} in {time.perf_counter() - started:.1f} s")
     return file, entry
 

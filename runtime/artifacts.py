@@ -1,14 +1,15 @@
 """The artifact folder: its manifest, the checks that its files belong together, and loading it
 (the prompt weights file itself is ``prompt_weights``).
 
-The runtime owns these formats; the exporter writes them through this module so that the reader
-and the writer cannot drift apart.
+The runtime owns these formats; every writer (export, calibrations, build-engine, fuse) commits
+through the folder's one transaction (``folder``), built on this module, so that the reader and
+the writers cannot drift apart.
 
 Layout of one artifact folder (file names carry the first 12 hex digits of their sha256, so a
 new export never overwrites a file that the current manifest names)::
 
     manifest.json                  what was exported, how, the name and sha256 of every file;
-                                   written last: replacing it is the one commit point of an export
+                                   written last: replacing it is the one commit point of every writer
     visual.<sha>.onnx              image [B,3,H,W] -> image_embeds [B,D], patch_embeds [B,M,D]
     visual_qkv.<sha>.onnx          optional plain-CLIP baseline (patch_embeds are the QKV tokens)
     tta.<sha>.onnx                 optional AnoCLIP+ adapter loop as one graph (class-independent)
@@ -23,6 +24,9 @@ new export never overwrites a file that the current manifest names)::
     prompts.<sha>.safetensors      text_features/<class> [2,D] (t+, t-), prompt_features/<class> [2N,D]
     thresholds.<sha>.json          optional, from `anoclip calibrate threshold`: per class image and
                                    pixel thresholds and their provenance (``thresholds``)
+    visual_<prec>.<sha>.engine     optional TensorRT plan bytes from `anoclip build-engine`, with its
+                                   ``.engine.json`` sidecar (TensorRT, GPU, profile, the model file it
+                                   was built from)
 
 Folders of format version 1 (``visual.onnx``, ``prompts.safetensors``) still load.
 """
@@ -42,8 +46,8 @@ from .integrity import VerificationRecord, onnx_external_files, resolve_inside, 
 from .plumbing import atomic_write_bytes
 from .prompt_weights import PromptBank, read_prompts
 from .thresholds import ThresholdTable, read_thresholds
-from .vocabulary import (FUSED, PRECISION_MODELS, PRECISIONS, TTA_GRAPH, VISUAL, VISUAL_FP16, VISUAL_INT8,  # noqa: F401
-                         VISUAL_QKV, precision_model)
+from .vocabulary import (DERIVED_MODELS, FUSED, KINDS, PRECISION_MODELS, PRECISIONS, TTA_GRAPH, VISUAL,  # noqa: F401
+                         VISUAL_FP16, VISUAL_INT8, VISUAL_QKV, precision_model)
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +56,7 @@ READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 PROMPTS = "prompts.safetensors"
 FUSED_FILE = "anoclip.onnx"  # the fused model's file: anoclip.<sha>.onnx
-MAKE_MODEL = {VISUAL_INT8: "anoclip calibrate int8 --artifacts {folder} --images <frames of the scene>",
-              VISUAL_FP16: "anoclip calibrate fp16 --artifacts {folder}",
-              FUSED: "anoclip fuse --artifacts {folder}"}
+MAKE_MODEL = {name: KINDS[name].remake for name in DERIVED_MODELS}  # the command that makes each derived model
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,13 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ArtifactError
-from .vocabulary import PRECISIONS
+from .vocabulary import KINDS, PRECISIONS
 
 log = logging.getLogger(__name__)
 
 SIDECAR_FORMAT = "anoclip-engine"
 SIDECAR_FORMAT_VERSION = 1
-ENGINE_NAME = re.compile(r"^visual_(fp32|fp16|int8)\.[0-9a-f]{12}\.engine$")
+ENGINE_NAME = KINDS["engine"].pattern
 SIDECAR_SUFFIX = ".json"
 
 

@@ -156,21 +156,12 @@ def read_thresholds(path: str | os.PathLike) -> ThresholdTable:
         raise ArtifactError(f"{path} is not a valid thresholds file ({exc}); {fix}") from None
 
 
-def write_thresholds(folder: str | os.PathLike, table: ThresholdTable) -> tuple[str, str]:
-    """Write ``table`` atomically into ``folder`` under its content-addressed name; (name, sha256).
-
-    Nothing refers to the file until a manifest names it (the caller's commit point).
-    """
-    from .artifacts import content_addressed
-    from .plumbing import atomic_write_bytes
-
+def threshold_bytes(table: ThresholdTable) -> bytes:
+    """The file content of ``table`` (stored by the folder's transaction as ``thresholds.<sha>.json``);
+    a ValueError rather than anything the reader would refuse."""
     text = table.to_json()
-    ThresholdTable.from_dict(json.loads(text))  # never write what the reader would refuse (ValueError)
-    data = text.encode()
-    sha = hashlib.sha256(data).hexdigest()
-    name = content_addressed(THRESHOLDS, sha)
-    atomic_write_bytes(Path(folder) / name, data)
-    return name, sha
+    ThresholdTable.from_dict(json.loads(text))
+    return text.encode()
 
 
 def _check(ok: bool, message: str) -> None:

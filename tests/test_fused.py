@@ -287,12 +287,13 @@ def test_fuse_refuses_bad_requests_and_leaves_the_folder(tiny_artifacts, tmp_pat
     assert len(result) == 3 and list(result[0].per_class) == ["bottle", "carpet"]
 
 
-def test_fused_model_of_dropped_class_is_stale(fused_artifacts, tmp_path, export_cli):
+def test_fused_model_of_dropped_class_is_dropped_with_a_line(fused_artifacts, tmp_path, export_cli):
     folder = copy_artifacts(fused_artifacts, tmp_path / "a")
     result = export_cli(["--model-config", str(TINY_CONFIG), "--pretrained", "none", "--drop-classes", "screw",
                          "--dynamic-batch", "--out", str(folder)])
     assert result.exit_code == 0, result.output
-    with pytest.raises(ArtifactError, match="class screw of the fused model was dropped from the prompt weights"):
+    assert "dropping fused: class(es) screw were re-encoded or removed" in result.output
+    with pytest.raises(ArtifactError, match="model 'fused' is not in .*make it with `anoclip fuse"):
         Detector.load(folder, backend="cpu", model="fused")
     result = export_cli(["--model-config", str(TINY_CONFIG), "--pretrained", "none", "--dynamic-batch", "--fused",
                          "--out", str(folder)])

@@ -539,66 +539,6 @@ def test_concurrent_export_is_one_line(folder):
     assert proc.returncode == 1 and "another anoclip process is writing" in one_error_line(proc.stderr)
 
 
-KILL_CHILD = r"""
-import os, signal, sys
-import anoclip.export.cli as cli
-import anoclip.export.exporter as exporter
-
-point = sys.argv[1]
-def die(*args, **kwargs):
-    os.kill(os.getpid(), signal.SIGKILL)
-def nth_call(fn, n):
-    calls = []
-    def wrapped(*args, **kwargs):
-        calls.append(1)
-        return die() if len(calls) == n else fn(*args, **kwargs)
-    return wrapped
-if point == "tracing":
-    import anoclip.export.onnx_export as onnx_export
-    onnx_export.export_onnx = die
-elif point == "encoding":
-    exporter._encode_classes = die
-elif point == "placing":  # right after the first file is moved into the folder
-    import types
-    import anoclip.export.folder as folder
-    def replace_then_die(*args):
-        os.replace(*args)
-        die()
-    folder.os = types.SimpleNamespace(**{k: getattr(os, k) for k in dir(os) if not k.startswith("__")})
-    folder.os.replace = replace_then_die
-elif point == "committing":
-    exporter.write_manifest = die
-elif point == "cleaning":
-    exporter.remove_unreferenced = nth_call(exporter.remove_unreferenced, 2)
-sys.argv = ["anoclip-export", *sys.argv[2:]]
-cli.main()
-"""
-
-
-@pytest.mark.parametrize("extra", [[], ["--force"]], ids=["adding", "adding-with-new-visual"])
-def test_export_killed_at_any_point_loads_the_old_or_the_new_classes(folder, extra):
-    pytest.importorskip("open_clip")
-    old, new = ["bottle", "carpet"], ["bottle", "carpet", "hazelnut"]
-    points = ["tracing", "encoding", "placing", "committing", "cleaning"] if extra else \
-        ["encoding", "placing", "committing", "cleaning"]
-    args = ["--model-config", str(TINY_CONFIG), "--pretrained", "none", "--out", str(folder), "--classes",
-            "hazelnut", *extra]
-    for point in points:
-        proc = subprocess.run([sys.executable, "-c", KILL_CHILD, point, *args], capture_output=True, text=True,
-                              timeout=300)
-        assert proc.returncode == -9, (point, proc.stderr)
-        assert classes(folder) == (new if point == "cleaning" else old), point
-        if point == "placing":
-            assert any(p.name.startswith(".staging-") for p in folder.iterdir())  # left by the killed runs
-        if point == "cleaning":  # committed: start over from the old set
-            assert export(folder, "--drop-classes", "hazelnut").returncode == 0
-    proc = export(folder, "--classes", "hazelnut", *extra)
-    assert proc.returncode == 0, proc.stderr
-    assert classes(folder) == new
-    manifest = read_manifest(folder)
-    assert owned_files(folder) == sorted(set(manifest.files))  # staging, temporary and old files cleaned
-
-
 def test_format_1_folder_loads_and_is_upgraded(folder, image, tmp_path):
     manifest = read_manifest(folder)
     renames = {}

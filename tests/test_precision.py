@@ -377,7 +377,7 @@ def test_calibrating_again_replaces_the_model_file(reduced, frames, tmp_path):
 
 def test_an_interrupted_commit_or_a_changed_visual_model_leaves_the_folder_as_it_was(tiny_artifacts, frames,
                                                                                     tmp_path, monkeypatch):
-    import anoclip.calibration.derived as derived
+    import anoclip.runtime.folder as folder_module
     from anoclip.calibration.int8 import calibrate_int8
     from anoclip.runtime.artifacts import ModelEntry
     from anoclip.runtime.errors import AnoclipError
@@ -388,7 +388,7 @@ def test_an_interrupted_commit_or_a_changed_visual_model_leaves_the_folder_as_it
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(derived, "write_manifest", killed)
+    monkeypatch.setattr(folder_module, "write_manifest", killed)
     with pytest.raises(KeyboardInterrupt):
         calibrate_int8(folder, [str(frames)], frames=8, parity_frames=2, report=lambda line: None)
     assert folder_state(folder) == before  # the model file written before the commit is gone again
@@ -396,8 +396,8 @@ def test_an_interrupted_commit_or_a_changed_visual_model_leaves_the_folder_as_it
     staged = tmp_path / "staged.onnx"
     staged.write_bytes(b"not used")
     entry = ModelEntry(file="", inputs={}, outputs={}, patch_tokens="vv", precision="int8", source_sha256="1" * 64)
-    with pytest.raises(AnoclipError, match="changed while calibrating.*nothing was written"):
-        derived.store_model(folder, "visual_int8", staged, entry, "1" * 64, "anoclip calibrate int8")
+    with pytest.raises(AnoclipError, match="changed while this ran.*nothing was written"):
+        folder_module.store_derived_model(folder, "visual_int8", staged, entry, "anoclip calibrate int8")
     assert folder_state(folder) == before
 
 

@@ -4,6 +4,7 @@ hold them, their provenance, when they are (not) applied, and the calibrate and 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ from anoclip.runtime.errors import AnoclipError, ArtifactError
 from anoclip.runtime.integrity import sha256_file
 from anoclip.runtime.overlay import REGION_RGB, draw_regions
 from anoclip.runtime.decision import ClassThreshold, decide, find_regions
-from anoclip.runtime.thresholds import ThresholdTable, read_thresholds, text_features_sha256, write_thresholds
+from anoclip.runtime.thresholds import ThresholdTable, read_thresholds, text_features_sha256, threshold_bytes
 from anoclip.runtime.tta import TTAConfig
 
 from conftest import TINY_CONFIG, copy_artifacts, one_error_line, run_cli
@@ -205,7 +206,10 @@ def test_thresholds_of_another_model_file_are_not_applied(folder, caplog):
     record, _ = calibrate_threshold(detector, "bottle", [rgb(normal_frame(i)) for i in range(4)])
     # what an export of other visual weights leaves: thresholds that name another model file
     record.model_sha256 = "0" * 64
-    name, sha = write_thresholds(folder, ThresholdTable({"bottle": record}))
+    data = threshold_bytes(ThresholdTable({"bottle": record}))
+    sha = hashlib.sha256(data).hexdigest()
+    name = f"thresholds.{sha[:12]}.json"
+    (folder / name).write_bytes(data)
     manifest = read_manifest(folder)
     manifest.files[name] = sha
     manifest.thresholds = name
