@@ -34,3 +34,23 @@ class Counts(click.ParamType):
         if not all(part.strip().isdigit() and int(part) > 0 for part in parts):
             self.fail(f"{value!r}: write positive whole numbers separated by commas, e.g. 1,4,8", param, ctx)
         return tuple(int(part) for part in parts)
+
+
+
+def throughput_options(artifacts_help: str, backend_default: str, threads_help: str):
+    """What the throughput benchmarks share: ``--artifacts`` (default artifacts/demo, which the README's
+    first command writes), ``--class``, ``--backend``, ``--threads`` and ``--json``, in this order."""
+    from anoclip.runtime.backends import BACKEND_CHOICES
+
+    def decorate(command):
+        command = click.option("--json", "as_json", is_flag=True,
+                               help="Print the result as JSON instead of the table.")(command)
+        command = click.option("--threads", default=None, type=click.IntRange(min=1), help=threads_help)(command)
+        command = click.option("--backend", default=backend_default, show_default=True,
+                               type=click.Choice(BACKEND_CHOICES))(command)
+        command = click.option("--class", "cls", default=None,
+                               help="Class to score (default: the first in the prompt weights).")(command)
+        return click.option("--artifacts", default="artifacts/demo", show_default=True,
+                            type=click.Path(file_okay=False), help=artifacts_help)(command)
+
+    return decorate

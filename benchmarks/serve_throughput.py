@@ -28,8 +28,7 @@ import click
 import numpy as np
 
 from anoclip.benchmarks.latency.timing import Timing, machine_info
-from anoclip.benchmarks.options import Counts, FrameSize
-from anoclip.runtime.backends import BACKEND_CHOICES
+from anoclip.benchmarks.options import Counts, FrameSize, throughput_options
 from anoclip.runtime.detector import Detector
 from anoclip.runtime.errors import AnoclipError
 
@@ -158,9 +157,8 @@ def report_lines(result: dict) -> list[str]:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--artifacts", default="artifacts/demo", show_default=True, type=click.Path(file_okay=False),
-              help="Artifact folder written by anoclip-export (--dynamic-batch lets the server batch).")
-@click.option("--class", "cls", default=None, help="Class to score (default: the first in the prompt weights).")
+@throughput_options("Artifact folder written by anoclip-export (--dynamic-batch lets the server batch).", "cpu",
+                    "CPU threads for onnxruntime (both sides).")
 @click.option("--requests", default=200, show_default=True, type=click.IntRange(min=8),
               help="Requests per measurement (local, and each client count).")
 @click.option("--clients", "client_counts", default="1,4,8", show_default=True, type=Counts(),
@@ -174,11 +172,8 @@ def report_lines(result: dict) -> list[str]:
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-queue-delay-us", default=2000, show_default=True, type=click.IntRange(min=0))
 @click.option("--instances", default=1, show_default=True, type=click.IntRange(min=1))
-@click.option("--backend", default="cpu", show_default=True, type=click.Choice(BACKEND_CHOICES))
-@click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads for onnxruntime (both sides).")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of the table.")
-def main(artifacts, cls, requests, client_counts, size, protocol, server_python, max_batch, max_queue_delay_us,
-         instances, backend, threads, as_json):
+def main(artifacts, cls, backend, threads, as_json, requests, client_counts, size, protocol, server_python, max_batch,
+         max_queue_delay_us, instances):
     from anoclip.runtime.plumbing import configure_logging
 
     configure_logging(False)

@@ -29,8 +29,7 @@ import numpy as np
 
 from anoclip.benchmarks.accuracy.synthetic import make_clip
 from anoclip.benchmarks.latency.timing import machine_info
-from anoclip.benchmarks.options import Counts, FrameSize
-from anoclip.runtime.backends import BACKEND_CHOICES
+from anoclip.benchmarks.options import Counts, FrameSize, throughput_options
 from anoclip.runtime.detector import Detector
 from anoclip.runtime.stream import StreamOptions, StreamPipeline, parse_source
 from anoclip.runtime.stream.events import FrameEvent, Sink
@@ -163,9 +162,7 @@ def report_lines(result: dict) -> list[str]:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--artifacts", default="artifacts/demo", show_default=True, type=click.Path(file_okay=False),
-              help="Artifact folder (the README's first command writes artifacts/demo).")
-@click.option("--class", "cls", default=None, help="Class to score (default: the first in the prompt weights).")
+@throughput_options("Artifact folder written by anoclip-export.", "auto", "CPU threads for onnxruntime.")
 @click.option("--frames", default=120, show_default=True, type=click.IntRange(min=8),
               help="Frames of the clip timed for throughput.")
 @click.option("--rss-frames", default=2000, show_default=True, type=click.IntRange(min=0),
@@ -173,10 +170,7 @@ def report_lines(result: dict) -> list[str]:
 @click.option("--sources", "source_counts", default="1,4", show_default=True, type=Counts(),
               help="Numbers of sources to time (comma-separated); each reads the same clip.")
 @click.option("--size", default="640x480", show_default=True, type=FrameSize(), help="WIDTHxHEIGHT of the clip's frames.")
-@click.option("--backend", default="auto", show_default=True, type=click.Choice(BACKEND_CHOICES))
-@click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads for onnxruntime.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of the table.")
-def main(artifacts, cls, frames, rss_frames, source_counts, size, backend, threads, as_json):
+def main(artifacts, cls, backend, threads, as_json, frames, rss_frames, source_counts, size):
     """Frames per second of `anoclip stream` against the model alone, its added latency and its memory."""
     from anoclip.runtime.plumbing import configure_logging
 
