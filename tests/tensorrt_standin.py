@@ -22,7 +22,8 @@ What it imitates, from TensorRT's documented Python API (10.3 and the 10.x -> 11
   fp32 model therefore gives fp32 numbers here, unlike a real engine).
 * ``cuda.bindings.runtime``: ``cudaMallocHost`` / ``cudaMalloc`` return addresses of real host
   memory (so the backend's ``ctypes`` views and ``cudaMemcpyAsync`` work), streams, error codes as
-  ``(cudaError_t, value...)`` tuples, ``cudaGetErrorName``.
+  ``(cudaError_t, value...)`` tuples, ``cudaGetErrorName``; ``cuda.bindings.utils``'s
+  ``get_cuda_native_handle`` (the stream's address, which ``int()`` no longer should give).
 
 Every call is appended to :attr:`StandIn.calls` as ``(name, detail)``, so tests can assert what was
 called, with what, and what was not.
@@ -73,8 +74,17 @@ class StandIn:
         cuda = types.ModuleType("cuda")
         bindings = types.ModuleType("cuda.bindings")
         cuda.__path__, bindings.__path__ = [], []  # packages, as the real namespace is
-        cuda.bindings, bindings.runtime = bindings, self.cudart
-        return {"tensorrt": self.trt, "cuda": cuda, "cuda.bindings": bindings, "cuda.bindings.runtime": self.cudart}
+        utils = types.ModuleType("cuda.bindings.utils")
+        utils.__doc__ = "STAND-IN for cuda-python's cuda.bindings.utils (tests/tensorrt_standin.py)."
+
+        def get_cuda_native_handle(obj):
+            self.record("get_cuda_native_handle", type(obj).__name__)
+            return obj.handle
+
+        utils.get_cuda_native_handle = get_cuda_native_handle
+        cuda.bindings, bindings.runtime, bindings.utils = bindings, self.cudart, utils
+        return {"tensorrt": self.trt, "cuda": cuda, "cuda.bindings": bindings, "cuda.bindings.runtime": self.cudart,
+                "cuda.bindings.utils": utils}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -470,11 +480,19 @@ class cudaMemcpyKind(enum.IntEnum):  # noqa: N801 - cuda-python's name
 
 
 class cudaStream_t:  # noqa: N801 - cuda-python's name
+    """A stream; its address through ``cuda.bindings.utils.get_cuda_native_handle`` (``int()`` of it
+    is deprecated since cuda-python 12.9.1, so the stand-in refuses it)."""
+
     def __init__(self, handle: int):
         self.handle = handle
 
     def __int__(self):
-        return self.handle
+        raise AssertionError("int(stream) is deprecated in cuda-python; use get_cuda_native_handle")
+
+
+def _handle(stream) -> int:
+    """A stream argument as cuda-python takes it: a ``cudaStream_t`` or its address."""
+    return stream.handle if isinstance(stream, cudaStream_t) else int(stream)
 
 
 def _cudart_module(standin: StandIn) -> types.ModuleType:
@@ -504,7 +522,8 @@ def _cudart_module(standin: StandIn) -> types.ModuleType:
         standin.record("cudaMemcpyAsync", (cudaMemcpyKind(kind).name, int(nbytes)))
         dst_kind, src_kind = {cudaMemcpyKind.cudaMemcpyHostToDevice: ("device", "host"),
                               cudaMemcpyKind.cudaMemcpyDeviceToHost: ("host", "device")}[cudaMemcpyKind(kind)]
-        if int(stream) not in streams or not inside(dst_kind, int(dst), nbytes) or not inside(src_kind, int(src), nbytes):
+        if _handle(stream) not in streams or not inside(dst_kind, int(dst), nbytes) or not inside(src_kind, int(src),
+                                                                                                    nbytes):
             return (cudaError_t.cudaErrorInvalidValue,)
         ctypes.memmove(int(dst), int(src), int(nbytes))
         return (ok,)
@@ -517,11 +536,11 @@ def _cudart_module(standin: StandIn) -> types.ModuleType:
 
     def stream_call(name):
         def call(stream):
-            standin.record(name, int(stream))
-            if int(stream) not in streams:
+            standin.record(name, _handle(stream))
+            if _handle(stream) not in streams:
                 return (cudaError_t.cudaErrorInvalidResourceHandle,)
             if name == "cudaStreamDestroy":
-                streams.discard(int(stream))
+                streams.discard(_handle(stream))
             return (ok,)
         return call
 

@@ -193,6 +193,7 @@ def test_buffers_and_streams_are_released(standin, tiny_artifacts, tmp_path, rgb
     detector = Detector.load(folder, backend="tensorrt-native", precision="fp32")
     assert detector.precision == "fp32" and "TensorRT 10.3.0.30 native [fp32" in detector.backend.describe()
     detector.predict(rgb_image, "bottle")
+    assert set(trt.called("get_cuda_native_handle")) == {"cudaStream_t"}  # its address, not int(stream)
     detector.backend.close()
     assert not trt.cudart.allocations["host"] and not trt.cudart.allocations["device"]
     assert trt.called("cudaStreamDestroy") == trt.called("cudaStreamCreate")[-1:]

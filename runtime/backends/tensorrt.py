@@ -77,6 +77,17 @@ class Cuda:
     def device_count(self) -> int:
         return int(self.check("cudaGetDeviceCount", self.rt.cudaGetDeviceCount()))
 
+    @staticmethod
+    def handle(obj) -> int:
+        """The address behind a cuda-python object such as a stream, as TensorRT takes it:
+        ``cuda.bindings.utils.get_cuda_native_handle`` (cuda-python >= 12.9.1, where ``int()`` of
+        the object is deprecated), else ``int()``."""
+        try:
+            from cuda.bindings.utils import get_cuda_native_handle
+        except ImportError:
+            return int(obj)
+        return int(get_cuda_native_handle(obj))
+
 
 class _Buffer:
     """One I/O tensor: pinned host memory viewed as a numpy array, and device memory of the same size."""
@@ -181,7 +192,7 @@ class EngineRunner:
         to_device, to_host = rt.cudaMemcpyKind.cudaMemcpyHostToDevice, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
         used = source.nbytes // self.max_batch * size
         check("cudaMemcpyAsync", rt.cudaMemcpyAsync(source.device_ptr, source.host_ptr, used, to_device, self.stream))
-        if not self.context.execute_async_v3(int(self.stream)):
+        if not self.context.execute_async_v3(self.cuda.handle(self.stream)):
             raise BackendError("TensorRT failed to run the engine (its log above says why)")
         shapes = {}
         for name in self.outputs:
