@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from anoclip.runtime.cli import detector_options, tta_config_from
+from anoclip.runtime.options import detector_options, tta_config_from
 from anoclip.runtime.plumbing import configure_logging, given_command, run_guarded
 from anoclip.runtime.preprocess import DEFAULT_MAX_PIXELS
 

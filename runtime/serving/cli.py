@@ -8,7 +8,7 @@ import re
 
 import click
 
-from anoclip.runtime.cli import detector_options, tta_config_from
+from anoclip.runtime.options import detector_options, tta_config_from
 from anoclip.runtime.errors import AnoclipError
 from anoclip.runtime.plumbing import configure_logging
 from anoclip.runtime.preprocess import DEFAULT_MAX_PIXELS

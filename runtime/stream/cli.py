@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from ..cli import detector_options, load_detector, server_option, threshold_options, tta_config_from
+from ..options import detector_options, load_detector, server_option, threshold_options, tta_config_from
 from ..plumbing import configure_logging
 from .pipeline import StreamOptions, StreamPipeline
 from .sources import parse_source
