@@ -463,7 +463,7 @@ def test_the_same_plan_twice_is_kept_once(tiny_artifacts, tmp_path):
 
 
 def test_a_failed_commit_leaves_the_folder_as_it_was(tiny_artifacts, tmp_path, monkeypatch):
-    import anoclip.calibration.engine as engine_module
+    import anoclip.runtime.folder as folder_module
 
     folder = copy_artifacts(tiny_artifacts, tmp_path / "a")
     before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
@@ -471,7 +471,7 @@ def test_a_failed_commit_leaves_the_folder_as_it_was(tiny_artifacts, tmp_path, m
     def broken(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(engine_module, "write_manifest", broken)
+    monkeypatch.setattr(folder_module, "write_manifest", broken)  # the commit point of the folder's transaction
     with pytest.raises(OSError):
         _stored(folder)
     after = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
