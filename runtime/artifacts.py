@@ -34,10 +34,9 @@ Folders of format version 1 (``visual.onnx``, ``prompts.safetensors``) still loa
 from __future__ import annotations
 
 import json
-import math
 import logging
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +44,8 @@ from .errors import ArtifactError
 from .integrity import VerificationRecord, onnx_external_files, resolve_inside, verify_file
 from .plumbing import atomic_write_bytes
 from .prompt_weights import PromptBank, read_prompts
+from .strict_json import (build, choice, either, flag, integer, integers, list_of, mapping, need, null, numbers, parse,
+                          plain_object, sha256, text)
 from .thresholds import ThresholdTable, read_thresholds
 from .vocabulary import (DERIVED_MODELS, FUSED, KINDS, PRECISION_MODELS, PRECISIONS, TTA_GRAPH, VISUAL,  # noqa: F401
                          VISUAL_FP16, VISUAL_INT8, VISUAL_QKV, precision_model)
@@ -140,105 +141,35 @@ class Manifest:
                 f"manifest format version {version} is not one this runtime reads "
                 f"({', '.join(map(str, READABLE_VERSIONS))}); re-export with this release's `anoclip-export`"
             )
-        known = {f.name for f in fields(cls)}
         try:
-            unknown = sorted(set(data) - known)
-            _check(not unknown, f"unknown fields {unknown}")
-            data = {k: _FIELD_CHECKS.get(k, _any)(k, v) for k, v in data.items()}
-            return cls(**data)
+            return build(cls, data, _FIELD_CHECKS)
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"manifest is malformed ({exc}); re-export with `anoclip-export`") from None
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
-
-
-def _any(key: str, value: Any) -> Any:
-    return value
-
-
-def _typed(kind: type | tuple[type, ...]):
-    def check(key: str, value: Any) -> Any:
-        _check(isinstance(value, kind) and not (kind is int and isinstance(value, bool)),
-               f"{key} must be {getattr(kind, '__name__', kind)}, got {type(value).__name__}")
-        return value
-    return check
-
-
-def _positive_ints(count: int):
-    def check(key: str, value: Any) -> tuple[int, ...]:
-        _check(isinstance(value, list) and len(value) == count
-               and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value),
-               f"{key} must be {count} positive integers, got {value!r}")
-        return tuple(value)
-    return check
-
-
-def _floats(count: int, positive: bool = False):
-    def check(key: str, value: Any) -> tuple[float, ...]:
-        _check(isinstance(value, list) and len(value) == count
-               and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                       and (v > 0 or not positive) for v in value),
-               f"{key} must be {count} finite{' positive' if positive else ''} numbers, got {value!r}")
-        return tuple(float(v) for v in value)
-    return check
-
-
-def _positive_int(key: str, value: Any) -> int:
-    _check(isinstance(value, int) and not isinstance(value, bool) and value > 0, f"{key} must be a positive integer")
-    return value
-
-
-def _str_map(key: str, value: Any) -> dict[str, str]:
-    _check(isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()),
-           f"{key} must map names to strings")
-    return value
-
-
-def _hashes(key: str, value: Any) -> dict[str, str]:
-    _str_map(key, value)
-    bad = [k for k, v in value.items() if len(v) != 64 or any(c not in "0123456789abcdef" for c in v)]
-    _check(not bad, f"{key}: {bad[0] if bad else ''} has no sha256")
-    return value
-
-
-def _shapes(key: str, value: Any) -> dict[str, list[int]]:
-    _check(isinstance(value, dict) and all(
-        isinstance(k, str) and isinstance(v, list) and all(isinstance(d, int) and not isinstance(d, bool) for d in v)
-        for k, v in value.items()), f"{key} must map names to lists of integers")
-    return value
-
-
 def _models(key: str, value: Any) -> dict[str, ModelEntry]:
-    _check(isinstance(value, dict) and value, f"{key} must be a non-empty object")
+    need(isinstance(value, dict) and value, f"{key} must be a non-empty object")
     entries = {}
     for name, entry in value.items():
-        _check(isinstance(entry, dict), f"{key}.{name} must be an object")
-        entry = dict(entry)
-        _typed(str)(f"{key}.{name}.file", entry.get("file"))
-        for io in ("inputs", "outputs"):
-            _shapes(f"{key}.{name}.{io}", entry.get(io))
-        _typed(str)(f"{key}.{name}.patch_tokens", entry.get("patch_tokens"))
-        _check(entry.get("vv_blocks") is None or isinstance(entry["vv_blocks"], int), f"{key}.{name}.vv_blocks")
-        _check(entry.get("precision", "fp32") in PRECISIONS, f"{key}.{name}.precision must be one of {PRECISIONS}")
-        source = entry.get("source_sha256", "")
-        _check(source == "" or (isinstance(source, str) and len(source) == 64
-                                and all(c in "0123456789abcdef" for c in source)), f"{key}.{name}.source_sha256")
-        _check(isinstance(entry.get("provenance", {}), dict), f"{key}.{name}.provenance must be an object")
-        entries[name] = ModelEntry(**entry)
+        need(isinstance(entry, dict), f"{key}.{name} must be an object")
+        entries[name] = build(ModelEntry, entry, _MODEL_CHECKS)
     return entries
 
 
+_shapes = mapping(list_of(integer(), "integers"), "lists of integers")
+_MODEL_CHECKS = {
+    "file": text(), "inputs": _shapes, "outputs": _shapes, "patch_tokens": text(),
+    "vv_blocks": either(null, integer()), "opset": integer(), "precision": choice(PRECISIONS),
+    "source_sha256": either(choice([""]), sha256), "provenance": plain_object,
+}
 _FIELD_CHECKS = {
-    "backbone": _typed(str), "pretrained": _typed(str), "random_weights": _typed(bool),
-    "image_size": _positive_ints(2), "grid": _positive_ints(2), "mean": _floats(3), "std": _floats(3, positive=True),
-    "embed_dim": _positive_int, "width": _positive_int, "layers": _positive_int, "heads": _positive_int,
-    "models": _models, "files": _hashes, "prompts": _typed(str), "thresholds": _typed(str),
-    "checkpoint_sha256": _typed(str), "visual_weights_sha256": _typed(str),
-    "resize": _typed(str), "versions": _str_map, "command": _typed(str), "created": _typed(str),
-    "history": lambda k, v: [_typed(str)(k, item) for item in _typed(list)(k, v)], "format_version": _typed(int),
+    "backbone": text(), "pretrained": text(), "random_weights": flag,
+    "image_size": integers(2), "grid": integers(2), "mean": numbers(3), "std": numbers(3, positive=True),
+    "embed_dim": integer(1), "width": integer(1), "layers": integer(1), "heads": integer(1),
+    "models": _models, "files": mapping(sha256, "sha256 digests"), "prompts": text(), "thresholds": text(),
+    "checkpoint_sha256": text(), "visual_weights_sha256": text(),
+    "resize": text(), "versions": mapping(text(), "strings"), "command": text(), "created": text(),
+    "history": list_of(text(), "strings"), "format_version": integer(),
 }
 
 
@@ -251,8 +182,7 @@ def read_manifest(folder: str | os.PathLike) -> Manifest:
         raise ArtifactError(f"{path} is missing; {folder} is not a complete export, re-run `anoclip-export --out {folder}`")
     resolve_inside(folder, MANIFEST, "the folder")
     try:
-        raw = path.read_bytes()
-        data = json.loads(raw.decode("utf-8"))
+        data = parse(path.read_bytes())
     except UnicodeDecodeError:
         raise ArtifactError(f"{path} is not UTF-8 text; re-run `anoclip-export --out {folder}`") from None
     except (OSError, ValueError) as exc:

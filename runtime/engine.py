@@ -19,12 +19,12 @@ import json
 import logging
 import math
 import os
-import re
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import ArtifactError
+from .strict_json import build, choice, flag, header, integer, mapping, matching, need, parse, sha256, shape, text
 from .vocabulary import KINDS, PRECISIONS
 
 log = logging.getLogger(__name__)
@@ -116,113 +116,37 @@ class EngineSidecar:
     @classmethod
     def from_dict(cls, data: Any) -> "EngineSidecar":
         """Build a sidecar from parsed JSON, checking the type of every field (ValueError otherwise)."""
-        _need(isinstance(data, dict), f"a JSON object, not {type(data).__name__}")
-        _need(data.get("format") == SIDECAR_FORMAT, f"format is {data.get('format')!r}, not {SIDECAR_FORMAT!r}")
-        _need(data.get("format_version") == SIDECAR_FORMAT_VERSION,
-              f"format version {data.get('format_version')!r} is not {SIDECAR_FORMAT_VERSION}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        _need(not unknown, f"unknown fields {unknown}")
-        missing = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
-                   and f.name not in data]
-        _need(not missing, f"missing fields {missing}")
-        values = {key: _SIDECAR_CHECKS[key](key, value) for key, value in data.items()}
-        return cls(**values)
+        header(data, SIDECAR_FORMAT, SIDECAR_FORMAT_VERSION)
+        return build(cls, data, _SIDECAR_CHECKS)
 
 
-def _need(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
-
-
-def _str(key, value):
-    _need(isinstance(value, str), f"{key} must be a string, got {type(value).__name__}")
-    return value
-
-
-def _nonempty(key, value):
-    _need(isinstance(value, str) and value != "", f"{key} must be a non-empty string")
-    return value
-
-
-def _sha(key, value):
-    _need(isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) is not None, f"{key} must be a sha256")
-    return value
-
-
-def _bool(key, value):
-    _need(isinstance(value, bool), f"{key} must be true or false, got {type(value).__name__}")
-    return value
-
-
-def _int(minimum: int):
-    def check(key, value):
-        _need(isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
-              f"{key} must be an integer >= {minimum}, got {value!r}")
-        return value
-    return check
-
-
-def _choice(options):
-    def check(key, value):
-        _need(value in options, f"{key} must be one of {', '.join(options)}, got {value!r}")
-        return value
-    return check
-
-
-def _shape(key, value):
-    _need(isinstance(value, list) and len(value) >= 1 and all(
-        isinstance(d, int) and not isinstance(d, bool) and (d > 0 or d == -1) for d in value),
-        f"{key} must be a list of positive integers or -1")
-    return value
-
-
-def _profile(key, value):
-    _need(isinstance(value, dict) and set(value) == {"min", "opt", "max"}, f"{key} must have min, opt and max")
+def _profile(key: str, value: Any) -> BatchProfile:
+    need(isinstance(value, dict) and set(value) == {"min", "opt", "max"}, f"{key} must have min, opt and max")
     return BatchProfile(value["min"], value["opt"], value["max"])
 
 
-def _compute(key, value):
-    _need(isinstance(value, str) and re.fullmatch(r"\d+\.\d+", value) is not None,
-          f"{key} must look like 8.7, got {value!r}")
-    return value
-
-
-def _version(key, value):
-    _need(isinstance(value, str) and re.fullmatch(r"\d+\.\d+(\.\d+)*", value) is not None,
-          f"{key} must look like 10.3.0, got {value!r}")
-    return value
-
-
-def _str_map(key, value):
-    _need(isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()),
-          f"{key} must map names to strings")
-    return value
-
-
-def _parity(key, value):
-    ok = isinstance(value, dict) and all(
-        isinstance(k, str) and (isinstance(v, str) or (isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                       and math.isfinite(v)))
-        for k, v in value.items())
-    _need(ok, f"{key} must map names to strings or finite numbers")
+def _parity_value(key: str, value: Any) -> Any:
+    need(isinstance(value, str) or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                    and math.isfinite(value)), f"{key} must be a string or a finite number")
     return value
 
 
 _SIDECAR_CHECKS = {
-    "engine": _nonempty, "engine_sha256": _sha, "precision": _choice(PRECISIONS), "source_model": _nonempty,
-    "source_file": _nonempty, "source_sha256": _sha, "tensorrt_version": _version, "gpu_name": _nonempty,
-    "compute_capability": _compute, "strongly_typed": _bool, "input_name": _nonempty, "input_shape": _shape,
-    "profile": _profile, "workspace_bytes": _int(0), "built": _str, "command": _str, "fp32_layers": _int(0),
-    "version_compatible": _bool, "timing_cache": _str, "versions": _str_map, "parity": _parity,
-    "format": _str, "format_version": _int(1),
+    "engine": text(nonempty=True), "engine_sha256": sha256, "precision": choice(PRECISIONS),
+    "source_model": text(nonempty=True), "source_file": text(nonempty=True), "source_sha256": sha256,
+    "tensorrt_version": matching(r"\d+\.\d+(\.\d+)*", "10.3.0"), "gpu_name": text(nonempty=True),
+    "compute_capability": matching(r"\d+\.\d+", "8.7"), "strongly_typed": flag, "input_name": text(nonempty=True),
+    "input_shape": shape, "profile": _profile, "workspace_bytes": integer(0), "built": text(), "command": text(),
+    "fp32_layers": integer(0), "version_compatible": flag, "timing_cache": text(),
+    "versions": mapping(text(), "strings"), "parity": mapping(_parity_value, "strings or finite numbers"),
+    "format": text(), "format_version": integer(1),
 }
 
 
 def parse_sidecar(raw: bytes, shown: str, folder: str | os.PathLike) -> EngineSidecar:
     """The sidecar in ``raw``; an ArtifactError naming ``shown`` and the rebuild when it is malformed."""
     try:
-        return EngineSidecar.from_dict(json.loads(raw.decode("utf-8")))
+        return EngineSidecar.from_dict(parse(raw))
     except (UnicodeDecodeError, ValueError, TypeError) as exc:
         raise ArtifactError(f"{shown} is not a valid engine sidecar ({exc}); rebuild the engine with "
                             f"`anoclip build-engine --artifacts {folder} --precision ...`") from None

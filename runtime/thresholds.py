@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from .errors import ArtifactError
+from .strict_json import (Check, build, either, flag, header, integer, list_of, need, null, number, plain_object, sha256,
+                          text)
 
 THRESHOLDS = "thresholds.json"  # content-addressed on disk: thresholds.<first 12 hex of sha256>.json
 THRESHOLDS_FORMAT = "anoclip-thresholds"
@@ -102,21 +103,17 @@ class ThresholdTable:
     @classmethod
     def from_dict(cls, data: Any) -> "ThresholdTable":
         """Build a table from parsed JSON, checking the type of every field; ValueError if malformed."""
-        _check(isinstance(data, dict), f"a JSON {type(data).__name__}, not an object")
-        _check(data.get("format") == THRESHOLDS_FORMAT, f"format is {data.get('format')!r}, not {THRESHOLDS_FORMAT!r}")
-        _check(data.get("format_version") == THRESHOLDS_FORMAT_VERSION,
-               f"format version {data.get('format_version')!r}, this runtime reads {THRESHOLDS_FORMAT_VERSION}")
-        _check(set(data) == {"format", "format_version", "classes"}, f"fields {sorted(data)}, not format, "
-                                                                     "format_version and classes")
+        header(data, THRESHOLDS_FORMAT, THRESHOLDS_FORMAT_VERSION)
+        need(set(data) == {"format", "format_version", "classes"}, f"fields {sorted(data)}, not format, "
+                                                                   "format_version and classes")
         classes = data["classes"]
-        _check(isinstance(classes, dict), "classes must be an object")
-        known = {f.name for f in fields(ClassCalibration)}
+        need(isinstance(classes, dict), "classes must be an object")
         table = {}
         for name, record in classes.items():
-            _check(isinstance(record, dict), f"classes.{name} must be an object")
-            _check(set(record) == known, f"classes.{name}: missing {sorted(known - set(record))}, "
-                                         f"unknown {sorted(set(record) - known)}")
-            table[name] = ClassCalibration(**{k: _FIELD_CHECKS[k](f"classes.{name}.{k}", v) for k, v in record.items()})
+            try:
+                table[name] = build(ClassCalibration, record, _FIELD_CHECKS)
+            except ValueError as exc:
+                raise ValueError(f"classes.{name}: {exc}") from None
         return cls(table)
 
 
@@ -159,62 +156,17 @@ def read_thresholds(path: str | os.PathLike) -> ThresholdTable:
 def threshold_bytes(table: ThresholdTable) -> bytes:
     """The file content of ``table`` (stored by the folder's transaction as ``thresholds.<sha>.json``);
     a ValueError rather than anything the reader would refuse."""
-    text = table.to_json()
-    ThresholdTable.from_dict(json.loads(text))
-    return text.encode()
+    content = table.to_json()
+    ThresholdTable.from_dict(json.loads(content))
+    return content.encode()
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
-
-
-def _number(lo: float = -math.inf, hi: float = math.inf) -> Callable[[str, Any], float]:
-    def check(key: str, value: Any) -> float:
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-               and lo <= value <= hi, f"{key} must be a finite number in [{lo}, {hi}], got {value!r}")
-        return float(value)
-    return check
-
-
-def _count(key: str, value: Any) -> int:
-    _check(isinstance(value, int) and not isinstance(value, bool) and value > 0, f"{key} must be a positive integer")
-    return value
-
-
-def _text(key: str, value: Any) -> str:
-    _check(isinstance(value, str), f"{key} must be a string, got {type(value).__name__}")
-    return value
-
-
-def _sha(key: str, value: Any) -> str:
-    _check(isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value),
-           f"{key} must be a sha256 in hex")
-    return value
-
-
-def _flag(key: str, value: Any) -> bool:
-    _check(isinstance(value, bool), f"{key} must be true or false")
-    return value
-
-
-def _settings(key: str, value: Any) -> dict[str, Any] | None:
-    _check(value is None or (isinstance(value, dict) and all(isinstance(k, str) for k in value)),
-           f"{key} must be an object or null")
-    return value
-
-
-def _names(key: str, value: Any) -> list[str]:
-    _check(isinstance(value, list) and all(isinstance(v, str) for v in value), f"{key} must be a list of strings")
-    return value
-
-
-_FIELD_CHECKS: dict[str, Callable[[str, Any], Any]] = {
-    "image": _number(), "pixel": _number(), "frames": _count, "quantile": _number(0, 1), "margin": _number(),
-    "image_quantile_value": _number(), "pixel_quantile": _number(0, 1), "pixel_margin": _number(),
-    "pixel_quantile_value": _number(), "pixel_values": _count, "score_min": _number(), "score_max": _number(),
-    "score_mean": _number(), "model": _text, "model_sha256": _sha, "text_features_sha256": _sha, "tta": _flag,
-    "tta_settings": _settings, "tiling": _text, "smoothing_sigma": _number(0), "created": _text, "command": _text,
-    "normal": _names,
+_FIELD_CHECKS: dict[str, Check] = {
+    "image": number(), "pixel": number(), "frames": integer(1), "quantile": number(0, 1), "margin": number(),
+    "image_quantile_value": number(), "pixel_quantile": number(0, 1), "pixel_margin": number(),
+    "pixel_quantile_value": number(), "pixel_values": integer(1), "score_min": number(), "score_max": number(),
+    "score_mean": number(), "model": text(), "model_sha256": sha256, "text_features_sha256": sha256, "tta": flag,
+    "tta_settings": either(null, plain_object), "tiling": text(), "smoothing_sigma": number(0), "created": text(),
+    "command": text(), "normal": list_of(text(), "strings"),
 }
 
