@@ -308,6 +308,13 @@ def test_no_verify_reaches_the_engine(standin, tiny_artifacts, tmp_path, images,
     assert len(scores(out)) == 3 and len(reads) == 1  # the folder is opened once: by load_artifacts
 
 
+def test_engines_are_of_the_visual_model_only(standin, fused_artifacts, tmp_path, images):
+    standin(JETPACK_6)
+    code, _, err = predict(fused_artifacts, images, tmp_path, "--model", "fused", "--backend", "tensorrt-native")
+    line = error_line(err)
+    assert code != 0 and "runs engines of the visual model, not of fused" in line and "--model visual" in line
+
+
 # ----------------------------------------------------------------------------------------------
 # Batches larger than the profile run in chunks (a dynamic-batch export)
 
