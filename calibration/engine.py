@@ -38,6 +38,7 @@ from anoclip.runtime.artifacts import MAKE_MODEL, content_addressed, load_artifa
 from anoclip.runtime.engine import (GPU, BatchProfile, EngineSidecar, engine_base_name, engine_candidates,
                                     load_engine_sidecars, sidecar_name)
 from anoclip.runtime.errors import AnoclipError, BackendError
+from anoclip.runtime.fidelity import agreement
 from anoclip.runtime.folder import transaction
 from anoclip.runtime.gpu import probe_gpu, release
 from anoclip.runtime.plumbing import atomic_write_bytes
@@ -234,18 +235,13 @@ def compare_outputs(reference: dict[str, np.ndarray], got: dict[str, np.ndarray]
     largest magnitude, and smallest cosine similarity over the embedding vectors (last axis)."""
     figures = {}
     for name in ("image_embeds", "patch_embeds"):
-        ref = np.asarray(reference[name], dtype=np.float64)
-        out = np.asarray(got[name], dtype=np.float64)
-        if ref.shape != out.shape:
-            raise AnoclipError(f"the engine's {name} has shape {out.shape}, onnxruntime's {ref.shape}")
-        diff = float(np.max(np.abs(ref - out))) if ref.size else 0.0
-        scale = float(np.max(np.abs(ref))) if ref.size else 0.0
-        a, b = ref.reshape(-1, ref.shape[-1]), out.reshape(-1, out.shape[-1])
-        norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-        cosine = np.sum(a * b, axis=1) / np.where(norms > 0, norms, 1.0)
-        figures[f"{name}_max_abs"] = diff
-        figures[f"{name}_max_rel"] = diff / scale if scale > 0 else 0.0
-        figures[f"{name}_min_cosine"] = float(np.min(cosine)) if cosine.size else 1.0
+        try:
+            one = agreement(reference[name], got[name], f"the engine's {name}")
+        except ValueError as exc:
+            raise AnoclipError(str(exc).replace("the reference", "onnxruntime's")) from None
+        figures[f"{name}_max_abs"] = one.max_abs
+        figures[f"{name}_max_rel"] = one.max_rel
+        figures[f"{name}_min_cosine"] = float(np.min(one.cosines)) if one.cosines.size else 1.0
     return figures
 
 

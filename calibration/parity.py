@@ -27,6 +27,7 @@ import numpy as np
 
 from anoclip.runtime.backends import OnnxRuntimeBackend
 from anoclip.runtime.errors import AnoclipError
+from anoclip.runtime.fidelity import agreement
 from anoclip.runtime.plumbing import quiet_loggers
 from anoclip.runtime.prompt_weights import PromptBank
 from anoclip.runtime.scoring import abnormal_probability, patch_grid, upsample_bilinear
@@ -100,13 +101,6 @@ class Parity:
         return lines + [f"  gate ({gate}): {'passed' if self.passed else 'FAILED'}"]
 
 
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a.astype(np.float64).reshape(-1, a.shape[-1])
-    b = b.astype(np.float64).reshape(-1, b.shape[-1])
-    denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return np.sum(a * b, axis=1) / np.maximum(denom, 1e-30)
-
-
 def pearson(a: np.ndarray, b: np.ndarray) -> float:
     """Pearson r of two maps; 1 when both are constant and equal, 0 when only one is constant."""
     a = a.astype(np.float64).ravel() - a.mean(dtype=np.float64)
@@ -144,9 +138,8 @@ def compare(reference: tuple[np.ndarray, np.ndarray], candidate: tuple[np.ndarra
     finite = all(np.all(np.isfinite(x)) for x in (new_img, new_patch))
     if not finite:
         log.warning("the reduced-precision model gives NaN or infinity")
-    image_cos = _cosines(ref_img, new_img)
-    patch_cos = _cosines(ref_patch, new_patch)
-    max_abs = max(float(np.max(np.abs(ref_img - new_img))), float(np.max(np.abs(ref_patch - new_patch))))
+    image, patch = agreement(ref_img, new_img, "image_embeds"), agreement(ref_patch, new_patch, "patch_embeds")
+    image_cos, patch_cos, max_abs = image.cosines, patch.cosines, max(image.max_abs, patch.max_abs)
     rs, score_diff = [], 0.0
     classes = sorted(bank.classes)
     for cls in classes:

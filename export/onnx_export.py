@@ -99,6 +99,7 @@ def check_parity(module: VVVisual, onnx_path: str | os.PathLike, *, samples: int
                  atol: float = DEFAULT_ATOL, batch: int = 1) -> ParityReport:
     """Run a few normalised-range inputs through ONNX Runtime (CPU) and the PyTorch module."""
     from anoclip.runtime.backends import OnnxRuntimeBackend
+    from anoclip.runtime.fidelity import agreement
 
     backend = OnnxRuntimeBackend(onnx_path, providers="cpu")
     height, width = module.geometry.image_size
@@ -111,10 +112,7 @@ def check_parity(module: VVVisual, onnx_path: str | os.PathLike, *, samples: int
             reference = module(image)
         got = backend.run_all(image.numpy())
         for name, ref in zip(module.output_names, reference):
-            ref = ref.numpy().astype(np.float64)
-            out = got[name].astype(np.float64)
-            diff = float(np.max(np.abs(ref - out)))
-            cos = np.sum(ref * out, -1) / np.maximum(np.linalg.norm(ref, axis=-1) * np.linalg.norm(out, axis=-1), 1e-30)
-            diffs[name] = max(diffs.get(name, 0.0), diff)
-            cosines[name] = min(cosines.get(name, 1.0), float(np.min(cos)))
+            one = agreement(ref.numpy(), got[name], name)
+            diffs[name] = max(diffs.get(name, 0.0), one.max_abs)
+            cosines[name] = min(cosines.get(name, 1.0), float(np.min(one.cosines)))
     return ParityReport(diffs, cosines, atol)
