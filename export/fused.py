@@ -9,6 +9,9 @@ any ONNX consumer (trtexec, DeepStream, Triton, OpenVINO, onnxruntime) runs the 
                                upsampling with align_corners to H x W
     patch_scores [B, K, M]     p_abnormal per patch, before the filter (row-major over the grid)
     patch_embeds [B, M, D]     only when asked: the unnormalised V-V tokens (for test-time adaptation)
+    anomalous    [B, K] bool   only with ``--thresholds``: scores > the class's calibrated image threshold
+    mask         [B, K, H, W]  only with ``--thresholds``: maps > the class's calibrated pixel threshold
+                 bool          (the decision of ``runtime/decision.py``, at the model's input size)
 
 p_abnormal(x) = softmax([cos(x, t+), cos(x, t-)])[1] = sigmoid(x/|x| . (t- - t+)): one MatMul with a
 [D, K] constant for all K classes. The filter and the upsampling are linear and separable, so the map
@@ -32,9 +35,10 @@ import numpy as np
 from anoclip.runtime.artifacts import FUSED, FUSED_FILE, VISUAL, ModelEntry, load_artifacts
 from anoclip.runtime.errors import AnoclipError
 from anoclip.runtime.folder import store_derived_model
-from anoclip.runtime.fused import METHOD_VERSION, OUTPUTS
+from anoclip.runtime.fused import DECISION_OUTPUTS, METHOD_VERSION, OUTPUTS
 from anoclip.runtime.scoring import l2_normalise, map_matrices
 from anoclip.runtime.thresholds import text_features_sha256
+from anoclip.runtime.vocabulary import remake_command
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +72,12 @@ def _unit_rows(nodes: list, graph_input: str, name: str, opset: int) -> str:
 
 def fuse_graph(visual, classes: Sequence[str], text_features: Sequence[np.ndarray], grid: tuple[int, int],
                image_size: tuple[int, int], metadata: dict[str, str], *, patch_embeds: bool = False,
-               batch: int | None = None):
+               batch: int | None = None, thresholds: tuple[np.ndarray, np.ndarray] | None = None):
     """The fused ModelProto: ``visual`` (an onnx ModelProto with outputs image_embeds [B,D] and
     patch_embeds [B,M,D]) with the scoring of ``classes`` appended. ``batch`` fixes the batch axis
-    of a dynamic-batch model (None: as the visual model has it)."""
+    of a dynamic-batch model (None: as the visual model has it). ``thresholds``: per class (image
+    [K], pixel [K]) thresholds, which add the outputs ``anomalous`` (scores > image) and ``mask``
+    (maps > pixel)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -98,6 +104,9 @@ def fuse_graph(visual, classes: Sequence[str], text_features: Sequence[np.ndarra
         "grid_shape": np.array([0, count, gh, gw], dtype=np.int64),  # 0: keep the batch axis
         "map_rows": rows, "map_cols": cols, "last_axis": np.array([-1], dtype=np.int64),
     }
+    if thresholds is not None:
+        constants["image_thresholds"] = np.asarray(thresholds[0], dtype=np.float32).reshape(count)
+        constants["pixel_thresholds"] = np.asarray(thresholds[1], dtype=np.float32).reshape(1, count, 1, 1)
     graph.initializer.extend(numpy_helper.from_array(v, PREFIX + k) for k, v in constants.items()
                              if k != "last_axis" or opset >= 18)
     nodes: list = []
@@ -112,6 +121,9 @@ def fuse_graph(visual, classes: Sequence[str], text_features: Sequence[np.ndarra
         helper.make_node("MatMul", [PREFIX + "map_rows", f"{PREFIX}grid"], [f"{PREFIX}rows_done"]),
         helper.make_node("MatMul", [f"{PREFIX}rows_done", PREFIX + "map_cols"], ["maps"]),
     ]
+    if thresholds is not None:
+        nodes += [helper.make_node("Greater", ["scores", PREFIX + "image_thresholds"], ["anomalous"]),
+                  helper.make_node("Greater", ["maps", PREFIX + "pixel_thresholds"], ["mask"])]
     for node in nodes:
         node.name = node.output[0] if node.output[0].startswith(PREFIX) else PREFIX + node.output[0]
     graph.node.extend(nodes)
@@ -119,6 +131,10 @@ def fuse_graph(visual, classes: Sequence[str], text_features: Sequence[np.ndarra
     del graph.output[:]
     shapes = {"scores": [b, count], "maps": [b, count, height, width], "patch_scores": [b, count, gh * gw]}
     graph.output.extend(helper.make_tensor_value_info(name, TensorProto.FLOAT, shapes[name]) for name in OUTPUTS)
+    if thresholds is not None:
+        shapes.update(anomalous=[b, count], mask=[b, count, height, width])
+        graph.output.extend(helper.make_tensor_value_info(name, TensorProto.BOOL, shapes[name])
+                            for name in DECISION_OUTPUTS)
     graph.output.extend(kept)
     if batch is not None:
         for value in list(graph.input) + list(graph.output):
@@ -133,14 +149,43 @@ def fuse_graph(visual, classes: Sequence[str], text_features: Sequence[np.ndarra
     return model
 
 
+def calibrated_thresholds(artifacts, classes: Sequence[str], features: Sequence[np.ndarray]) -> dict:
+    """The folder's calibrated (image, pixel) thresholds of ``classes``, for baking into the fused
+    graph: ``{"file": thresholds file, "classes": {class: {"image": x, "pixel": y}}}``. Each class's
+    record must hold for the graph's maps: calibrated on the folder's visual model (or its current
+    fused model), on these text features, without TTA and without map smoothing; one line naming
+    `anoclip calibrate threshold` otherwise."""
+    folder, table = artifacts.folder, artifacts.thresholds
+    models = {VISUAL: artifacts.model_sha256(VISUAL)}
+    if FUSED in artifacts.manifest.models:
+        models[FUSED] = artifacts.model_sha256(FUSED)
+    baked = {}
+    for cls, text in zip(classes, features):
+        record = table.classes.get(cls) if table is not None else None
+        calibrate = remake_command("thresholds", folder, cls=cls)
+        if record is None:
+            raise AnoclipError(f"class {cls} has no calibrated thresholds in {folder}: run `{calibrate}` first, or "
+                               "fuse without --thresholds")
+        model = record.model if record.model in models else VISUAL
+        tiling = record.tiling if record.tiling in ("auto", "never") else "never"  # the graph never tiles
+        reasons = record.mismatches(model, models[model], text_features_sha256(text), None, tiling, 0.0)
+        if reasons:
+            raise AnoclipError(f"the thresholds of class {cls} do not hold for the fused graph ({'; '.join(reasons)}); "
+                               f"run `{calibrate}` (no --tta, no --smoothing-sigma)")
+        baked[cls] = {"image": record.image, "pixel": record.pixel}
+    return {"file": artifacts.manifest.thresholds, "classes": baked}
+
+
 def fuse_folder(folder: str | Path, classes: Sequence[str] | None = None, *, patch_embeds: bool = False,
-                batch: int | None = None, command: str = "anoclip fuse", report=log.info) -> tuple[str, ModelEntry]:
+                batch: int | None = None, thresholds: bool = False, command: str = "anoclip fuse",
+                report=log.info) -> tuple[str, ModelEntry]:
     """Write the fused model of ``classes`` (default: every class of the prompt weights, sorted) into
-    an artifact folder as model ``fused`` (file ``anoclip.<sha>.onnx``); the file name and its entry."""
+    an artifact folder as model ``fused`` (file ``anoclip.<sha>.onnx``); the file name and its entry.
+    ``thresholds``: bake the classes' calibrated thresholds in (outputs ``anomalous`` and ``mask``)."""
     import onnx
 
     folder = Path(folder)
-    artifacts = load_artifacts(folder, models=[VISUAL], load_thresholds=False)
+    artifacts = load_artifacts(folder, models=[VISUAL], load_thresholds=thresholds)
     manifest, bank = artifacts.manifest, artifacts.prompts
     chosen = list(dict.fromkeys(classes)) if classes else sorted(bank.classes)
     missing = [c for c in chosen if c not in bank.classes]
@@ -150,6 +195,7 @@ def fuse_folder(folder: str | Path, classes: Sequence[str] | None = None, *, pat
                            f"--classes {missing[0]}`")
     features = [bank.get(c).text_features for c in chosen]
     source_sha = artifacts.model_sha256(VISUAL)
+    baked = calibrated_thresholds(artifacts, chosen, features) if thresholds else None
     metadata = {
         "anoclip.classes": json.dumps(chosen), "anoclip.mean": json.dumps(list(manifest.mean)),
         "anoclip.std": json.dumps(list(manifest.std)), "anoclip.image_size": json.dumps(list(manifest.image_size)),
@@ -158,11 +204,14 @@ def fuse_folder(folder: str | Path, classes: Sequence[str] | None = None, *, pat
         "anoclip.visual_sha256": source_sha, "anoclip.input": "RGB, resized to image_size, scaled to [0,1], "
                                                               "(x - mean) / std per channel, NCHW float32",
     }
+    if baked is not None:
+        metadata["anoclip.thresholds"] = json.dumps(baked)
     report(f"fusing {len(chosen)} class(es) into the visual model: {', '.join(chosen)}")
     started = time.perf_counter()
     visual = onnx.load(str(artifacts.model_path(VISUAL)))
     model = fuse_graph(visual, chosen, features, tuple(manifest.grid), tuple(manifest.image_size), metadata,
-                       patch_embeds=patch_embeds, batch=batch)
+                       patch_embeds=patch_embeds, batch=batch, thresholds=None if baked is None else (
+                           [baked["classes"][c]["image"] for c in chosen], [baked["classes"][c]["pixel"] for c in chosen]))
     del visual
     visual_entry = manifest.models[VISUAL]
     b = batch if batch is not None else visual_entry.inputs["image"][0]
@@ -170,13 +219,15 @@ def fuse_folder(folder: str | Path, classes: Sequence[str] | None = None, *, pat
     outputs = {"scores": [b, count], "maps": [b, count, height, width], "patch_scores": [b, count, m]}
     if patch_embeds:
         outputs["patch_embeds"] = [b, m, manifest.embed_dim]
+    if baked is not None:
+        outputs.update(anomalous=[b, count], mask=[b, count, height, width])
     entry = ModelEntry(
         file="", inputs={"image": [b, *visual_entry.inputs["image"][1:]]}, outputs=outputs,
         patch_tokens=visual_entry.patch_tokens if patch_embeds else "", vv_blocks=visual_entry.vv_blocks,
         opset=_opset(model), source_sha256=source_sha,
         provenance={"classes": chosen, "text_sha256": {c: text_features_sha256(f) for c, f in zip(chosen, features)},
                     "method_version": METHOD_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "command": command})
+                    "command": command, **({"thresholds": baked} if baked is not None else {})})
     with tempfile.TemporaryDirectory(prefix="anoclip-fuse-") as tmp:
         staged = Path(tmp) / FUSED_FILE
         onnx.save(model, str(staged))
@@ -203,6 +254,10 @@ def _fuse_options(command):
         click.option("--batch", default=None, type=click.IntRange(min=1),
                      help="Fix the batch axis of a dynamic-batch visual model to this size (default: as the visual "
                           "model has it)."),
+        click.option("--thresholds", is_flag=True,
+                     help="Bake the classes' calibrated thresholds (`anoclip calibrate threshold`, without --tta and "
+                          "smoothing) into the graph: outputs anomalous [B,K] (score > image threshold) and mask "
+                          "[B,K,H,W] (map > pixel threshold), bool, so plain ONNX consumers get the decision too."),
     ]):
         command = option(command)
     return command
@@ -213,7 +268,7 @@ def _fuse_options(command):
               help="Artifact folder written by anoclip-export.")
 @_fuse_options
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def fuse_command(artifacts_dir, classes, patch_embeds, batch, verbose):
+def fuse_command(artifacts_dir, classes, patch_embeds, batch, thresholds, verbose):
     """Write anoclip.onnx: one graph from the normalised image to scores [B,K] and anomaly maps
     [B,K,H,W] of K classes (and patch_scores [B,K,M]), for any ONNX consumer: trtexec, Triton,
     DeepStream, OpenVINO, onnxruntime. Runs `anoclip predict --model fused` too.
@@ -221,9 +276,11 @@ def fuse_command(artifacts_dir, classes, patch_embeds, batch, verbose):
     The folder's visual model with the scoring appended (cosine to t+/t-, softmax, the 3x3 mean
     filter and the align-corners upsampling as two constant matrix products): the same numbers as
     the runtime, to float32 rounding. Made again when the visual model or a class's prompts change.
+    With --thresholds it also decides (anomalous, mask), as `anoclip predict` does with the same
+    thresholds; recalibrating afterwards makes it stale until fused again.
     """
     from anoclip.runtime.plumbing import configure_logging, given_command
 
     configure_logging(verbose)
-    fuse_folder(artifacts_dir, parse_class_list(classes), patch_embeds=patch_embeds, batch=batch,
+    fuse_folder(artifacts_dir, parse_class_list(classes), patch_embeds=patch_embeds, batch=batch, thresholds=thresholds,
                 command=given_command(click.get_current_context(), "anoclip", "fuse"), report=click.echo)

@@ -190,7 +190,8 @@ class FolderTransaction:
 
     def _check_fused(self, entry, manifest: Manifest, report: CommitReport) -> None:
         """The fused graph bakes classes' text features: a class re-encoded or dropped makes it
-        wrong (dropped); a class added makes it partial (said)."""
+        wrong (dropped); a class added makes it partial (said); thresholds baked into it (``fuse
+        --thresholds``) that are no longer the folder's calibrated ones make it stale (said)."""
         from .thresholds import text_features_sha256
 
         bank = self._prompts(manifest)
@@ -210,6 +211,21 @@ class FolderTransaction:
         if added and entry.file not in self.written:  # a fuse of chosen classes is not news to its writer
             report.stale.append(f"the fused model holds {', '.join(baked)} but not {', '.join(added)}; "
                                 f"`{remake}` makes it with every class")
+        decided = entry.provenance.get("thresholds")
+        if decided and entry.file not in self.written:  # thresholds baked in (fuse --thresholds): still the folder's?
+            from .thresholds import read_thresholds
+
+            name = manifest.thresholds or (self.old.thresholds if self.old is not None else "")
+            try:
+                table = read_thresholds(resolve_inside(self.folder, name)).classes if name else {}
+            except (ArtifactError, OSError, ValueError):
+                table = {}
+            moved = [c for c, t in decided["classes"].items()
+                     if c not in table or (table[c].image, table[c].pixel) != (t["image"], t["pixel"])]
+            if moved:
+                report.stale.append(f"the fused model's baked thresholds of {', '.join(moved)} are no longer the "
+                                    f"folder's calibrated ones; `{remake} --classes {','.join(baked)} --thresholds` "
+                                    "bakes the current ones")
 
     def _prompts(self, manifest: Manifest):
         from .prompt_weights import read_prompts

@@ -14,6 +14,9 @@ from .thresholds import text_features_sha256
 
 METHOD_VERSION = "1"  # of the scoring in the graph; fused files of another version are made anew
 OUTPUTS = ("scores", "maps", "patch_scores")  # [B,K], [B,K,H,W], [B,K,M]; patch_embeds [B,M,D] optional
+# optional, `anoclip fuse --thresholds`: bool [B,K] score > image threshold, [B,K,H,W] map > pixel threshold
+# (the thresholds baked in: the entry's provenance "thresholds" and the graph's metadata)
+DECISION_OUTPUTS = ("anomalous", "mask")
 
 
 def fused_classes(artifacts: Artifacts) -> list[str]:

@@ -323,6 +323,63 @@ def test_predict_writes_one_line_and_map_per_class(fused_artifacts, tmp_path):
         assert np.abs(np.load(line["map"]) - one.anomaly_map_full).max() <= TOL
 
 
+def test_fuse_thresholds_bakes_the_decision_predict_takes(fused_artifacts, tmp_path, caplog):
+    from PIL import Image
+
+    from anoclip.runtime.preprocess import preprocess
+
+    folder = copy_artifacts(fused_artifacts, tmp_path / "a")
+    manifest = read_manifest(folder)
+    height, width = manifest.image_size
+    rng = np.random.default_rng(11)
+    normal = tmp_path / "normal"
+    normal.mkdir()
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(normal / f"{i}.png")
+    fuse = ["fuse", "--artifacts", str(folder), "--classes", "carpet,bottle", "--thresholds"]
+    refused = CliRunner().invoke(cli, fuse)
+    assert refused.exit_code != 0 and "class carpet has no calibrated thresholds" in str(refused.exception)
+    assert f"anoclip calibrate threshold --artifacts {folder} --class carpet" in str(refused.exception)
+    for cls in ("carpet", "bottle"):
+        result = CliRunner().invoke(cli, ["calibrate", "threshold", "--artifacts", str(folder), "--class", cls,
+                                          "--normal", str(normal), "--quantile", "0.5", "--pixel-quantile", "0.9"])
+        assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(cli, fuse)
+    assert result.exit_code == 0, result.output
+    entry = read_manifest(folder).models["fused"]
+    baked = entry.provenance["thresholds"]
+    assert baked["file"] == read_manifest(folder).thresholds and list(baked["classes"]) == ["carpet", "bottle"]
+    assert entry.outputs["anomalous"][1:] == [2] and entry.outputs["mask"][1:] == [2, height, width]
+    graph = onnx.load(str(artifact_file(folder, "fused")))
+    assert json.loads({p.key: p.value for p in graph.metadata_props}["anoclip.thresholds"]) == baked
+
+    detector = Detector.load(folder, backend="cpu")
+    frames = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(6)]
+    batch = np.concatenate([preprocess(f, manifest.image_size, manifest.mean, manifest.std, tiling="never")[0]
+                            for f in frames])
+    out = run_plain(artifact_file(folder, "fused"), batch)
+    assert out["anomalous"].dtype == bool and out["mask"].shape == (6, 2, height, width)
+    decided = set()
+    for i, frame in enumerate(frames):
+        result = detector.predict(frame, ["carpet", "bottle"])
+        for k, (cls, one) in enumerate(result.by_class.items()):
+            assert one.threshold.image == baked["classes"][cls]["image"]
+            assert bool(out["anomalous"][i, k]) == one.anomalous
+            decided.add(one.anomalous)
+            expected = one.anomaly_map_full > one.threshold.pixel
+            near = np.abs(one.anomaly_map_full - one.threshold.pixel) <= TOL  # float32 rounding of the two paths
+            assert np.array_equal(out["mask"][i, k][~near], expected[~near])
+            assert abs(int(out["mask"][i, k].sum()) - sum(r["area"] for r in one.regions)) <= near.sum()
+    assert decided == {True, False}  # both decisions were exercised
+
+    result = CliRunner().invoke(cli, ["calibrate", "threshold", "--artifacts", str(folder), "--class", "bottle",
+                                      "--normal", str(normal), "--quantile", "0.9"])
+    assert result.exit_code == 0, result.output
+    stale = [r.getMessage() for r in caplog.records if "baked thresholds" in r.getMessage()]
+    assert stale == [f"the fused model's baked thresholds of bottle are no longer the folder's calibrated ones; "
+                     f"`anoclip fuse --artifacts {folder} --classes carpet,bottle --thresholds` bakes the current ones"]
+
+
 # ----------------------------------------------------------------------------------------------
 # Benchmarks
 
