@@ -101,3 +101,51 @@ def file_kind(name: str) -> FileKind | None:
 def remake_command(kind: str, folder: str | os.PathLike, **fields: str) -> str:
     """The command that makes a file of ``kind`` anew for ``folder``."""
     return KINDS[kind].remake.format(folder=folder, **{"cls": "...", "precision": "...", **fields})
+
+
+# ----------------------------------------------------------------------------------------------
+# How a model runs: backend x precision -> the file it loads, the class that runs it, its bench row
+# (`anoclip bench` times one row per entry; create_backend makes the runtime class of each)
+
+ONNXRUNTIME_BACKENDS = ("cpu", "cuda", "tensorrt")  # --backend names of onnxruntime's execution providers
+RUNTIME_CLASSES = {**{b: "OnnxRuntimeBackend" for b in ONNXRUNTIME_BACKENDS}, "openvino": "OpenVinoBackend",
+                   "tensorrt-native": "TensorRTBackend"}  # runtime/backends, by --backend name
+ENGINE = "engine"  # the artifact of tensorrt-native: the folder's TensorRT engine of a precision
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """One way to run a model of the folder.
+
+    backend: the --backend name; precision: the --precision; model: the --model asked for.
+    artifact: the kind of file it loads (a manifest model, or ``engine``: the engine of the precision).
+    runtime: the backend class that runs it; row: its row name in `anoclip bench`.
+    """
+
+    backend: str
+    precision: str
+    model: str
+    artifact: str
+    runtime: str
+    row: str
+
+
+def bench_row(model: str, precision: str) -> str:
+    """The `anoclip bench` row of the AnoCLIP visual model (or the fused graph) at ``precision``."""
+    if model == FUSED:
+        return "AnoCLIP (fused graph)"
+    return "AnoCLIP" if precision == "fp32" else f"AnoCLIP ({precision})"
+
+
+DEPLOYMENTS: tuple[Deployment, ...] = (
+    *(Deployment(backend, precision, VISUAL, ENGINE if backend == "tensorrt-native" else PRECISION_MODELS[precision],
+                 RUNTIME_CLASSES[backend], bench_row(VISUAL, precision))
+      for backend in RUNTIME_CLASSES for precision in PRECISIONS),
+    *(Deployment(backend, "fp32", FUSED, FUSED, RUNTIME_CLASSES[backend], bench_row(FUSED, "fp32"))
+      for backend in RUNTIME_CLASSES if backend != "tensorrt-native"),  # engines are of the visual model
+)
+
+
+def deployments(backend: str) -> list[Deployment]:
+    """The entries of :data:`DEPLOYMENTS` that ``backend`` runs."""
+    return [d for d in DEPLOYMENTS if d.backend == backend]

@@ -1,4 +1,6 @@
-"""`anoclip bench` on the tiny artifacts: every row runs, ratios are measured, outputs are written."""
+"""`anoclip bench` on the tiny artifacts: one table of every backend x precision, rows that cannot
+run here skipped with the reason, fidelity from the stored parity figures, ratios measured, outputs
+written, and a row that fails makes the command fail after the table."""
 
 from __future__ import annotations
 
@@ -7,8 +9,11 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from anoclip.benchmarks.latency.bench import README_END, README_START, method_lines
+from anoclip.benchmarks.latency.bench import README_END, README_START, backend_unavailable, fidelity, method_lines
 from anoclip.runtime.cli import cli
+from anoclip.runtime.vocabulary import DEPLOYMENTS, remake_command
+
+METHOD_ROWS = {"CLIP (QKV patch tokens)", "AnoCLIP", "AnoCLIP+ (TTA numpy)", "AnoCLIP+ (TTA onnx)"}
 
 
 def test_bench_rows_json_markdown_and_readme(tiny_artifacts, tmp_path):
@@ -21,9 +26,17 @@ def test_bench_rows_json_markdown_and_readme(tiny_artifacts, tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(result.output[result.output.index("{"):])
     rows = {r["name"]: r for r in data["rows"]}
-    assert set(rows) == {"CLIP (QKV patch tokens)", "AnoCLIP", "AnoCLIP+ (TTA numpy)", "AnoCLIP+ (TTA onnx)"}
-    for row in rows.values():
-        assert row["status"] == "ok" and row["ms"]["p50"] > 0 and row["vs_clip"] > 0
+    assert {name for name, r in rows.items() if r["status"] == "ok"} == METHOD_ROWS
+    assert rows["AnoCLIP (int8)"]["status"] == (
+        f"skipped: no visual_int8 (make it with `{remake_command('visual_int8', tiny_artifacts)}`)")
+    assert rows["AnoCLIP (fp16)"]["status"] == (
+        f"skipped: no visual_fp16 (make it with `anoclip calibrate fp16 --artifacts {tiny_artifacts}`)")
+    assert rows["AnoCLIP (fused graph)"]["status"] == (
+        f"skipped: no fused (make it with `anoclip fuse --artifacts {tiny_artifacts}`)")
+    for name in METHOD_ROWS:
+        row = rows[name]
+        assert row["ms"]["p50"] > 0 and row["vs_clip"] > 0 and row["size_mb"] > 0
+        assert row["fidelity"] == ("-" if name.startswith("CLIP") else "reference")
         assert set(row["stages_ms"]) == {"preprocess", "model", "scoring", "tta", "postprocess"}
     assert rows["CLIP (QKV patch tokens)"]["vs_clip"] == 1.0
     assert rows["AnoCLIP+ (TTA numpy)"]["stages_ms"]["tta"] > 0 and rows["AnoCLIP"]["stages_ms"]["tta"] == 0
@@ -43,13 +56,84 @@ def test_bench_reports_rows_that_were_not_exported(tmp_path, export_cli):
     result = CliRunner().invoke(cli, ["bench", "--artifacts", str(folder), "--runs", "3", "--warmup", "0",
                                       "--image-size", "32", "--backends", "cpu"])
     assert result.exit_code == 0, result.output
-    assert "not exported (anoclip-export --qkv-tokens model)" in result.output
-    assert "not exported (anoclip-export --tta)" in result.output
+    assert f"skipped: no visual_qkv (make it with `anoclip-export --qkv-tokens model --out {folder}`)" in result.output
+    assert f"skipped: no tta (make it with `anoclip-export --tta --out {folder}`)" in result.output
 
 
 def test_bench_unknown_backend_is_refused(tiny_artifacts):
     result = CliRunner().invoke(cli, ["bench", "--artifacts", str(tiny_artifacts), "--backends", "quantum"])
     assert result.exit_code != 0 and "unknown backend 'quantum'" in str(result.exception)
+
+
+def _store_fp16_stand_in(folder, data: bytes | None = None, parity: dict | None = None) -> None:
+    """A visual_fp16 entry committed through the folder's transaction: a copy of the fp32 model (or
+    ``data``) with parity figures in its provenance, as `anoclip calibrate fp16` stores them."""
+    import dataclasses
+
+    from anoclip.runtime.artifacts import read_manifest
+    from anoclip.runtime.folder import store_derived_model
+
+    manifest = read_manifest(folder)
+    visual = manifest.models["visual"]
+    staged = folder.parent / "staged.onnx"
+    staged.write_bytes(data if data is not None else (folder / visual.file).read_bytes())
+    entry = dataclasses.replace(visual, file="", precision="fp16", source_sha256=manifest.files[visual.file],
+                                provenance={"parity": parity or {}})
+    store_derived_model(folder, "visual_fp16", staged, entry, "anoclip calibrate fp16")
+
+
+def test_bench_is_one_table_of_every_backend_and_precision(tiny_artifacts, tmp_path):
+    from conftest import copy_artifacts
+
+    folder = copy_artifacts(tiny_artifacts, tmp_path / "a")
+    parity = {"patch_cos_min": 0.99871, "map_r_min": 0.99512, "score_max_abs_diff": 0.0004, "patch_cos_mean": 0.9995}
+    _store_fp16_stand_in(folder, parity=parity)
+    result = CliRunner().invoke(cli, ["bench", "--artifacts", str(folder), "--runs", "3", "--warmup", "0",
+                                      "--image-size", "32", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["rows"]
+    table = {(r["backend"], r["precision"], r["name"]): r for r in rows}
+    labels = {"cpu": "onnxruntime CPU", "cuda": "onnxruntime CUDA", "tensorrt": "onnxruntime TensorRT",
+              "openvino": "OpenVINO CPU", "tensorrt-native": "TensorRT (native)"}
+    for d in DEPLOYMENTS:  # every backend x precision of the vocabulary has its row
+        row = next(r for (backend, precision, name), r in table.items()
+                   if backend == labels[d.backend] and precision == d.precision and name.startswith(d.row[:-1]))
+        why = backend_unavailable(d.backend)
+        if why:
+            assert row["status"] == f"skipped: {why}" and not row["ms"]
+    fp16 = table[("onnxruntime CPU", "fp16", "AnoCLIP (fp16)")]
+    assert fp16["status"] == "ok" and fp16["ms"]["p50"] > 0
+    assert fp16["fidelity"] == "patch cos min 0.9987, map r min 0.9951, score diff 0.0004"
+    assert table[("onnxruntime CPU", "fp32", "AnoCLIP")]["fidelity"] == "reference"
+    if backend_unavailable("tensorrt-native"):
+        assert any("TensorRT" in r["status"] or "GPU" in r["status"] for r in rows if r["backend"] == "TensorRT (native)")
+
+    text = CliRunner().invoke(cli, ["bench", "--artifacts", str(folder), "--runs", "3", "--warmup", "0",
+                                    "--image-size", "32", "--backends", "cpu,tensorrt-native"])
+    assert text.exit_code == 0, text.output
+    assert "fidelity vs fp32" in text.output and "patch cos min 0.9987" in text.output
+
+
+def test_bench_row_that_fails_fails_the_command_after_the_table(tiny_artifacts, tmp_path):
+    from conftest import copy_artifacts
+
+    folder = copy_artifacts(tiny_artifacts, tmp_path / "a")
+    _store_fp16_stand_in(folder, data=b"not an onnx model")
+    result = CliRunner().invoke(cli, ["bench", "--artifacts", str(folder), "--runs", "3", "--warmup", "0",
+                                      "--image-size", "32", "--backends", "cpu"])
+    assert result.exit_code == 1
+    line = next(line for line in result.output.splitlines() if line.startswith("AnoCLIP (fp16)"))
+    assert "failed:" in line
+    assert "AnoCLIP+ (TTA onnx)" in result.output  # the table was printed in full
+    assert result.output.rstrip().endswith("1 row(s) failed: AnoCLIP (fp16) on onnxruntime CPU")
+
+
+def test_fidelity_reads_model_and_engine_parity_figures():
+    assert fidelity({"patch_cos_min": 0.5, "map_r_min": 0.25, "score_max_abs_diff": 0.01}) == (
+        "patch cos min 0.5000, map r min 0.2500, score diff 0.01")
+    assert fidelity({"patch_embeds_min_cosine": 0.999, "patch_embeds_max_abs": 0.0125, "image_embeds_max_abs": 1}) == (
+        "patch cos min 0.9990, max abs diff 0.013")
+    assert fidelity({}) == "not measured" and fidelity({"not_measured": "no GPU"}) == "not measured: no GPU"
 
 
 def test_bench_discloses_the_shortcut_and_adds_a_full_last_block_row(tiny_artifacts, tmp_path, export_cli):
@@ -73,9 +157,10 @@ def test_bench_discloses_the_shortcut_and_adds_a_full_last_block_row(tiny_artifa
                                      "--image-size", "32", "--backends", "cpu", "--json"])
     assert alone.exit_code == 0, alone.output
     data = json.loads(alone.output[alone.output.index("{"):])
-    assert {r["name"] for r in data["rows"]} == {"CLIP (QKV patch tokens)", "AnoCLIP (full last block)",
-                                                 "AnoCLIP+ (TTA numpy, full last block)",
-                                                 "AnoCLIP+ (TTA onnx, full last block)"}
+    names = {r["name"] for r in data["rows"]}
+    assert {"CLIP (QKV patch tokens)", "AnoCLIP (full last block)", "AnoCLIP+ (TTA numpy, full last block)",
+            "AnoCLIP+ (TTA onnx, full last block)"} <= names
+    assert all(name.endswith("full last block)") for name in names if name.startswith("AnoCLIP"))
     assert data["method"]["last_block"].startswith("no row takes the last-block shortcut")
 
 

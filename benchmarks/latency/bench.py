@@ -1,13 +1,19 @@
-"""``anoclip bench``: ms per image per stage, backend and precision, beside the paper's Table 7.
+"""``anoclip bench``: one table of every way to run the folder's models on this machine, with
+status, file size, fidelity against fp32 and ms per image per stage, beside the paper's Table 7.
 
-Rows: the plain-CLIP baseline (QKV patch tokens, ``visual_qkv.onnx``), AnoCLIP (V-V tokens), the
-fused graph when the folder has one (``anoclip fuse``: scores and maps of its K classes in one pass) and
-AnoCLIP+ (V-V tokens + test-time adaptation, with the numpy loop and, when exported, ``tta.onnx``),
-for every onnxruntime execution provider asked for and present; and "AnoCLIP (int8)" / "AnoCLIP
-(fp16)" for the reduced-precision models the folder holds (`anoclip calibrate int8|fp16`), beside
-the fp32 row (``--precisions`` chooses). All rows of one backend run
-round-robin in one process on the same frame, so the ratio to the CLIP row is measured side by
-side. Needs only the runtime (no PyTorch).
+Rows come from the runtime's vocabulary (``runtime.vocabulary.DEPLOYMENTS``: backend x precision
+-> the file it loads, the backend class that runs it, its row): for every backend asked for (the
+onnxruntime providers cpu, cuda and tensorrt, OpenVINO, and tensorrt-native: the folder's engine of
+each precision) the plain-CLIP baseline (QKV patch tokens, ``visual_qkv.onnx``), AnoCLIP (V-V
+tokens) at fp32 and as "AnoCLIP (int8)" / "AnoCLIP (fp16)" (`anoclip calibrate int8|fp16`), the
+fused graph (``anoclip fuse``: scores and maps of its K classes in one pass) and AnoCLIP+ (V-V
+tokens + test-time adaptation, with the numpy loop and ``tta.onnx``). A row this machine cannot run
+(no GPU, no TensorRT, no OpenVINO, a model the folder lacks) says "skipped:" and why, naming the
+command that makes what is missing; a row that could run and failed says "failed:" and makes the
+command exit 1. Fidelity is the parity figures measured when the reduced-precision model was made
+(its manifest entry's provenance) or the engine built (its sidecar); fp32 rows are the reference.
+All rows of one backend run round-robin in one process on the same frame, so the ratio to the
+CLIP row is measured side by side. Needs only the runtime (no PyTorch).
 
 A default export's ``visual.onnx`` takes a last-block shortcut: after the last block only the class
 token of the standard stream is read, so that block runs its query and MLP on that token alone
@@ -30,13 +36,15 @@ from pathlib import Path
 import click
 import numpy as np
 
-from anoclip.runtime.artifacts import MAKE_MODEL, load_artifacts
-from anoclip.runtime.backends import PROVIDER_ALIASES, named_providers
+from anoclip.runtime.artifacts import load_artifacts
+from anoclip.runtime.backends import PROVIDER_ALIASES
 from anoclip.runtime.detector import Detector
 from anoclip.runtime.errors import AnoclipError
 from anoclip.runtime.overlay import overlay
 from anoclip.runtime.plumbing import atomic_write_bytes, configure_logging, ensure_writable_folder
-from anoclip.runtime.vocabulary import FUSED, PRECISION_MODELS, PRECISIONS, TTA_GRAPH, VISUAL, VISUAL_QKV
+from anoclip.runtime.vocabulary import (ENGINE, FUSED, ONNXRUNTIME_BACKENDS, PRECISION_MODELS, PRECISIONS,
+                                        RUNTIME_CLASSES, TTA_GRAPH, VISUAL, VISUAL_QKV, bench_row, deployments,
+                                        remake_command)
 
 from .. import paper
 from .timing import machine_info
@@ -47,6 +55,9 @@ FULL = "full last block"
 STAGES = ("preprocess", "model", "scoring", "tta", "postprocess")
 README_START = "<!-- anoclip bench: start -->"
 README_END = "<!-- anoclip bench: end -->"
+BACKENDS = tuple(RUNTIME_CLASSES)  # what --backends names: every backend of the runtime vocabulary
+BACKEND_LABELS = {"cpu": "onnxruntime CPU", "cuda": "onnxruntime CUDA", "tensorrt": "onnxruntime TensorRT",
+                  "openvino": "OpenVINO CPU", "tensorrt-native": "TensorRT (native)"}
 
 
 @dataclass
@@ -56,6 +67,7 @@ class Row:
     precision: str
     status: str = "ok"
     size_mb: float = 0.0
+    fidelity: str = "reference"  # against fp32: "reference" for fp32 rows, else the stored parity figures
     ms: dict[str, float] = field(default_factory=dict)  # mean, p50, p90, p99 of the whole call
     stages_ms: dict[str, float] = field(default_factory=dict)  # median per stage
     vs_clip: float | None = None
@@ -90,17 +102,17 @@ def full_last_block(manifest) -> bool:
 def variants(main_full: bool, with_full_folder: bool, precisions: tuple[str, ...] = (),
              fused_classes: int = 0) -> list[Variant]:
     """The rows to time: AnoCLIP rows of a full-last-block folder say so in their name; one AnoCLIP
-    row per reduced precision in ``precisions`` follows the fp32 one; a fused row when the folder's
-    fused model has ``fused_classes`` classes."""
+    row per reduced precision in ``precisions`` follows the fp32 one; the fused row names the
+    ``fused_classes`` of the folder's fused model (0: it has none)."""
     rows = [Variant(full_name(v.name) if main_full and v.model == VISUAL else v.name, v.model, v.tta, v.tta_backend,
                     v.paper) for v in VARIANTS]
     at = 2
-    if fused_classes:
-        name = f"AnoCLIP (fused graph, {fused_classes} classes)"
-        rows.insert(at, Variant(full_name(name) if main_full else name, FUSED, False))
-        at += 1
+    name = bench_row(FUSED, "fp32")
+    name = f"{name[:-1]}, {fused_classes} classes)" if fused_classes else name
+    rows.insert(at, Variant(full_name(name) if main_full else name, FUSED, False))
+    at += 1
     for precision in (p for p in ("int8", "fp16") if p in precisions):
-        name = f"AnoCLIP ({precision})"
+        name = bench_row(VISUAL, precision)
         rows.insert(at, Variant(full_name(name) if main_full else name, VISUAL, False, precision=precision))
         at += 1
     if with_full_folder:
@@ -109,9 +121,10 @@ def variants(main_full: bool, with_full_folder: bool, precisions: tuple[str, ...
 
 
 def bench_precisions(manifest, requested: str) -> tuple[str, ...]:
-    """The reduced precisions to time: those ``requested`` names (``auto``: every one the folder has)."""
+    """The reduced precisions to time beside fp32: those ``requested`` names (``auto``: every one; a
+    row whose model the folder lacks says so)."""
     if requested == "auto":
-        return tuple(p for p in PRECISIONS if p != "fp32" and PRECISION_MODELS[p] in manifest.models)
+        return tuple(p for p in PRECISIONS if p != "fp32")
     chosen = tuple(p.strip() for p in requested.split(",") if p.strip())
     unknown = [p for p in chosen if p not in PRECISIONS]
     if unknown:
@@ -180,10 +193,80 @@ def _full_folder(full_dir: str, manifest):
     return loaded
 
 
-def run_bench(artifacts_dir: str, providers: list[str], runs: int, warmup: int, frame: np.ndarray, cls: str | None,
+def backend_unavailable(backend: str) -> str:
+    """Why ``backend`` cannot run on this machine ("" when it can)."""
+    from anoclip.runtime.errors import BackendError
+
+    try:
+        if backend in ONNXRUNTIME_BACKENDS:
+            import onnxruntime as ort
+
+            provider = PROVIDER_ALIASES[backend]
+            if provider not in ort.get_available_providers():
+                return (f"this onnxruntime has no {provider.replace('ExecutionProvider', '')} provider (the GPU build "
+                        "is onnxruntime-gpu)")
+        elif backend == "openvino":
+            from anoclip.runtime.backends.openvino import import_openvino
+
+            import_openvino()
+        elif backend == "tensorrt-native":
+            from anoclip.runtime.backends.tensorrt import import_cudart, import_tensorrt
+            from anoclip.runtime.gpu import probe_gpu
+
+            import_tensorrt()
+            import_cudart()
+            if probe_gpu() is None:
+                return "no CUDA GPU on this machine"
+    except BackendError as exc:
+        return str(exc)
+    return ""
+
+
+def fidelity(figures: dict | None) -> str:
+    """The parity figures against fp32 stored with a model (calibrate int8|fp16) or an engine
+    (build-engine's sidecar), in a few words."""
+    if not figures:
+        return "not measured"
+    if "not_measured" in figures:
+        return "not measured: " + str(figures["not_measured"])
+    if "patch_cos_min" in figures:  # a reduced-precision model's provenance
+        return (f"patch cos min {figures['patch_cos_min']:.4f}, map r min {figures['map_r_min']:.4f}, "
+                f"score diff {figures['score_max_abs_diff']:.2g}")
+    return (f"patch cos min {figures['patch_embeds_min_cosine']:.4f}, "  # an engine's sidecar
+            f"max abs diff {figures['patch_embeds_max_abs']:.2g}")
+
+
+def _engine_of(artifacts, precision: str):
+    """(engine sidecar of ``precision`` that runs here or None, why there is none)."""
+    from anoclip.runtime.gpu import installed_tensorrt_version, probe_gpu, runs_here
+
+    built = [s for s in artifacts.engines() if s.precision == precision]
+    remake = remake_command(ENGINE, artifacts.folder, precision=precision)
+    if not built:
+        return None, f"no {precision} engine (make it with `{remake}`)"
+    version, gpu = installed_tensorrt_version(), probe_gpu()
+    here = [s for s in built if runs_here(s, version, gpu)]
+    if not here:
+        return None, f"the {precision} engine was built for another GPU or TensorRT (make it anew with `{remake}`)"
+    return here[0], ""
+
+
+def group_variants(backend: str, main_full: bool, with_full_folder: bool, precisions: tuple[str, ...],
+                   fused_classes: int) -> list[Variant]:
+    """The rows of one backend: every method row (CLIP, AnoCLIP and its reduced precisions, the
+    fused graph, AnoCLIP+) where the backend runs model files; the engine of each precision for
+    tensorrt-native (see runtime.vocabulary.DEPLOYMENTS)."""
+    if backend == "tensorrt-native":
+        return [Variant(d.row, d.model, False, precision=d.precision) for d in deployments(backend)
+                if d.precision == "fp32" or d.precision in precisions]
+    return variants(main_full, with_full_folder, precisions, fused_classes)
+
+
+def run_bench(artifacts_dir: str, backends: list[str], runs: int, warmup: int, frame: np.ndarray, cls: str | None,
               threads: int | None, progress=None, full_dir: str | None = None,
               precisions: str = "auto") -> tuple[list[Row], dict]:
-    """Time every variant on every provider; return the rows and the method description."""
+    """Time every variant on every backend; return the rows and the method description. Rows that
+    cannot run here are "skipped: why", rows that could and did not "failed: why"."""
     artifacts = load_artifacts(artifacts_dir, verify=True, models=[VISUAL])
     manifest = artifacts.manifest
     reduced = bench_precisions(manifest, precisions)
@@ -195,38 +278,56 @@ def run_bench(artifacts_dir: str, providers: list[str], runs: int, warmup: int, 
         full = _full_folder(full_dir, manifest)
         folders["full"] = (full_dir, full.manifest, full.folder)
     rows: list[Row] = []
-    for provider in providers:
-        short = provider.replace("ExecutionProvider", "")
-        backend_name = {full: alias for alias, full in PROVIDER_ALIASES.items() if alias != "trt"}[provider]
+    for backend in backends:
+        unavailable = backend_unavailable(backend)
         detectors: dict[str, Detector] = {}
         group: list[Row] = []
-        for variant in variants(full_last_block(manifest), full_dir is not None, reduced, len(fused_classes)):
-            row = Row(variant.name, f"onnxruntime {short}", variant.precision,
-                      paper_ms=paper.LATENCY_MS[variant.paper])
+        for variant in group_variants(backend, full_last_block(manifest), full_dir is not None, reduced,
+                                      len(fused_classes)):
+            row = Row(variant.name, BACKEND_LABELS[backend], variant.precision, paper_ms=paper.LATENCY_MS[variant.paper],
+                      fidelity="-" if variant.model == VISUAL_QKV else "reference")
             group.append(row)
-            source, source_manifest, source_folder = folders[variant.folder]
-            model = PRECISION_MODELS[variant.precision] if variant.precision != "fp32" else variant.model
-            needed = [model] + ([TTA_GRAPH] if variant.tta_backend == "onnx" and variant.tta else [])
-            missing = [m for m in needed if m not in source_manifest.models]
-            if missing:
-                if missing[0] in MAKE_MODEL:
-                    row.status = f"not made (`{MAKE_MODEL[missing[0]].format(folder=source)}`)"
-                    continue
-                hint = {VISUAL_QKV: "--qkv-tokens model", TTA_GRAPH: "--tta"}[missing[0]]
-                row.status = f"not exported (anoclip-export {hint})"
+            if unavailable:
+                row.status = f"skipped: {unavailable}"
                 continue
-            row.size_mb = sum((source_folder / source_manifest.models[m].file).stat().st_size for m in needed) / 1e6
+            source, source_manifest, source_folder = folders[variant.folder]
+            if backend == "tensorrt-native":
+                sidecar, why = _engine_of(artifacts, variant.precision)
+                if sidecar is None:
+                    row.status = f"skipped: {why}"
+                    continue
+                row.size_mb = (source_folder / sidecar.engine).stat().st_size / 1e6
+                if variant.precision != "fp32":
+                    row.fidelity = fidelity(sidecar.parity)
+            else:
+                model = PRECISION_MODELS[variant.precision] if variant.precision != "fp32" else variant.model
+                needed = [model] + ([TTA_GRAPH] if variant.tta_backend == "onnx" and variant.tta else [])
+                missing = [m for m in needed if m not in source_manifest.models]
+                if missing:
+                    row.status = f"skipped: no {missing[0]} (make it with `{remake_command(missing[0], source)}`)"
+                    continue
+                row.size_mb = sum((source_folder / source_manifest.models[m].file).stat().st_size
+                                  for m in needed) / 1e6
+                if variant.precision != "fp32":
+                    row.fidelity = fidelity(source_manifest.models[model].provenance.get("parity"))
             try:
-                detectors[variant.name] = Detector.load(source, backend=backend_name, model=variant.model,
+                detectors[variant.name] = Detector.load(source, backend=backend, model=variant.model,
                                                         precision=variant.precision, tta=variant.tta,
                                                         tta_backend=variant.tta_backend, verify=False, threads=threads)
             except AnoclipError as exc:
                 row.status = f"failed: {exc}"
-        totals: dict[str, list[float]] = {name: [] for name in detectors}
-        stages: dict[str, dict[str, list[float]]] = {name: {s: [] for s in STAGES} for name in detectors}
+        by_name = {row.name: row for row in group}
         # the fused graph scores all its classes in every call; its row reports the asked class, or its first
         row_class = {name: cls if FUSED != d.model or cls in fused_classes else fused_classes[0]
                      for name, d in detectors.items()}
+        for name, detector in list(detectors.items()):  # one untimed call: a row that fails to run says so
+            try:
+                _timed_predict(detector, frame, row_class[name])
+            except Exception as exc:  # noqa: BLE001 - any backend error is this row's failure, not the run's
+                by_name[name].status = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                del detectors[name]
+        totals: dict[str, list[float]] = {name: [] for name in detectors}
+        stages: dict[str, dict[str, list[float]]] = {name: {s: [] for s in STAGES} for name in detectors}
         for _ in range(warmup):
             for name, detector in detectors.items():
                 _timed_predict(detector, frame, row_class[name])
@@ -255,7 +356,7 @@ def run_bench(artifacts_dir: str, providers: list[str], runs: int, warmup: int, 
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": machine_info(),
         "onnxruntime": onnxruntime.__version__,
-        "providers": providers,
+        "backends": backends,
         "threads": threads or "onnxruntime default",
         "backbone": manifest.backbone,
         "weights": manifest.pretrained + (" (random: latency only)" if manifest.random_weights else ""),
@@ -263,9 +364,11 @@ def run_bench(artifacts_dir: str, providers: list[str], runs: int, warmup: int, 
         "class": cls,
         "runs": runs,
         "warmup": warmup,
-        "timing": "wall clock per predict() call incl. overlay; rows interleaved round-robin; onnxruntime run() "
-                  "returns host arrays, so GPU work is complete (synchronised) when each stage is timed",
+        "timing": "wall clock per predict() call incl. overlay; rows of one backend interleaved round-robin; every "
+                  "backend returns host arrays, so GPU work is complete (synchronised) when each stage is timed",
         "ratio": "x CLIP = median of the row / median of the CLIP row of the same backend, same run",
+        "fidelity": "against fp32: the parity figures measured when the model was made (anoclip calibrate int8|fp16: "
+                    "patch-token cosine, anomaly-map Pearson r, score difference) or the engine built (its sidecar)",
         "paper": paper.LATENCY_SOURCE,
         "last_block": shortcut_note(rows),
         "full_last_block_artifacts": full_dir,
@@ -273,17 +376,23 @@ def run_bench(artifacts_dir: str, providers: list[str], runs: int, warmup: int, 
     return rows, method
 
 
+def failed_rows(rows: list[Row]) -> list[Row]:
+    """Rows that could run here and did not."""
+    return [r for r in rows if r.status.startswith("failed")]
+
+
 def _fmt(value: float | None, spec: str = ".1f") -> str:
     return "-" if value is None else format(value, spec)
 
 
 def table_lines(rows: list[Row], markdown: bool) -> list[str]:
-    header = ["row", "backend", "prec", "status", "MB", "mean", "p50", "p90", "p99", *STAGES, "x CLIP",
+    header = ["row", "backend", "prec", "status", "MB", "fidelity vs fp32", "mean", "p50", "p90", "p99", *STAGES,
+              "x CLIP",
               "paper ms", "paper x CLIP"]
     body = []
     for r in rows:
         ms = r.ms or {}
-        body.append([r.name, r.backend, r.precision, r.status, _fmt(r.size_mb or None, ".1f"),
+        body.append([r.name, r.backend, r.precision, r.status, _fmt(r.size_mb or None, ".1f"), r.fidelity,
                      _fmt(ms.get("mean")), _fmt(ms.get("p50")), _fmt(ms.get("p90")), _fmt(ms.get("p99")),
                      *[_fmt(r.stages_ms.get(s)) if r.stages_ms else "-" for s in STAGES],
                      _fmt(r.vs_clip, ".2f"), _fmt(r.paper_ms), _fmt(r.paper_vs_clip, ".2f")])
@@ -300,11 +409,11 @@ def method_lines(method: dict) -> list[str]:
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU"
     return [
         f"{method['date']}; {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB{gpu}; onnxruntime "
-        f"{method['onnxruntime']} ({', '.join(p.replace('ExecutionProvider', '') for p in method['providers'])}), "
-        f"threads: {method['threads']}",
+        f"{method['onnxruntime']}; backends {', '.join(method['backends'])}; threads: {method['threads']}",
         f"{method['backbone']}, weights {method['weights']}; {method['input']}; class {method['class']}; "
         f"{method['runs']} runs after {method['warmup']} warm-up",
         f"timing: {method['timing']}. {method['ratio']}. Paper: {method['paper']}.",
+        f"fidelity: {method['fidelity']}; fp32 rows are the reference.",
         f"last block: {method['last_block']}",
         "Stage columns are medians in ms; mean/p50/p90/p99 cover the whole call.",
     ]
@@ -325,17 +434,24 @@ def update_readme(path: Path, text: str) -> None:
 
 
 def resolve_backends(backends: str) -> list[str]:
-    """One benchmark column per provider named (``auto``: every available one)."""
-    import onnxruntime as ort
-
-    return named_providers(backends, ort.get_available_providers())
+    """The backends named (``auto``: every one of the runtime's; those this machine lacks give
+    skipped rows)."""
+    if backends.strip() == "auto":
+        return list(BACKENDS)
+    names = list(dict.fromkeys(b.strip() for b in backends.split(",") if b.strip()))
+    for name in names:
+        if name not in BACKENDS:
+            raise AnoclipError(f"unknown backend '{name}'; choose among {', '.join(BACKENDS)} or auto")
+    return names
 
 
 @click.command("bench", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--artifacts", "artifacts_dir", required=True, type=click.Path(file_okay=False),
               help="Artifact folder; export with --qkv-tokens model (CLIP row) and --tta (AnoCLIP+ onnx row).")
 @click.option("--backends", default="auto", show_default=True,
-              help="Comma-separated onnxruntime providers to time (cpu, cuda, tensorrt), or auto = every one present.")
+              help="Comma-separated backends to time: cpu, cuda, tensorrt (onnxruntime's providers), openvino, "
+                   "tensorrt-native (the folder's engines), or auto = every one; those this machine cannot run "
+                   "are listed as skipped, with the reason.")
 @click.option("--runs", default=30, show_default=True, type=click.IntRange(min=3), help="Timed calls per row.")
 @click.option("--warmup", default=5, show_default=True, type=click.IntRange(min=0), help="Untimed calls per row first.")
 @click.option("--image", type=click.Path(dir_okay=False, exists=True), default=None,
@@ -350,24 +466,31 @@ def resolve_backends(backends: str) -> list[str]:
                    "'AnoCLIP (full last block)' row without the last-block shortcut, as the paper's Table 7 timed it.")
 @click.option("--precisions", default="auto", show_default=True,
               help="Reduced precisions of the visual model to time beside fp32, as 'AnoCLIP (int8)' / 'AnoCLIP "
-                   "(fp16)' rows: a comma-separated list of int8, fp16, or auto = every one the folder holds "
-                   "(`anoclip calibrate int8|fp16` makes them).")
+                   "(fp16)' rows: a comma-separated list of int8, fp16, or auto = both (a row whose model or engine "
+                   "the folder lacks is skipped, naming `anoclip calibrate int8|fp16` or `anoclip build-engine`).")
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the table as Markdown to this file.")
 @click.option("--readme", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Replace the block between the anoclip bench markers in this README with the Markdown table.")
 def bench_command(artifacts_dir, backends, runs, warmup, image, image_size, cls, threads, as_json, full_dir,
                   precisions, markdown_path, readme):
-    """Benchmark ms per image of CLIP, AnoCLIP and AnoCLIP+ per stage and backend, beside the paper's Table 7."""
+    """One table: a row per backend x precision (and method: CLIP, AnoCLIP, the fused graph,
+    AnoCLIP+) with status, file size, fidelity against fp32 and ms per image per stage, beside the
+    paper's Table 7.
+
+    Rows this machine cannot run (no GPU, no TensorRT, no OpenVINO, a model or engine the folder
+    lacks) are "skipped: why"; a row that could run and failed is "failed: why" and makes the
+    command exit 1 after the table is printed.
+    """
     from tqdm import tqdm
 
     configure_logging()
     if markdown_path:  # fail now, not after the runs
         ensure_writable_folder(Path(markdown_path).parent, "--markdown folder")
-    providers = resolve_backends(backends)
+    chosen = resolve_backends(backends)
     frame = _frame(image, image_size)
-    with tqdm(total=runs * len(providers), desc="bench", unit="round", file=sys.stderr, disable=None) as bar:
-        rows, method = run_bench(artifacts_dir, providers, runs, warmup, frame, cls, threads, bar.update, full_dir,
+    with tqdm(total=runs * len(chosen), desc="bench", unit="round", file=sys.stderr, disable=None) as bar:
+        rows, method = run_bench(artifacts_dir, chosen, runs, warmup, frame, cls, threads, bar.update, full_dir,
                                  precisions)
     md = markdown(rows, method)
     if markdown_path:
@@ -376,9 +499,13 @@ def bench_command(artifacts_dir, backends, runs, warmup, image, image_size, cls,
         update_readme(Path(readme), md)
     if as_json:
         click.echo(json.dumps({"method": method, "rows": [asdict(r) for r in rows]}, indent=2))
-        return
-    for line in method_lines(method):
-        click.echo(line)
-    click.echo("")
-    for line in table_lines(rows, markdown=False):
-        click.echo(line)
+    else:
+        for line in method_lines(method):
+            click.echo(line)
+        click.echo("")
+        for line in table_lines(rows, markdown=False):
+            click.echo(line)
+    failed = failed_rows(rows)
+    if failed:
+        click.echo(f"{len(failed)} row(s) failed: {', '.join(f'{r.name} on {r.backend}' for r in failed)}", err=True)
+        sys.exit(1)
