@@ -38,8 +38,9 @@ def calibrate_group():
               help="Artifact folder written by anoclip-export; the thresholds are stored in it.")
 @click.option("--class", "cls", required=True, help="Class to calibrate (baked into the prompt weights, e.g. bottle).")
 @click.option("--normal", multiple=True, required=True,
-              help="Normal (defect-free) input: an image, a folder of images or a video file (.mp4, .avi, .mkv, "
-                   ".mov, .webm, ...). Repeat for more. Use frames of the scene the detector will watch.")
+              help="Normal (defect-free) input: an image, a folder of images, a quoted glob pattern of images or a "
+                   "video file (.mp4, .avi, .mkv, .mov, .webm, ...). Repeat for more. Use frames of the scene the "
+                   "detector will watch. Images that cannot be read are skipped, and counted at the end.")
 @click.option("--quantile", default=DEFAULT_QUANTILE, show_default=True, type=click.FloatRange(0, 1),
               help="The image threshold is this quantile of the normal frames' scores (plus --margin): a share of "
                    "about 1-Q of normal frames will be called anomalous. Needs at least 1/(1-Q) frames to mean that.")
@@ -86,7 +87,8 @@ def threshold_command(artifacts_dir, cls, normal, quantile, margin, pixel_quanti
     from anoclip.runtime.detector import Detector
     from anoclip.runtime.plumbing import ensure_writable_folder
 
-    from .frames import iter_frames, plan_sources
+    from anoclip.runtime.inputs import FrameReader, plan_inputs
+
     from .threshold import ThresholdSettings, calibrate_threshold
 
     configure_logging(verbose)
@@ -95,7 +97,7 @@ def threshold_command(artifacts_dir, cls, normal, quantile, margin, pixel_quanti
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     tta_config = tta_config_from(tta, tta_steps, tta_adapter, tta_init, tta_state, seed)
-    sources = plan_sources(normal, stride)
+    reader = FrameReader(plan_inputs(normal, stride, "--normal"), stride, max_pixels)
     detector = Detector.load(artifacts_dir, backend=backend, model=model, precision=precision, tiling=tiling,
                              smoothing_sigma=smoothing_sigma, threads=threads, tta=tta_config or False,
                              tta_backend=tta_backend, max_pixels=max_pixels,
@@ -104,10 +106,9 @@ def threshold_command(artifacts_dir, cls, normal, quantile, margin, pixel_quanti
     if tta_config is not None:
         detector.tta_adapter(cls, tta_config)  # a TTA graph that does not fit: fail before any frame too
     ensure_writable_folder(artifacts_dir, "--artifacts")
-    total = sum(s.expected for s in sources) if all(s.expected for s in sources) else None
     record, name = calibrate_threshold(
-        detector, cls, iter_frames(sources, stride, max_pixels), settings, normal=list(normal),
-        command=_command_line(), total=total, max_frames=max_frames,
+        detector, cls, reader.frames(), settings, normal=list(normal),
+        command=_command_line(), total=reader.expected, max_frames=max_frames,
         replace_file=replace_file)
     folder = Path(artifacts_dir)
     for line in (
@@ -119,6 +120,9 @@ def threshold_command(artifacts_dir, cls, normal, quantile, margin, pixel_quanti
         f"stored in {folder / name}; `anoclip predict --artifacts {folder} --class {cls} ...` now decides with them",
     ):
         click.echo(line, err=True)
+    if reader.skipped:
+        click.echo(f"{len(reader.skipped)} input(s) could not be read and were skipped (listed above); the thresholds "
+                   f"are of the {record.frames} frames read", err=True)
     if as_json:
         click.echo(json.dumps({"class": cls, "file": str(folder / name), **asdict(record)}, indent=2))
 

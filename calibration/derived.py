@@ -65,16 +65,16 @@ def read_frames(inputs: Sequence[str], manifest: Manifest, count: int, parity: i
     """
     from tqdm import tqdm
 
-    from .frames import iter_frames, plan_sources
+    from anoclip.runtime.inputs import FrameReader, plan_inputs
 
-    sources = plan_sources(inputs, stride, option)
+    reader = FrameReader(plan_inputs(inputs, stride, option), stride, max_pixels)
     size = tuple(manifest.image_size)
-    expected = sum(s.expected for s in sources) if all(s.expected for s in sources) else None
+    expected = reader.expected
     wanted = count + parity
     small: list[np.ndarray] = []
     with tqdm(total=min(expected, wanted) if expected else wanted, desc="read frames", unit="frame",
               file=sys.stderr, disable=None) as bar:
-        for frame in itertools.islice(iter_frames(sources, stride, max_pixels), wanted):
+        for frame in itertools.islice(reader.frames(), wanted):
             small.append(resize_bilinear(as_rgb_uint8(frame), size))  # what preprocess squashes it to
             bar.update(1)
     if not small:

@@ -3,17 +3,13 @@ through the ``anoclip.commands`` entry-point group (``export`` from the export e
 
 from __future__ import annotations
 
-import io
 import logging
-import math
-import re
 import sys
 import time
 from importlib.metadata import entry_points
 from pathlib import Path
 
 import click
-import numpy as np
 
 from .errors import AnoclipError
 from .options import detector_options, load_detector, server_option, threshold_options, tta_config_from
@@ -62,12 +58,6 @@ def cli():
     """AnoCLIP zero-shot anomaly localisation: export, calibrate, predict images, inspect streams, benchmark."""
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
-
-
 @cli.command("predict")
 @click.option("--artifacts", "artifacts_dir", default=None, type=click.Path(file_okay=False),
               help="Artifact folder written by anoclip-export (or --server).")
@@ -82,8 +72,11 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 @click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(0, 1), help="Heat-map opacity.")
 @threshold_options
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads for onnxruntime.")
+@click.option("--stride", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Score every Nth frame of video inputs.")
 @click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=click.IntRange(min=1),
-              help="Largest image (width x height) decoded; files claiming more are skipped unread.")
+              help="Largest image or video frame (width x height) decoded; images claiming more are skipped "
+                   "unread, videos with larger frames are skipped.")
 @click.option("--max-output-pixels", default=DEFAULT_MAX_OUTPUT_PIXELS, show_default=True, type=click.IntRange(min=0),
               help="Overlays and maps of larger frames are written scaled down to this many pixels (0: never).")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the artifacts at load.")
@@ -91,18 +84,23 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @click.argument("paths", nargs=-1, required=True)
 def predict_command(artifacts_dir, servers, cls, out_dir, backend, model, precision, tiling, smoothing_sigma, tta, tta_backend, tta_steps, tta_adapter,
-                    tta_init, tta_state, seed, alpha, image_threshold, pixel_threshold, threads, max_pixels,
+                    tta_init, tta_state, seed, alpha, image_threshold, pixel_threshold, threads, stride, max_pixels,
                     max_output_pixels, no_verify, as_json, verbose, paths):
-    """Score images (files or folders of images) and write anomaly maps.
+    """Score images and videos (image files, folders of images, quoted glob patterns, video files)
+    and write anomaly maps: the finite case of `anoclip stream`, with the same reader, scoring and
+    records.
 
-    Each run writes into OUT/<run>/ (<run> = UTC time and process id), per image (and class, with
-    several: <name>_<class>_...): <name>_overlay.png (heat map over the image, colour range = the map's own min..max) and
-    <name>_map.npy (float32 map at the image's resolution, raw p_abnormal; scaled down above
-    --max-output-pixels), and appends one line per image to OUT/results.jsonl, under a lock, never
+    Each run writes into OUT/<run>/ (<run> = UTC time and process id), per image or video frame (and
+    class, with several: <name>_<class>_...): <name>_overlay.png (heat map over the image, colour
+    range = the map's own min..max) and <name>_map.npy (float32 map at the image's resolution, raw
+    p_abnormal; scaled down above --max-output-pixels), and appends one record per image (video:
+    per --stride-th frame; "frame" is its index) to OUT/results.jsonl, under a lock, never
     truncating it: runs at the same time or one after another keep every line and every file. Every
-    input gets its own <name> (images sharing a stem take their suffix: a_png, a_jpg). OUT itself is
-    never searched for inputs. Unreadable images, and files above --max-pixels, are reported and
-    skipped; the exit code is then 3.
+    input gets its own <name> (images sharing a stem take their suffix: a_png, a_jpg; a video's
+    frames <stem>_<frame>). OUT itself is never searched for inputs. A missing input, a folder
+    without images or a video that cannot be opened stops the run before any image is scored;
+    unreadable images, and images above --max-pixels, are reported and skipped; the exit code is
+    then 3.
 
     With thresholds for the class (calibrated, or --threshold / --pixel-threshold), each line says
     "anomalous" (score > threshold) and lists the "regions" of the map above the pixel threshold
@@ -111,17 +109,16 @@ def predict_command(artifacts_dir, servers, cls, out_dir, backend, model, precis
     """
     from tqdm import tqdm
 
-    from .outputs import IMAGE_SUFFIXES, ResultsLog, discover_images, run_id
+    from .inputs import FrameReader, plan_inputs
+    from .outputs import RESULTS, run_id
     from .plumbing import ensure_writable_folder
-    from .preprocess import decode_image, read_file
-    from .records import make_record
+    from .stream.events import FrameEvent
+    from .stream.sinks import EventsLog, PredictionFiles, class_suffixes
 
     configure_logging(verbose)
     tta_config = tta_config_from(tta, tta_steps, tta_adapter, tta_init, tta_state, seed)
     out = Path(out_dir)
-    images = discover_images(paths, exclude=out)
-    if not images:
-        raise AnoclipError(f"no images found in {', '.join(paths)} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+    reader = FrameReader(plan_inputs(paths, stride, exclude=out), stride, max_pixels)
     detector = load_detector(artifacts_dir, servers, backend=backend, model=model, precision=precision, tiling=tiling,
                              smoothing_sigma=smoothing_sigma, verify=not no_verify, threads=threads,
                              tta=tta_config or False, tta_backend=tta_backend, max_pixels=max_pixels)
@@ -131,75 +128,47 @@ def predict_command(artifacts_dir, servers, cls, out_dir, backend, model, precis
     detector.threshold_override = (image_threshold, pixel_threshold)
     for name in classes:
         detector.threshold_for(name)  # says once, before any image, when a class has no threshold
-    suffixes = class_suffixes(classes)
     ensure_writable_folder(out)
     run = run_id()
     run_dir = out / run  # this run's overlays and maps: no other run, at the same time or later, writes here
     run_dir.mkdir()
-    failed = 0
-    with ResultsLog(out) as results, tqdm(images, desc="predict", unit="img", file=sys.stderr, disable=None) as bar:
-        for path, key in bar:
-            captured = time.time()
-            try:
-                data = read_file(path)
-                rgb = decode_image(data, max_pixels, str(path))
-                # a remote detector is sent the encoded file as it is, a local one the decoded pixels
-                result = detector.predict(data if getattr(detector, "sends_encoded", False) else rgb, classes)
-            except AnoclipError as exc:
-                failed += 1
-                log.error("skipped %s: %s", path, exc)
-                continue
-            for name, one in result.by_class.items():
-                files = _write_maps(run_dir, key + suffixes[name], rgb, one.anomaly_map_full, alpha, max_output_pixels,
-                                    one.threshold.pixel if one.threshold else None)
-                line = results.append(make_record(one, str(path), captured=captured, run=run, files=files))
-                if as_json:
-                    click.echo(line, nl=False)
-    ok = len(images) - failed
-    click.echo(f"{ok} of {len(images)} images scored; results appended to {results.path} (run {run})", err=True)
+    # the sinks of the stream's saved frames and events file: files first, so that the records name them
+    sinks = [PredictionFiles(run_dir, class_suffixes(classes), alpha, max_output_pixels),
+             EventsLog(out / RESULTS, echo=(lambda line: click.echo(line, nl=False)) if as_json else None, option="--out")]
+    scored = failed = 0
+    sends_encoded = getattr(detector, "sends_encoded", False)
+    try:
+        with tqdm(total=reader.expected, desc="predict", unit="img", file=sys.stderr, disable=None) as bar:
+            for frame in reader:
+                bar.update(1)
+                captured = time.time()
+                try:
+                    # a remote detector is sent an image file as it is, a local one the decoded pixels
+                    image = frame.data if sends_encoded and frame.data is not None else frame.rgb
+                    result = detector.predict_batch([image], classes)[0]
+                except AnoclipError as exc:
+                    failed += 1
+                    log.error("skipped %s: %s", _shown(frame), exc)
+                    continue
+                scored += 1
+                event = FrameEvent(source=str(frame.source.path), frame_index=frame.index, captured=captured,
+                                   result=result, latency_ms=None, frame=frame.rgb[:, :, ::-1], run=run,
+                                   key=f"{frame.source.key}_{frame.index:06d}" if frame.source.video else frame.source.key)
+                for sink in sinks:
+                    sink.write(event)
+    finally:
+        for sink in sinks:
+            sink.close()
+    failed += len(reader.skipped)
+    unit = "frames" if any(s.video for s in reader.sources) else "images"
+    click.echo(f"{scored} of {scored + failed} {unit} scored; results appended to {sinks[1].path} (run {run})", err=True)
     if failed:
-        click.echo(f"{failed} image(s) could not be read and were skipped", err=True)
+        click.echo(f"{failed} input(s) could not be read and were skipped", err=True)
         sys.exit(EXIT_SOME_FAILED)
 
 
-def class_suffixes(classes: list[str]) -> dict[str, str]:
-    """The part each class adds to output names: none for one class; ``_<class>`` with several (the
-    name's characters other than letters, digits, ``.``, ``-`` and ``_`` replaced, unique)."""
-    if len(classes) == 1:
-        return {classes[0]: ""}
-    suffixes: dict[str, str] = {}
-    for name in classes:
-        base = "_" + (re.sub(r"[^\w.-]+", "-", name)[:48] or "class")
-        suffix, n = base, 1
-        while suffix in suffixes.values():
-            n += 1
-            suffix = f"{base}-{n}"
-        suffixes[name] = suffix
-    return suffixes
-
-
-def _write_maps(out: Path, key: str, rgb: np.ndarray, amap: np.ndarray, alpha: float,
-                max_pixels: int | None, pixel: float | None = None) -> dict:
-    """Write <key>_overlay.png (with the outlines of the regions above ``pixel``, when given) and
-    <key>_map.npy into ``out`` atomically (scaled down above ``max_pixels``)."""
-    import cv2
-
-    from .overlay import draw_regions, encode_png, overlay
-    from .plumbing import atomic_write_bytes
-
-    height, width = amap.shape
-    if max_pixels and height * width > max_pixels:
-        scale = math.sqrt(max_pixels / (height * width))
-        size = (max(1, int(width * scale)), max(1, int(height * scale)))
-        amap = cv2.resize(amap, size, interpolation=cv2.INTER_AREA)
-        rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
-    overlay_path, map_path = out / f"{key}_overlay.png", out / f"{key}_map.npy"
-    image = overlay(rgb, amap, alpha)
-    if pixel is not None:
-        image = draw_regions(image, amap, pixel)
-    atomic_write_bytes(overlay_path, encode_png(image))
-    atomic_write_bytes(map_path, _npy_bytes(amap.astype(np.float32)))
-    return {"overlay": str(overlay_path), "map": str(map_path), "map_shape": list(amap.shape)}
+def _shown(frame) -> str:
+    return f"frame {frame.index} of {frame.source.path}" if frame.source.video else str(frame.source.path)
 
 
 def main() -> None:

@@ -59,10 +59,25 @@ def test_predict_skips_unreadable_images_and_says_so(tiny_artifacts, tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not an image")
     proc = run_cli("predict", "--artifacts", str(tiny_artifacts), "--class", "carpet", "--out", str(tmp_path / "o"),
-                   str(good), str(bad), str(tmp_path / "missing.png"))
+                   str(good), str(bad))
     assert proc.returncode == 3, proc.stderr
-    assert "cannot decode" in proc.stderr and "no such file" in proc.stderr
+    assert "cannot decode" in proc.stderr and "1 of 2 images scored" in proc.stderr
     assert len((tmp_path / "o" / "results.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize("case", ["missing", "empty folder", "pattern", "not an image"])
+def test_predict_bad_inputs_are_one_line_before_any_image(tiny_artifacts, tmp_path, case):
+    good = write_images(tmp_path / "imgs")[0]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("hello")
+    bad, expected = {"missing": (tmp_path / "missing.png", "does not exist"),
+                     "empty folder": (tmp_path / "empty", "holds no images"),
+                     "pattern": (tmp_path / "imgs" / "*.gif", "matches no images"),
+                     "not an image": (tmp_path / "notes.txt", "neither an image")}[case]
+    proc = run_cli("predict", "--artifacts", str(tiny_artifacts), "--class", "carpet", "--out", str(tmp_path / "o"),
+                   str(good), str(bad))
+    assert proc.returncode == 1 and expected in one_error_line(proc.stderr)
+    assert not (tmp_path / "o").exists()  # stopped before any image was scored
 
 
 def test_predict_unknown_class_is_one_line(tiny_artifacts, tmp_path):

@@ -280,7 +280,7 @@ def test_folder_lock_waits_for_a_short_holder(tmp_path):
 
 
 def test_calibration_never_imports_the_export_stage():
-    code = ("import sys\nimport anoclip.calibration.cli, anoclip.calibration.threshold, anoclip.calibration.frames\n"
+    code = ("import sys\nimport anoclip.calibration.cli, anoclip.calibration.threshold, anoclip.runtime.inputs\n"
             "bad = [m for m in sys.modules if m.startswith(('anoclip.export', 'torch', 'open_clip', 'onnx.'))"
             " or m == 'onnx']\nassert not bad, bad\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -309,6 +309,19 @@ def test_calibrate_command_stores_the_thresholds_of_a_video(calibrated, clip):
     assert record.score_min <= record.image <= record.score_max
     detector = Detector.load(folder, backend="cpu")
     assert detector.threshold_for("bottle").origin == "calibrated"
+
+
+def test_unreadable_normal_images_are_skipped_and_counted(folder, tmp_path):
+    normal = tmp_path / "normal"
+    normal.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(normal / f"{i}.png"), normal_frame(i))
+    (normal / "1b.png").write_bytes(b"not an image")  # read after 0.png and 1.png, before 2.png
+    proc = calibrate(folder, "--class", "bottle", "--normal", str(normal), "--max-frames", "10", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped" in proc.stderr and "1b.png" in proc.stderr and "cannot decode" in proc.stderr
+    assert "1 input(s) could not be read and were skipped" in proc.stderr
+    assert json.loads(proc.stdout)["frames"] == 3  # every readable frame, the one after the bad file too
 
 
 def test_predict_writes_the_decision_and_regions(calibrated, images, tmp_path):

@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 
 from anoclip.runtime.classes import MVTEC_CLASSES, MVTEC_TEXTURES, VISA_CLASSES
-from anoclip.runtime.outputs import IMAGE_SUFFIXES
+from anoclip.runtime.inputs import IMAGE_SUFFIXES
 from anoclip.runtime.preprocess import resize_bilinear
 
 logger = logging.getLogger(__name__)

@@ -7,6 +7,9 @@ exponential backoff; every reopen is counted and bumps the source's generation (
 resets that source's test-time adaptation). A video file is read frame by frame with back-pressure
 (the thread waits until its frame is taken, so nothing is dropped) unless ``realtime`` paces it at
 its own frame rate like a camera; at its end the source finishes (``loop``: it starts again).
+Images (a folder, a file, a pattern) are read like a video file, through the reader predict uses
+(``anoclip.runtime.inputs.ImageSequence``). Finite sources keep to ``max_pixels``: larger images
+are skipped (counted as corrupt), a video of larger frames is refused when it is opened.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import AnoclipError
+from ..inputs import ImageSequence, plan_inputs
+from ..preprocess import DEFAULT_MAX_PIXELS
 from .sources import SourceSpec, check_backend, open_capture
 
 log = logging.getLogger(__name__)
@@ -95,10 +100,12 @@ class CaptureThread(threading.Thread):
 
     def __init__(self, index: int, spec: SourceSpec, board: FrameBoard, stop: threading.Event, *,
                  stride: int = 1, max_fps: float | None = None, loop: bool = False, realtime: bool = False,
-                 roi: tuple[int, int, int, int] | None = None):
+                 roi: tuple[int, int, int, int] | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS):
         super().__init__(name=f"capture-{index}", daemon=True)
         self.index, self.spec, self.board, self.stop = index, spec, board, stop
         self.stride, self.max_fps, self.loop, self.realtime, self.roi = stride, max_fps, loop, realtime, roi
+        self.max_pixels = max_pixels
+        self.images = plan_inputs([spec.target], option="source") if spec.kind == "images" else None
         self.counters = CaptureCounters()
         self.generation = 0
         self.fps: float | None = None  # the source's own frame rate, when it reports one
@@ -108,12 +115,27 @@ class CaptureThread(threading.Thread):
     def open(self) -> None:
         """Open the source now; one clear error when it cannot be opened (before the pipeline starts)."""
         check_backend(self.spec)
-        self.capture = open_capture(self.spec)
+        self.capture = self._open()
         if self.capture is None:
             raise AnoclipError(f"cannot open source {self.spec.uri!r}; check that it exists and is reachable "
                                "(a camera in use by another program, a wrong URL or a file OpenCV cannot decode)")
         self._read_properties()
         self._check_roi()
+        self._check_size()
+
+    def _open(self):
+        if self.images is not None:
+            return ImageSequence([source.path for source in self.images], self.max_pixels)
+        return open_capture(self.spec)
+
+    def _check_size(self) -> None:
+        import cv2
+
+        width = int(self.capture.get(cv2.CAP_PROP_FRAME_WIDTH) or 0)
+        height = int(self.capture.get(cv2.CAP_PROP_FRAME_HEIGHT) or 0)
+        if not self.spec.live and self.max_pixels is not None and width * height > self.max_pixels:
+            raise AnoclipError(f"source {self.spec.uri!r}: its frames are {width} x {height} pixels, above the limit "
+                               f"of {self.max_pixels} pixels (raise the limit with --max-pixels if they are genuine)")
 
     def _check_roi(self) -> None:
         import cv2
@@ -187,7 +209,7 @@ class CaptureThread(threading.Thread):
         if not self.spec.live:
             if self.loop and self.counters.read:
                 self.capture.release()
-                self.capture = open_capture(self.spec)
+                self.capture = self._open()
                 return self.capture is not None
             return False
         self.capture.release()

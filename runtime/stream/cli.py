@@ -11,6 +11,7 @@ import click
 
 from ..options import detector_options, load_detector, server_option, threshold_options, tta_config_from
 from ..plumbing import configure_logging
+from ..preprocess import DEFAULT_MAX_PIXELS
 from .pipeline import StreamOptions, StreamPipeline
 from .sources import parse_source
 
@@ -37,7 +38,8 @@ def _roi(ctx, param, value):
               help="Artifact folder written by anoclip-export (or --server).")
 @server_option
 @click.option("--source", "sources", multiple=True, required=True, metavar="SRC[=CLASS]",
-              help="Repeatable. A camera index (0), /dev/videoN, a video file, rtsp:// or http(s):// (anything "
+              help="Repeatable. A camera index (0), /dev/videoN, a video file, a folder of images, an image or a "
+                   "quoted glob pattern of images (read in order like a video), rtsp:// or http(s):// (anything "
                    "FFmpeg opens), a GStreamer pipeline ending in appsink, or csi://N (Jetson CSI camera, "
                    "?width=&height=&fps= optional). =CLASS scores this source for CLASS instead of --class.")
 @click.option("--class", "cls", default=None, help="Class for every source without its own =CLASS.")
@@ -49,7 +51,10 @@ def _roi(ctx, param, value):
 @click.option("--stride", default=1, show_default=True, type=click.IntRange(min=1), help="Score every Nth frame.")
 @click.option("--max-fps", default=None, type=click.FloatRange(min=0, min_open=True),
               help="Score at most this many frames a second per source (files are slowed down to it).")
-@click.option("--loop", is_flag=True, help="Start video files again at their end (until stopped).")
+@click.option("--loop", is_flag=True, help="Start video files and image sources again at their end (until stopped).")
+@click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=click.IntRange(min=1),
+              help="Largest frame (width x height) of a video file or image source: larger images are skipped "
+                   "unread (counted as corrupt), a video of larger frames is refused.")
 @click.option("--realtime", is_flag=True,
               help="Read video files at their own frame rate like a camera, dropping what the model cannot keep up "
                    "with (default: every frame of a file is scored).")
@@ -78,14 +83,15 @@ def _roi(ctx, param, value):
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the artifacts at load.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def stream_command(artifacts_dir, servers, sources, cls, backend, model, precision, tiling, smoothing_sigma, tta, tta_backend, tta_steps, tta_adapter,
-                   tta_init, tta_state, seed, threads, image_threshold, pixel_threshold, roi, stride, max_fps, loop, realtime, batch, record, record_fps, events, save_dir,
+                   tta_init, tta_state, seed, threads, image_threshold, pixel_threshold, roi, stride, max_fps, loop, max_pixels, realtime, batch, record, record_fps, events, save_dir,
                    show, web, mqtt, topic, alpha, stats_interval, no_verify, verbose):
-    """Score camera streams, network streams and video files frame by frame.
+    """Score camera streams, network streams, video files and images frame by frame.
 
     One capture thread per source keeps only its newest frame (a live source never builds a backlog;
     dropped frames are counted); one inference worker scores the newest frames of all sources in
     batches; sinks (--record, --events, --save-dir, --show, --web, --mqtt) run beside it. A live
-    source that dies is reopened with backoff; a file ends the stream at its end (--loop repeats it).
+    source that dies is reopened with backoff; a video file or image source ends the stream at its end
+    (--loop repeats it).
     Thresholds come from `anoclip calibrate threshold` (or --threshold/--pixel-threshold); without
     them, scores and maps are reported with no decision. With --tta, every source adapts its own state
     (--tta-state persistent: across its frames), which starts afresh when the source reconnects. Ctrl-C or SIGTERM stops cleanly: the
@@ -105,7 +111,8 @@ def stream_command(artifacts_dir, servers, sources, cls, backend, model, precisi
         detector.resolve_classes(spec.cls)  # an unknown class fails before any source opens
         if tta_config is not None:
             detector.tta_adapter(spec.cls, tta_config)  # so does a TTA graph that does not fit
-    options = StreamOptions(stride=stride, max_fps=max_fps, loop=loop, realtime=realtime, roi=roi, threshold=image_threshold,
+    options = StreamOptions(stride=stride, max_fps=max_fps, loop=loop, realtime=realtime, roi=roi, max_pixels=max_pixels,
+                            threshold=image_threshold,
                             pixel_threshold=pixel_threshold, alpha=alpha, max_batch=batch, stats_interval=stats_interval)
     pipeline = StreamPipeline(detector, specs, [], options)
     pipeline.open()

@@ -1,4 +1,5 @@
-"""What the stream pipeline hands to its sinks: one ``FrameEvent`` per processed frame."""
+"""What the inspection pipeline hands to its sinks: one ``FrameEvent`` per processed frame (the
+stream's frames, and predict's)."""
 
 from __future__ import annotations
 
@@ -21,25 +22,31 @@ class FrameEvent:
     result: the Detector's Result for the frame: score, maps at the frame's resolution and the
         decision (``anomalous``, ``threshold``, ``regions`` in frame pixels).
     latency_ms: per stage: wait (capture -> inference start), preprocess, model, scoring, tta, total
-        (capture -> decision), added (total less the model's share).
+        (capture -> decision), added (total less the model's share); None: each class's Result's own
+        timings (predict).
     frame: the frame as read (BGR uint8, region of interest applied).
     source_index: the source's position in the pipeline (for sinks that keep one output per
         source; not part of the record).
     run: the id of the stream run.
     annotated: the frame with heat map, region contours, score, decision and FPS drawn (BGR uint8);
         set by the pipeline before any sink sees the event.
+    key: the frame's output name, for sinks that write files named after their input (predict).
+    files: per class, what a sink wrote for the frame (``overlay``, ``map``, ``map_shape``), added to
+        that class's record; a sink that writes files comes before those that send records.
     """
 
     source: str
     frame_index: int
     captured: float
     result: Result
-    latency_ms: dict[str, float]
+    latency_ms: dict[str, float] | None
     frame: np.ndarray
     source_index: int = 0
     run: str | None = None
     annotated: np.ndarray | None = None
-    _record: dict[str, Any] | None = field(default=None, init=False, repr=False, compare=False)
+    key: str | None = None
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _records: list[dict[str, Any]] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def cls(self) -> str:
@@ -74,11 +81,17 @@ class FrameEvent:
 
     def record(self) -> dict[str, Any]:
         """The event's record (``anoclip.runtime.records``: what the events file, MQTT and the web
-        view carry); made once per event, whatever the number of sinks (treat it as read-only)."""
-        if self._record is None:
-            self._record = make_record(self.result, self.source, frame=self.frame_index, captured=self.captured,
-                                       run=self.run, timings_ms=self.latency_ms)
-        return self._record
+        view carry), of its first class; made once per event, whatever the number of sinks (treat
+        it as read-only)."""
+        return self.records()[0]
+
+    def records(self) -> list[dict[str, Any]]:
+        """One record per class the frame was scored for (one, in a stream), in the Result's order."""
+        if self._records is None:
+            self._records = [make_record(one, self.source, frame=self.frame_index, captured=self.captured,
+                                         run=self.run, timings_ms=self.latency_ms, files=self.files.get(name))
+                             for name, one in self.result.by_class.items()]
+        return self._records
 
 
 class Sink:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from ..detector import Detector
 from ..errors import AnoclipError
 from ..outputs import run_id
+from ..preprocess import DEFAULT_MAX_PIXELS
 from .annotate import annotate
 from .capture import CaptureThread, Frame, FrameBoard
 from .events import FrameEvent, Sink
@@ -39,6 +40,7 @@ class StreamOptions:
     loop: bool = False
     realtime: bool = False
     roi: tuple[int, int, int, int] | None = None  # x, y, width, height
+    max_pixels: int | None = DEFAULT_MAX_PIXELS  # largest frame of a finite source (images, video files)
     threshold: float | None = None  # overrides the calibrated image threshold
     pixel_threshold: float | None = None  # overrides the calibrated pixel threshold
     alpha: float = 0.4
@@ -62,7 +64,7 @@ class StreamPipeline:
         self.board = FrameBoard(len(sources))
         o = self.options
         self.captures = [CaptureThread(i, spec, self.board, self.stop, stride=o.stride, max_fps=o.max_fps,
-                                       loop=o.loop, realtime=o.realtime, roi=o.roi)
+                                       loop=o.loop, realtime=o.realtime, roi=o.roi, max_pixels=o.max_pixels)
                          for i, spec in enumerate(sources)]
         self.stats = StreamStats(self.captures)
         self._queue: queue.Queue[FrameEvent | None] = queue.Queue(maxsize=o.sink_queue)

@@ -1,10 +1,11 @@
-"""Sinks that write to files or the screen: recording, events file, saved anomalous frames, window.
-(The live web view and MQTT have modules of their own.)"""
+"""Sinks that write to files or the screen: recording, events file, saved anomalous frames, window,
+and predict's overlays and maps. (The live web view and MQTT have modules of their own.)"""
 
 from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -77,18 +78,27 @@ class VideoRecorder(Sink):
 
 
 class EventsLog(Sink):
-    """``--events FILE.jsonl``: one JSON line per processed frame, appended whole under a lock
-    (a killed run never leaves half a line that the next run would continue)."""
+    """``--events FILE.jsonl`` (and predict's ``results.jsonl``): one JSON line per processed frame
+    and class, appended whole under a lock (a killed run never leaves half a line that the next run
+    would continue); ``echo``, when given, also receives every line."""
 
     name = "events"
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, echo: Callable[[str], None] | None = None, option: str = "--events"):
         path = Path(path)
-        ensure_writable_folder(path.parent if str(path.parent) else Path("."), "--events")
+        ensure_writable_folder(path.parent if str(path.parent) else Path("."), option)
         self.log = ResultsLog(path.parent, path.name)
+        self.echo = echo
+
+    @property
+    def path(self) -> Path:
+        return self.log.path
 
     def write(self, event: FrameEvent) -> None:
-        self.log.append(event.record())
+        for record in event.records():
+            line = self.log.append(record)
+            if self.echo is not None:
+                self.echo(line)
 
     def close(self) -> None:
         self.log.close()
@@ -115,11 +125,70 @@ class SavedFrames(Sink):
         ok, jpeg = cv2.imencode(".jpg", event.annotated, [cv2.IMWRITE_JPEG_QUALITY, self.quality])
         if not ok:
             raise AnoclipError("JPEG encoding of an annotated frame failed")
-        buffer = io.BytesIO()
-        np.save(buffer, event.anomaly_map.astype(np.float32), allow_pickle=False)
-        atomic_write_bytes(self.folder / f"{stem}_map.npy", buffer.getvalue())
+        atomic_write_bytes(self.folder / f"{stem}_map.npy", npy_bytes(event.anomaly_map))
         atomic_write_bytes(self.folder / f"{stem}.jpg", jpeg.tobytes())
         self.saved += 1
+
+
+class PredictionFiles(Sink):
+    """predict's files: for every frame and class, ``<key><suffix>_overlay.png`` (heat map over the
+    frame, with the outlines of the regions above the pixel threshold) and ``<key><suffix>_map.npy``
+    (float32 p_abnormal at the frame's resolution) in ``folder``, written atomically, scaled down
+    above ``max_pixels``; what was written goes into the class's record (``event.files``).
+
+    suffixes: per class, the part it adds to the names (see ``class_suffixes``)."""
+
+    name = "overlays and maps"
+
+    def __init__(self, folder: str | os.PathLike, suffixes: dict[str, str], alpha: float = 0.5,
+                 max_pixels: int | None = None):
+        self.folder, self.suffixes, self.alpha, self.max_pixels = Path(folder), suffixes, alpha, max_pixels
+
+    def write(self, event: FrameEvent) -> None:
+        import cv2
+
+        from ..overlay import draw_regions, encode_png, overlay
+
+        rgb = event.frame[:, :, ::-1]
+        for name, one in event.result.by_class.items():
+            amap, image = one.anomaly_map_full, rgb
+            height, width = amap.shape
+            if self.max_pixels and height * width > self.max_pixels:
+                scale = math.sqrt(self.max_pixels / (height * width))
+                size = (max(1, int(width * scale)), max(1, int(height * scale)))
+                amap = cv2.resize(amap, size, interpolation=cv2.INTER_AREA)
+                image = cv2.resize(np.ascontiguousarray(image), size, interpolation=cv2.INTER_AREA)
+            stem = f"{event.key}{self.suffixes[name]}"
+            overlay_path, map_path = self.folder / f"{stem}_overlay.png", self.folder / f"{stem}_map.npy"
+            drawn = overlay(np.ascontiguousarray(image), amap, self.alpha)
+            if one.threshold is not None and one.threshold.pixel is not None:
+                drawn = draw_regions(drawn, amap, one.threshold.pixel)
+            atomic_write_bytes(overlay_path, encode_png(drawn))
+            atomic_write_bytes(map_path, npy_bytes(amap))
+            event.files[name] = {"overlay": str(overlay_path), "map": str(map_path), "map_shape": list(amap.shape)}
+
+
+def class_suffixes(classes: list[str]) -> dict[str, str]:
+    """The part each class adds to output names: none for one class; ``_<class>`` with several (the
+    name's characters other than letters, digits, ``.``, ``-`` and ``_`` replaced, unique)."""
+    if len(classes) == 1:
+        return {classes[0]: ""}
+    suffixes: dict[str, str] = {}
+    for name in classes:
+        base = "_" + (re.sub(r"[^\w.-]+", "-", name)[:48] or "class")
+        suffix, n = base, 1
+        while suffix in suffixes.values():
+            n += 1
+            suffix = f"{base}-{n}"
+        suffixes[name] = suffix
+    return suffixes
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """A float32 .npy file of ``array`` (no pickle)."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(array, dtype=np.float32), allow_pickle=False)
+    return buffer.getvalue()
 
 
 class Window(Sink):

@@ -1,8 +1,11 @@
-"""Video sources by name: what ``--source`` accepts and how OpenCV opens each kind.
+"""Sources by name: what ``--source`` accepts and how each kind is opened.
 
     0, 1, ...                    a camera by index (V4L2 on Linux)
     /dev/video0                  a camera by device path
     clip.mp4                     a video file (read to its end, every frame; ``--loop`` repeats it)
+    folder/, a.png, 'dir/*.png'  images: a folder of them, one image, or a quoted glob pattern, read in
+                                 order like the frames of a video (``anoclip.runtime.inputs``, the
+                                 reader predict and calibrate use)
     rtsp://, rtsps://, rtmp://,  network streams, opened with OpenCV's FFmpeg backend
     http(s)://, udp://, tcp://
     csi://0[?width=&height=&fps=]  a Jetson CSI camera: the nvarguscamerasrc pipeline below
@@ -12,8 +15,8 @@
 last ``=`` is one of the artifact's classes, so URLs and pipelines with ``=`` in them stay whole.
 
 Every source also gets a short name for events, topics and file names: ``camera0``, ``video0``, the
-file's name, ``host/path`` of a URL (never its credentials), ``csi0``, ``gstreamer``; names that
-repeat get ``-2``, ``-3``, ...
+file's or folder's name, ``host/path`` of a URL (never its credentials), ``csi0``, ``gstreamer``;
+names that repeat get ``-2``, ``-3``, ...
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from ..errors import AnoclipError
+from ..inputs import GLOB_CHARACTERS, is_image
 
 URL_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https", "udp", "tcp", "srt")
 CSI_DEFAULTS = {"width": 1920, "height": 1080, "fps": 30}
@@ -48,12 +52,12 @@ class SourceSpec:
     """One ``--source``: its short name, what OpenCV opens, and how.
 
     live: a camera or network stream (frames arrive in real time: only the newest is kept, and a
-        stream that dies is reopened); False for a video file (every frame is read, in order).
+        stream that dies is reopened); False for a video file or images (every frame is read, in order).
     """
 
     name: str
     uri: str  # as given (without =CLASS)
-    kind: str  # device, file, url, gstreamer
+    kind: str  # device, file (a video), images (a folder, an image or a pattern), url, gstreamer
     target: str | int
     cls: str | None
     live: bool
@@ -96,10 +100,11 @@ def parse_source(text: str, classes: list[str], default_cls: str | None = None) 
     if scheme:
         raise AnoclipError(f"source {raw!r}: unknown scheme {scheme}:// (known: csi, {', '.join(URL_SCHEMES)})")
     path = Path(raw)
+    if path.is_dir() or is_image(path) or (not path.exists() and any(c in raw for c in GLOB_CHARACTERS)):
+        name = path.name if path.exists() else path.parent.name
+        return SourceSpec(name or "images", raw, "images", raw, cls, live=False)
     if path.is_file():
         return SourceSpec(path.name, raw, "file", str(path), cls, live=False)
-    if path.exists():
-        raise AnoclipError(f"source {raw!r} is not a video file")
     raise AnoclipError(f"source {raw!r}: no such file, camera index, /dev/videoN device, URL or GStreamer pipeline")
 
 
