@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -167,18 +166,3 @@ def ensure_writable_folder(path: str | os.PathLike, option: str = "--out") -> bo
     if not os.access(path, os.W_OK | os.X_OK):
         raise AnoclipError(f"cannot write to {option} {path}: permission denied; choose a folder you can write")
     return created
-
-
-def remove_unnamed(folder: str | os.PathLike, pattern: "re.Pattern[str]", keep: set[str]) -> list[str]:
-    """Remove the files of ``folder`` whose names match ``pattern`` and are not in ``keep`` (files a
-    manifest no longer names); call it holding :func:`folder_lock`. Returns the names removed."""
-    removed = []
-    for path in Path(folder).iterdir():
-        if pattern.match(path.name) and path.name not in keep and not path.is_dir():
-            try:
-                path.unlink()
-            except OSError as exc:
-                log.warning("could not remove %s: %s", path, exc)
-                continue
-            removed.append(path.name)
-    return removed
