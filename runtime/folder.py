@@ -68,6 +68,7 @@ class FolderTransaction:
         self.written: dict[str, str] = {}  # name -> sha256 of the files this transaction placed
         self.created: list[str] = []  # of those, the ones that were not in the folder before
         self.removed_engines: set[str] = set()  # engines the writer replaces
+        self.removed_models: set[str] = set()  # derived models the writer takes out
         self.committed = False
 
     # -- adding files ---------------------------------------------------------------------------
@@ -115,6 +116,12 @@ class FolderTransaction:
                 self.created.append(name)
             atomic_write_bytes(target, data)
             self.written[name] = hashlib.sha256(data).hexdigest()
+
+    def remove_model(self, name: str) -> None:
+        """Take a model out of the folder at the commit (a derived one is not carried forward)."""
+        self.removed_models.add(name)
+        if self.manifest is not None:
+            self.manifest.models.pop(name, None)
 
     def remove_engine(self, engine_name: str) -> None:
         """Take an engine (and its sidecar) out of the folder at the commit."""
@@ -174,7 +181,7 @@ class FolderTransaction:
         unchanged; any whose source changed is dropped with the command that remakes it."""
         if self.old is not None:
             for name, entry in self.old.models.items():
-                if name not in manifest.models and name in DERIVED_MODELS:
+                if name not in manifest.models and name in DERIVED_MODELS and name not in self.removed_models:
                     manifest.models[name] = copy.deepcopy(entry)
         visual = manifest.models.get(VISUAL)
         visual_sha = known.get(visual.file, "") if visual is not None else ""
