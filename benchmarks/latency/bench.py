@@ -108,7 +108,7 @@ def variants(main_full: bool, with_full_folder: bool, precisions: tuple[str, ...
                     v.paper) for v in VARIANTS]
     at = 2
     name = bench_row(FUSED, "fp32")
-    name = f"{name[:-1]}, {fused_classes} classes)" if fused_classes else name
+    name = f"{name[:-1]}, {fused_classes} class{'es' if fused_classes > 1 else ''})" if fused_classes else name
     rows.insert(at, Variant(full_name(name) if main_full else name, FUSED, False))
     at += 1
     for precision in (p for p in ("int8", "fp16") if p in precisions):
@@ -203,8 +203,8 @@ def backend_unavailable(backend: str) -> str:
 
             provider = PROVIDER_ALIASES[backend]
             if provider not in ort.get_available_providers():
-                return (f"this onnxruntime has no {provider.replace('ExecutionProvider', '')} provider (the GPU build "
-                        "is onnxruntime-gpu)")
+                return (f"this onnxruntime has no {BACKEND_LABELS[backend].split()[-1]} execution provider (the GPU "
+                        "build is onnxruntime-gpu)")
         elif backend == "openvino":
             from anoclip.runtime.backends.openvino import import_openvino
 
