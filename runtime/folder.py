@@ -181,8 +181,13 @@ class FolderTransaction:
         unchanged; any whose source changed is dropped with the command that remakes it."""
         if self.old is not None:
             for name, entry in self.old.models.items():
-                if name not in manifest.models and name in DERIVED_MODELS and name not in self.removed_models:
+                if name in manifest.models or name in self.removed_models:
+                    continue
+                if name in DERIVED_MODELS:
                     manifest.models[name] = copy.deepcopy(entry)
+                elif name in KINDS:  # an exported model the new export was not asked for
+                    report.dropped.append(f"dropping {name}: this export did not make it; make it anew with "
+                                          f"`{remake_command(name, self.folder)}`")
         visual = manifest.models.get(VISUAL)
         visual_sha = known.get(visual.file, "") if visual is not None else ""
         for name in [n for n, e in manifest.models.items() if e.source_sha256]:

@@ -126,7 +126,7 @@ EXPECTED = {
     "build-engine fp16": {"engine fp16": N},
     "fuse": {"fused": N},
 }
-LINES = {"visual_int8": "calibrate int8", "visual_fp16": "calibrate fp16", "fused": "anoclip fuse",
+LINES = {"visual_qkv": "--qkv-tokens model", "visual_int8": "calibrate int8", "visual_fp16": "calibrate fp16", "fused": "anoclip fuse",
          "engine fp32": "build-engine", "engine int8": "build-engine", "thresholds": "calibrate threshold"}
 
 
