@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -107,18 +106,17 @@ def predict_command(artifacts_dir, servers, cls, out_dir, backend, model, precis
     ({"box": [x, y, width, height], "area": pixels}), outlined in the overlay; without, they are
     null and [] and only scores are reported.
     """
-    from tqdm import tqdm
-
-    from .inputs import FrameReader, plan_inputs
-    from .outputs import RESULTS, run_id
+    from .inputs import plan_inputs
+    from .outputs import RESULTS
     from .plumbing import ensure_writable_folder
-    from .stream.events import FrameEvent
+    from .stream.pipeline import StreamOptions, StreamPipeline
     from .stream.sinks import EventsLog, PredictionFiles, class_suffixes
+    from .stream.sources import SourceSpec
 
     configure_logging(verbose)
     tta_config = tta_config_from(tta, tta_steps, tta_adapter, tta_init, tta_state, seed)
     out = Path(out_dir)
-    reader = FrameReader(plan_inputs(paths, stride, exclude=out), stride, max_pixels)
+    inputs = tuple(plan_inputs(paths, stride, exclude=out))
     detector = load_detector(artifacts_dir, servers, backend=backend, model=model, precision=precision, tiling=tiling,
                              smoothing_sigma=smoothing_sigma, verify=not no_verify, threads=threads,
                              tta=tta_config or False, tta_backend=tta_backend, max_pixels=max_pixels)
@@ -129,46 +127,49 @@ def predict_command(artifacts_dir, servers, cls, out_dir, backend, model, precis
     for name in classes:
         detector.threshold_for(name)  # says once, before any image, when a class has no threshold
     ensure_writable_folder(out)
-    run = run_id()
-    run_dir = out / run  # this run's overlays and maps: no other run, at the same time or later, writes here
+    # the inputs are one finite source of the stream's pipeline: read in order by the one reader, no frame
+    # dropped, scored one frame per model run, written by the sinks of the stream's saved frames and events
+    source = SourceSpec("inputs", " ".join(paths), "images", "", tuple(classes) if len(classes) > 1 else classes[0],
+                        live=False, inputs=inputs)
+    options = StreamOptions(stride=stride, max_pixels=max_pixels, threshold=image_threshold,
+                            pixel_threshold=pixel_threshold, alpha=alpha, max_batch=1, stats_interval=0,
+                            stop_on_sink_error=True)
+    pipeline = StreamPipeline(detector, [source], [], options)
+    run_dir = out / pipeline.run_id  # this run's overlays and maps: no other run, at the same time or later, writes here
     run_dir.mkdir()
-    # the sinks of the stream's saved frames and events file: files first, so that the records name them
-    sinks = [PredictionFiles(run_dir, class_suffixes(classes), alpha, max_output_pixels),
-             EventsLog(out / RESULTS, echo=(lambda line: click.echo(line, nl=False)) if as_json else None, option="--out")]
-    scored = failed = 0
-    sends_encoded = getattr(detector, "sends_encoded", False)
-    try:
-        with tqdm(total=reader.expected, desc="predict", unit="img", file=sys.stderr, disable=None) as bar:
-            for frame in reader:
-                bar.update(1)
-                captured = time.time()
-                try:
-                    # a remote detector is sent an image file as it is, a local one the decoded pixels
-                    image = frame.data if sends_encoded and frame.data is not None else frame.rgb
-                    result = detector.predict_batch([image], classes)[0]
-                except AnoclipError as exc:
-                    failed += 1
-                    log.error("skipped %s: %s", _shown(frame), exc)
-                    continue
-                scored += 1
-                event = FrameEvent(source=str(frame.source.path), frame_index=frame.index, captured=captured,
-                                   result=result, latency_ms=None, frame=frame.rgb[:, :, ::-1], run=run,
-                                   key=f"{frame.source.key}_{frame.index:06d}" if frame.source.video else frame.source.key)
-                for sink in sinks:
-                    sink.write(event)
-    finally:
-        for sink in sinks:
-            sink.close()
-    failed += len(reader.skipped)
-    unit = "frames" if any(s.video for s in reader.sources) else "images"
-    click.echo(f"{scored} of {scored + failed} {unit} scored; results appended to {sinks[1].path} (run {run})", err=True)
+    results = EventsLog(out / RESULTS, echo=(lambda line: click.echo(line, nl=False)) if as_json else None,
+                        option="--out")
+    pipeline.sinks += [PredictionFiles(run_dir, class_suffixes(classes), alpha, max_output_pixels), results,
+                       _Progress(sum(s.expected for s in inputs) if all(s.expected for s in inputs) else None)]
+    pipeline.open()
+    summary = pipeline.run()
+    for name, error in pipeline.sink_errors.items():
+        raise AnoclipError(f"writing the {name} of run {pipeline.run_id} failed: {error}")
+    scored, failed = summary["frames_processed"], summary["failed"] + summary["corrupt"]
+    unit = "frames" if any(s.video for s in inputs) else "images"
+    click.echo(f"{scored} of {scored + failed} {unit} scored; results appended to {results.path} "
+               f"(run {pipeline.run_id})", err=True)
     if failed:
-        click.echo(f"{failed} input(s) could not be read and were skipped", err=True)
+        click.echo(f"{failed} input(s) could not be read or scored and were skipped", err=True)
         sys.exit(EXIT_SOME_FAILED)
 
 
-def _shown(frame) -> str:
-    return f"frame {frame.index} of {frame.source.path}" if frame.source.video else str(frame.source.path)
+class _Progress:
+    """predict's progress bar, as a sink of the pipeline."""
+
+    name = "progress bar"
+    draws = False
+
+    def __init__(self, total: int | None):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc="predict", unit="img", file=sys.stderr, disable=None)
+
+    def write(self, event) -> None:
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def main() -> None:

@@ -10,9 +10,9 @@ Finite sources are read in order, every frame kept:
 Live sources (a camera index, ``/dev/videoN``, an rtsp/rtmp/http(s)/udp/tcp/srt URL, a GStreamer
 pipeline ending in ``appsink``, ``csi://N``) are named by :func:`anoclip.runtime.stream.sources.parse_source`,
 which hands every path back to this module, and read by the stream's capture threads (the newest
-frame kept). ``predict`` and ``calibrate`` read finite sources through :class:`FrameReader`;
-``stream`` reads image sources through :class:`ImageSequence` (a capture over the same files) and
-videos through OpenCV, frame by frame with back-pressure.
+frame kept). ``calibrate`` reads finite sources through :class:`FrameReader`; ``predict`` and
+``stream`` through the same reader wrapped as a capture (:class:`ReaderCapture`), except the video
+files given to ``stream``, which OpenCV reads there (``--realtime``, ``--max-fps``, ``--loop``).
 
 Bad input is handled the same way everywhere: a missing path, a folder or pattern without images, a
 file that is neither an image nor a video and a video that cannot be opened stop the run in one line
@@ -185,35 +185,29 @@ class FrameReader:
         log.debug("%s: %d frames read (every %d of %d)", source.path, read, self.stride, index)
 
 
-class ImageSequence:
-    """Image files read like a video, through the calls the stream's capture threads make of an
-    OpenCV capture (``read``, ``grab``, ``get``, ``set``, ``release``); frames come as BGR. An image
-    that cannot be decoded, or that is above ``max_pixels``, reads as no image (the capture counts it
-    as corrupt and goes on) after a line naming it; the sequence ends after its last file."""
+class ReaderCapture:
+    """A :class:`FrameReader` read like a video, through the calls the stream's capture threads
+    make of an OpenCV capture (``read``, ``grab``, ``get``, ``set``, ``release``); frames come as
+    BGR, and :attr:`origin` is the :class:`InputFrame` of the last one read (its file, its index
+    in the file, the file's bytes). It ends after the reader's last frame; what the reader skipped
+    is in ``reader.skipped``."""
 
-    def __init__(self, files: Sequence[Path], max_pixels: int | None = DEFAULT_MAX_PIXELS):
-        self.files, self.max_pixels, self.position = list(files), max_pixels, 0
+    def __init__(self, reader: FrameReader):
+        self.reader = reader
+        self.frames = iter(reader)
+        self.origin: InputFrame | None = None
 
     def isOpened(self) -> bool:  # noqa: N802 (OpenCV's name)
         return True
 
     def grab(self) -> bool:
-        if self.position >= len(self.files):
-            return False
-        self.position += 1
-        return True
+        return self.read()[0]
 
     def read(self) -> tuple[bool, np.ndarray | None]:
-        if self.position >= len(self.files):
+        self.origin = next(self.frames, None)
+        if self.origin is None:
             return False, None
-        path = self.files[self.position]
-        self.position += 1
-        try:
-            rgb = decode_image(read_file(path), self.max_pixels, str(path))
-        except AnoclipError as exc:
-            log.error("skipped %s: %s", path, exc)
-            return True, None
-        return True, np.ascontiguousarray(rgb[:, :, ::-1])
+        return True, np.ascontiguousarray(self.origin.rgb[:, :, ::-1])
 
     def get(self, prop: int) -> float:
         return 0.0
@@ -222,7 +216,7 @@ class ImageSequence:
         return False
 
     def release(self) -> None:
-        self.position = len(self.files)
+        getattr(self.frames, "close", lambda: None)()
 
 
 def open_video(path: Path):

@@ -47,7 +47,7 @@ def test_predict_writes_overlays_maps_and_jsonl(tiny_artifacts, tmp_path):
         assert amap.dtype == np.float32
         assert 0.0 < record["score"] < 1.0
         assert Path(record["overlay"]).is_file()
-        assert set(record["timings_ms"]) == {"preprocess", "model", "scoring"}
+        assert set(record["timings_ms"]) == {"wait", "preprocess", "model", "scoring", "total", "added"}
     wide = next(r for r in lines if r["source"].endswith("wide.jpg"))
     assert np.load(wide["map"]).shape == (60, 200) and wide["tiles"] == 4  # 48 x 160 after resizing: 4 tiles of 48
     assert not list(out.rglob(".*.tmp"))
@@ -63,6 +63,28 @@ def test_predict_skips_unreadable_images_and_says_so(tiny_artifacts, tmp_path):
     assert proc.returncode == 3, proc.stderr
     assert "cannot decode" in proc.stderr and "1 of 2 images scored" in proc.stderr
     assert len((tmp_path / "o" / "results.jsonl").read_text().splitlines()) == 1
+
+
+def test_predict_reads_videos_every_stride_th_frame_with_images(tiny_artifacts, tmp_path):
+    from fakes import write_clip
+
+    image = write_images(tmp_path / "imgs")[0]
+    clip = write_clip(tmp_path / "clip.avi", 7, size=(60, 80))
+    out = tmp_path / "o"
+    proc = run_cli("predict", "--artifacts", str(tiny_artifacts), "--class", "bottle,carpet", "--out", str(out),
+                   "--stride", "3", "--json", str(clip), str(tmp_path / "imgs" / "*.png"))
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [json.loads(line) for line in proc.stdout.splitlines()] == lines  # --json echoes every line
+    assert [(Path(r["source"]).name, r["frame"], r["class"]) for r in lines] == \
+        [("clip.avi", f, c) for f in (0, 3, 6) for c in ("bottle", "carpet")] + [(image.name, 0, "bottle"),
+                                                                               (image.name, 0, "carpet")]
+    assert Path(lines[2]["map"]).name == "clip_000003_bottle_map.npy" and lines[2]["map_shape"] == [60, 80]
+    assert "4 of 4 frames scored" in proc.stderr
+    proc = run_cli("predict", "--artifacts", str(tiny_artifacts), "--class", "bottle", "--out", str(out),
+                   "--max-pixels", "4500", str(clip), str(image))
+    assert proc.returncode == 3 and "80 x 60 pixels, above the limit of 4500" in proc.stderr
+    assert "1 of 2 frames scored" in proc.stderr  # the 64 x 64 image is scored, the video skipped whole
 
 
 @pytest.mark.parametrize("case", ["missing", "empty folder", "pattern", "not an image"])

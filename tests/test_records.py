@@ -93,6 +93,8 @@ def _invoke(*args: str) -> None:
 
 
 def test_predict_and_stream_give_the_same_records(tiny_artifacts, tmp_path, mosquitto_broker):  # noqa: F811
+    """predict on a folder and stream on a video of the same frames; predict on the video and stream
+    on the folder: the same records, but for where, when and in which run each frame was scored."""
     video, images = _frames(tmp_path)
     detector = Detector.load(tiny_artifacts, backend="cpu")
     scores = [detector.predict(str(p), "bottle").score for p in sorted(images.iterdir())]
@@ -127,6 +129,26 @@ def test_predict_and_stream_give_the_same_records(tiny_artifacts, tmp_path, mosq
         if theirs["anomalous"]:
             saved = np.load(tmp_path / "saved" / f"0-line.avi_{i:08d}_map.npy")
             assert np.array_equal(saved, np.load(mine["map"]))  # the same maps, to the bit
+
+    # predict on the video (the finite case of the same pipeline), stream on the folder (the same reader)
+    _invoke("predict", "--artifacts", str(tiny_artifacts), "--backend", "cpu", "--class", "bottle",
+            "--out", str(tmp_path / "video"), *decision, str(video))
+    _invoke("stream", "--artifacts", str(tiny_artifacts), "--backend", "cpu", "--source", str(images),
+            "--class", "bottle", "--events", str(tmp_path / "folder.jsonl"), "--stats-interval", "0", *decision)
+    from_video = [check(json.loads(line)) for line in (tmp_path / "video" / "results.jsonl").read_text().splitlines()]
+    from_folder = [check(json.loads(line)) for line in (tmp_path / "folder.jsonl").read_text().splitlines()]
+    by_nature = {"source", "captured", "run", "timings_ms"}
+    assert [r["frame"] for r in from_video] == list(range(20)) and {r["source"] for r in from_video} == {str(video)}
+    assert [Path(r["map"]).name for r in from_video] == [f"line_{i:06d}_map.npy" for i in range(20)]
+    for i, (mine, theirs) in enumerate(zip(from_video, streamed)):
+        assert set(mine) - files == set(theirs)
+        assert {k: v for k, v in mine.items() if k not in by_nature | files} == \
+            {k: v for k, v in theirs.items() if k not in by_nature}, i
+    assert len(from_folder) == 20  # the folder's files, in order, each the source of its record
+    for i, (mine, theirs) in enumerate(zip(predicted, from_folder)):
+        assert theirs["source"] == mine["source"] and theirs["frame"] == 0
+        assert {k: v for k, v in mine.items() if k not in by_nature | files} == \
+            {k: v for k, v in theirs.items() if k not in by_nature}, i
 
 
 # ----------------------------------------------------------------------------------------------

@@ -169,6 +169,43 @@ def test_sources_of_two_classes_batch_and_stride(tmp_path, defect_detector, thre
     assert summary["frames_processed"] == 12 and summary["mean_batch"] > 1  # both sources in one model run
 
 
+def test_a_folder_of_images_is_a_source_read_in_order_through_the_one_reader(tmp_path, defect_detector, thresholds):
+    folder = tmp_path / "shots"
+    folder.mkdir()
+    for i in range(6):
+        cv2.imwrite(str(folder / f"{i:02d}.png"), normal_frame(i))
+    (folder / "02b.png").write_bytes(b"not an image")  # skipped with a line, counted as corrupt
+    events = tmp_path / "events.jsonl"
+    spec = parse_source(f"{folder}=carpet", CLASSES, "bottle")
+    assert (spec.kind, spec.name, spec.cls, spec.live, len(spec.inputs)) == ("images", "shots", "carpet", False, 7)
+    pattern = parse_source(str(folder / "0[0-2].png"), CLASSES, "bottle")
+    assert pattern.kind == "images" and [s.path.name for s in pattern.inputs] == ["00.png", "01.png", "02.png"]
+    summary = _run(defect_detector, [parse_source(str(folder), CLASSES, "bottle")], [EventsLog(events)],
+                   stride=3, threshold=thresholds[0])
+    records = _read_events(events)
+    assert [r["source"] for r in records] == [str(folder / f"{i:02d}.png") for i in range(6)]  # every image
+    assert {r["frame"] for r in records} == {0} and not any(r["anomalous"] for r in records)
+    assert summary["frames_processed"] == 6 and summary["corrupt"] == 1 and summary["dropped"] == 0
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{tmp}/empty", "holds no images"),
+    ("{tmp}/*.gif", "matches no images"),
+])
+def test_image_sources_without_images_are_one_error(tmp_path, text, message):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AnoclipError, match=message):
+        parse_source(text.format(tmp=tmp_path), CLASSES, "bottle")
+
+
+def test_finite_sources_keep_to_the_pixel_limit(tmp_path, defect_detector):
+    clip = write_clip(tmp_path / "clip.avi", 3)
+    pipeline = StreamPipeline(defect_detector, [parse_source(str(clip), CLASSES, "bottle")], [],
+                              StreamOptions(stats_interval=0, max_pixels=100 * 100))
+    with pytest.raises(AnoclipError, match="128 x 128 pixels, above the limit of 10000"):
+        pipeline.open()
+
+
 def test_without_threshold_scores_are_reported_undecided(tmp_path, defect_detector):
     clip = write_clip(tmp_path / "clip.avi", 4)
     events = tmp_path / "events.jsonl"

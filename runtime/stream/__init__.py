@@ -1,4 +1,5 @@
-"""Camera streams: sources, capture threads, the inference pipeline and its sinks (``anoclip stream``)."""
+"""The inspection pipeline: sources, capture threads, inference and sinks. ``anoclip stream`` runs it
+on cameras, network streams, videos and images; ``anoclip predict`` on its finite inputs."""
 
 from .events import FrameEvent, Sink
 from .pipeline import StreamOptions, StreamPipeline

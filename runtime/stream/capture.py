@@ -7,9 +7,11 @@ exponential backoff; every reopen is counted and bumps the source's generation (
 resets that source's test-time adaptation). A video file is read frame by frame with back-pressure
 (the thread waits until its frame is taken, so nothing is dropped) unless ``realtime`` paces it at
 its own frame rate like a camera; at its end the source finishes (``loop``: it starts again).
-Images (a folder, a file, a pattern) are read like a video file, through the reader predict uses
-(``anoclip.runtime.inputs.ImageSequence``). Finite sources keep to ``max_pixels``: larger images
-are skipped (counted as corrupt), a video of larger frames is refused when it is opened.
+Images (a folder, a file, a pattern; predict's inputs, videos among them) are read like a video
+file through the one reader (``anoclip.runtime.inputs.ReaderCapture``: every image, every
+``stride``-th frame of a video), each frame carrying where it came from. Finite sources keep to
+``max_pixels``: larger images are skipped (counted as corrupt), a video of larger frames is refused
+when it is opened (skipped, in the reader).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import AnoclipError
-from ..inputs import ImageSequence, plan_inputs
+from ..inputs import FrameReader, InputFrame, ReaderCapture
 from ..preprocess import DEFAULT_MAX_PIXELS
 from .sources import SourceSpec, check_backend, open_capture
 
@@ -42,6 +44,7 @@ class Frame:
     captured_perf: float  # time.perf_counter(), for latencies
     image: np.ndarray
     generation: int  # bumped at every reopen of the source
+    origin: InputFrame | None = None  # images: the file it came from, its index there, the file's bytes
 
 
 @dataclass
@@ -105,7 +108,6 @@ class CaptureThread(threading.Thread):
         self.index, self.spec, self.board, self.stop = index, spec, board, stop
         self.stride, self.max_fps, self.loop, self.realtime, self.roi = stride, max_fps, loop, realtime, roi
         self.max_pixels = max_pixels
-        self.images = plan_inputs([spec.target], option="source") if spec.kind == "images" else None
         self.counters = CaptureCounters()
         self.generation = 0
         self.fps: float | None = None  # the source's own frame rate, when it reports one
@@ -124,9 +126,15 @@ class CaptureThread(threading.Thread):
         self._check_size()
 
     def _open(self):
-        if self.images is not None:
-            return ImageSequence([source.path for source in self.images], self.max_pixels)
+        if self.spec.kind == "images":
+            return ReaderCapture(FrameReader(self.spec.inputs, self.stride, self.max_pixels))
         return open_capture(self.spec)
+
+    def _count_skipped(self) -> None:
+        """What the reader of an images source skipped counts as corrupt frames."""
+        if isinstance(self.capture, ReaderCapture):
+            self.counters.corrupt += len(self.capture.reader.skipped)
+            self.capture.reader.skipped.clear()
 
     def _check_size(self) -> None:
         import cv2
@@ -160,15 +168,17 @@ class CaptureThread(threading.Thread):
         finally:
             if self.capture is not None:
                 self.capture.release()
+                self._count_skipped()
             self.board.finish(self.index)
 
     def _run(self) -> None:
         index = -1
         last_offer = 0.0
         due = time.perf_counter()  # when the next file frame is due, paced like a camera (realtime)
+        stride = 1 if self.spec.kind == "images" else self.stride  # the reader strides the videos among images
         while not self.stop.is_set():
             index += 1
-            skip = index % self.stride != 0
+            skip = index % stride != 0
             if skip and self.capture.grab():  # decode-free skip where the backend allows it
                 self.counters.read += 1
                 continue
@@ -199,7 +209,8 @@ class CaptureThread(threading.Thread):
                 x, y, w, h = self.roi
                 image = np.ascontiguousarray(image[y:y + h, x:x + w])
             self.size = image.shape[:2]
-            frame = Frame(self.index, index, time.time(), time.perf_counter(), image, self.generation)
+            origin = getattr(self.capture, "origin", None)
+            frame = Frame(self.index, index, time.time(), time.perf_counter(), image, self.generation, origin)
             self.counters.offered += 1
             if self.board.put(frame, wait=not (self.spec.live or self.realtime), stop=self.stop):
                 self.counters.dropped += 1
@@ -209,6 +220,7 @@ class CaptureThread(threading.Thread):
         if not self.spec.live:
             if self.loop and self.counters.read:
                 self.capture.release()
+                self._count_skipped()
                 self.capture = self._open()
                 return self.capture is not None
             return False

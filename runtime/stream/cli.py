@@ -48,7 +48,8 @@ def _roi(ctx, param, value):
 @threshold_options
 @click.option("--roi", default=None, callback=_roi, metavar="X,Y,W,H",
               help="Inspect only this rectangle of every frame (maps, regions and recordings are of the crop).")
-@click.option("--stride", default=1, show_default=True, type=click.IntRange(min=1), help="Score every Nth frame.")
+@click.option("--stride", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Score every Nth frame of cameras, streams and videos (an image source: every image).")
 @click.option("--max-fps", default=None, type=click.FloatRange(min=0, min_open=True),
               help="Score at most this many frames a second per source (files are slowed down to it).")
 @click.option("--loop", is_flag=True, help="Start video files and image sources again at their end (until stopped).")

@@ -30,6 +30,7 @@ class FrameEvent:
     run: the id of the stream run.
     annotated: the frame with heat map, region contours, score, decision and FPS drawn (BGR uint8);
         set by the pipeline before any sink sees the event.
+    path: the file the frame came from (images, predict's inputs): the record's ``source``.
     key: the frame's output name, for sinks that write files named after their input (predict).
     files: per class, what a sink wrote for the frame (``overlay``, ``map``, ``map_shape``), added to
         that class's record; a sink that writes files comes before those that send records.
@@ -44,6 +45,7 @@ class FrameEvent:
     source_index: int = 0
     run: str | None = None
     annotated: np.ndarray | None = None
+    path: str | None = None
     key: str | None = None
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     _records: list[dict[str, Any]] | None = field(default=None, init=False, repr=False, compare=False)
@@ -88,7 +90,7 @@ class FrameEvent:
     def records(self) -> list[dict[str, Any]]:
         """One record per class the frame was scored for (one, in a stream), in the Result's order."""
         if self._records is None:
-            self._records = [make_record(one, self.source, frame=self.frame_index, captured=self.captured,
+            self._records = [make_record(one, self.path or self.source, frame=self.frame_index, captured=self.captured,
                                          run=self.run, timings_ms=self.latency_ms, files=self.files.get(name))
                              for name, one in self.result.by_class.items()]
         return self._records
@@ -100,6 +102,7 @@ class Sink:
     queue is bounded."""
 
     name = "sink"
+    draws = True  # whether it uses the annotated frame (the pipeline draws it only when a sink does)
 
     def write(self, event: FrameEvent) -> None:
         raise NotImplementedError

@@ -95,6 +95,7 @@ class MqttSink(Sink):
     """
 
     name = "mqtt"
+    draws = False
 
     def __init__(self, url: str, topic: str, client_id: str | None = None, qos: int = 1, *,
                  max_queued: int = 10000, close_timeout_s: float = 10.0, keepalive: int = 30):

@@ -1,4 +1,6 @@
-"""The stream pipeline: capture threads -> one inference worker -> one sink thread.
+"""The inspection pipeline: capture threads -> one inference worker -> one sink thread. ``stream``
+runs it on live and finite sources, ``predict`` on one finite source (its inputs, read in order,
+no frame dropped).
 
 The inference worker takes the newest frame of every source that has one, groups them by class
 and scores each group as one batch through the Detector (one engine for all sources). Decisions
@@ -47,6 +49,7 @@ class StreamOptions:
     max_batch: int = 8
     stats_interval: float = 10.0  # seconds between stats lines in the log (0: none)
     sink_queue: int = 8
+    stop_on_sink_error: bool = False  # a failing sink ends the run (predict) instead of being switched off
 
 
 class StreamPipeline:
@@ -76,6 +79,9 @@ class StreamPipeline:
         for capture in self.captures:
             capture.open()
         for capture in self.captures:
+            if capture.spec.kind == "images":
+                log.info("source %s: %d files, class %s", capture.spec.name, len(capture.spec.inputs), capture.spec.cls)
+                continue
             height, width = _frame_size(capture)
             log.info("source %s: %s, %s fps, class %s", capture.spec.name, f"{width}x{height}" if height else "size unknown",
                      f"{capture.fps:.1f}" if capture.fps else "?", capture.spec.cls)
@@ -119,21 +125,24 @@ class StreamPipeline:
             for start in range(0, len(group), self.options.max_batch):
                 self._infer_batch(cls, group[start:start + self.options.max_batch])
 
-    def _infer_batch(self, cls: str, frames: list[Frame]) -> None:
+    def _infer_batch(self, cls: str | tuple[str, ...], frames: list[Frame]) -> None:
         detector = self.detector
+        names = [cls] if isinstance(cls, str) else list(cls)
         keys = [self._tta_key(frame) for frame in frames]
         if detector.tta is not None:
             for frame, key in zip(frames, keys):
                 if frame.generation != self._generations[frame.source]:  # the source reconnected
                     self._generations[frame.source] = frame.generation
-                    detector.reset_tta(cls, key)
+                    for name in names:
+                        detector.reset_tta(name, key)
         started = time.perf_counter()
         try:
-            results = detector.predict_batch([frame.image[:, :, ::-1] for frame in frames], cls, tta_keys=keys)
+            results = detector.predict_batch([self._image(frame) for frame in frames],
+                                             names[0] if len(names) == 1 else names, tta_keys=keys)
         except AnoclipError as exc:
             for frame in frames:
                 self.stats.failed[frame.source] += 1
-            log.error("frames of %s could not be scored: %s", ", ".join(self.sources[f.source].name for f in frames), exc)
+            log.error("%s could not be scored: %s", ", ".join(_shown(f, self.sources[f.source]) for f in frames), exc)
             return
         self.stats.batch_sizes.append(len(frames))
         for frame, result in zip(frames, results):
@@ -143,10 +152,20 @@ class StreamPipeline:
             latency = {"wait": (started - frame.captured_perf) * 1e3, **result.timings, "model": model_ms,
                        "total": total_ms, "added": total_ms - model_ms}
             self.stats.record(frame.source, result.anomalous, latency)
-            event = FrameEvent(source=self.sources[frame.source].name, frame_index=frame.index, captured=frame.captured,
+            origin = frame.origin
+            event = FrameEvent(source=self.sources[frame.source].name,
+                               frame_index=frame.index if origin is None else origin.index, captured=frame.captured,
                                result=result, latency_ms=latency, frame=frame.image, source_index=frame.source,
-                               run=self.run_id)
+                               run=self.run_id, path=None if origin is None else str(origin.source.path),
+                               key=None if origin is None else _key(origin))
             self._queue.put(event)
+
+    def _image(self, frame: Frame):
+        """What the detector is given: an image file's bytes as stored when it sends encoded images
+        (a remote detector), else the frame's pixels (RGB)."""
+        if frame.origin is not None and frame.origin.data is not None and getattr(self.detector, "sends_encoded", False):
+            return frame.origin.data
+        return frame.image[:, :, ::-1]
 
     def _tta_key(self, frame: Frame) -> str:
         return self.sources[frame.source].name
@@ -162,12 +181,14 @@ class StreamPipeline:
     # ------------------------------------------------------------------------------------------
 
     def _sink_loop(self) -> None:
+        drawn = any(getattr(sink, "draws", True) for sink in self.sinks)  # the annotated frame is made only for sinks that show it
         while True:
             event = self._queue.get()
             if event is None:
                 break
             try:
-                event.annotated = annotate(event, self.stats.fps(event.source_index), self.options.alpha)
+                if drawn:
+                    event.annotated = annotate(event, self.stats.fps(event.source_index), self.options.alpha)
             except Exception:
                 log.exception("drawing frame %d of %s failed", event.frame_index, event.source)
                 continue
@@ -178,13 +199,29 @@ class StreamPipeline:
                     sink.write(event)
                 except Exception as exc:  # a broken sink is switched off, the others go on
                     self.sink_errors[sink.name] = str(exc)
-                    log.error("%s failed and is switched off: %s", sink.name, exc)
+                    if self.options.stop_on_sink_error:
+                        self.stop.set()
+                    else:
+                        log.error("%s failed and is switched off: %s", sink.name, exc)
         for sink in self.sinks:
             try:
                 sink.close()
             except Exception as exc:
                 self.sink_errors.setdefault(sink.name, str(exc))
                 log.error("closing %s failed: %s", sink.name, exc)
+
+
+def _key(origin) -> str:
+    """The output name of a frame of a file: the file's key, with the frame's index for a video."""
+    return f"{origin.source.key}_{origin.index:06d}" if origin.source.video else origin.source.key
+
+
+def _shown(frame: Frame, spec: SourceSpec) -> str:
+    """A frame as named in messages: its file (and index, in a video), or its source and index."""
+    origin = frame.origin
+    if origin is None:
+        return f"frame {frame.index} of {spec.name}"
+    return f"frame {origin.index} of {origin.source.path}" if origin.source.video else str(origin.source.path)
 
 
 def _frame_size(capture: CaptureThread) -> tuple[int | None, int | None]:

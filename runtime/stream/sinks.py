@@ -83,6 +83,7 @@ class EventsLog(Sink):
     would continue); ``echo``, when given, also receives every line."""
 
     name = "events"
+    draws = False
 
     def __init__(self, path: str | os.PathLike, echo: Callable[[str], None] | None = None, option: str = "--events"):
         path = Path(path)
@@ -139,6 +140,7 @@ class PredictionFiles(Sink):
     suffixes: per class, the part it adds to the names (see ``class_suffixes``)."""
 
     name = "overlays and maps"
+    draws = False
 
     def __init__(self, folder: str | os.PathLike, suffixes: dict[str, str], alpha: float = 0.5,
                  max_pixels: int | None = None):

@@ -29,7 +29,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from ..errors import AnoclipError
-from ..inputs import GLOB_CHARACTERS, is_image
+from ..inputs import GLOB_CHARACTERS, FiniteSource, is_image, plan_inputs
 
 URL_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https", "udp", "tcp", "srt")
 CSI_DEFAULTS = {"width": 1920, "height": 1080, "fps": 30}
@@ -59,8 +59,9 @@ class SourceSpec:
     uri: str  # as given (without =CLASS)
     kind: str  # device, file (a video), images (a folder, an image or a pattern), url, gstreamer
     target: str | int
-    cls: str | None
+    cls: str | tuple[str, ...] | None  # a tuple: every frame is scored for each of these classes
     live: bool
+    inputs: tuple[FiniteSource, ...] = ()  # kind images: the files the reader reads, in order
 
     @property
     def api(self) -> int:
@@ -102,7 +103,8 @@ def parse_source(text: str, classes: list[str], default_cls: str | None = None) 
     path = Path(raw)
     if path.is_dir() or is_image(path) or (not path.exists() and any(c in raw for c in GLOB_CHARACTERS)):
         name = path.name if path.exists() else path.parent.name
-        return SourceSpec(name or "images", raw, "images", raw, cls, live=False)
+        return SourceSpec(name or "images", raw, "images", raw, cls, live=False,
+                          inputs=tuple(plan_inputs([raw], option="source")))
     if path.is_file():
         return SourceSpec(path.name, raw, "file", str(path), cls, live=False)
     raise AnoclipError(f"source {raw!r}: no such file, camera index, /dev/videoN device, URL or GStreamer pipeline")
