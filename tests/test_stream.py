@@ -24,7 +24,7 @@ from anoclip.runtime.stream import capture as capture_module
 from anoclip.runtime.stream.sinks import EventsLog, SavedFrames, VideoRecorder
 from anoclip.runtime.stream.sources import check_backend, csi_pipeline, unique_names
 from conftest import one_error_line
-from fakes import normal_frame, red_defect_detector, write_clip
+from fakes import defect_frame, normal_frame, red_defect_detector, write_clip
 
 CLASSES = ["bottle", "carpet"]
 
@@ -173,19 +173,20 @@ def test_a_folder_of_images_is_a_source_read_in_order_through_the_one_reader(tmp
     folder = tmp_path / "shots"
     folder.mkdir()
     for i in range(6):
-        cv2.imwrite(str(folder / f"{i:02d}.png"), normal_frame(i))
+        cv2.imwrite(str(folder / f"{i:02d}.png"), defect_frame(i) if i >= 4 else normal_frame(i))
     (folder / "02b.png").write_bytes(b"not an image")  # skipped with a line, counted as corrupt
     events = tmp_path / "events.jsonl"
     spec = parse_source(f"{folder}=carpet", CLASSES, "bottle")
     assert (spec.kind, spec.name, spec.cls, spec.live, len(spec.inputs)) == ("images", "shots", "carpet", False, 7)
     pattern = parse_source(str(folder / "0[0-2].png"), CLASSES, "bottle")
     assert pattern.kind == "images" and [s.path.name for s in pattern.inputs] == ["00.png", "01.png", "02.png"]
-    summary = _run(defect_detector, [parse_source(str(folder), CLASSES, "bottle")], [EventsLog(events)],
-                   stride=3, threshold=thresholds[0])
+    summary = _run(defect_detector, [parse_source(str(folder), CLASSES, "bottle")],
+                   [EventsLog(events), SavedFrames(tmp_path / "saved")], stride=3, threshold=thresholds[0])
     records = _read_events(events)
     assert [r["source"] for r in records] == [str(folder / f"{i:02d}.png") for i in range(6)]  # every image
-    assert {r["frame"] for r in records} == {0} and not any(r["anomalous"] for r in records)
+    assert {r["frame"] for r in records} == {0} and [r["anomalous"] for r in records] == [False] * 4 + [True] * 2
     assert summary["frames_processed"] == 6 and summary["corrupt"] == 1 and summary["dropped"] == 0
+    assert sorted(p.name for p in (tmp_path / "saved").glob("*.jpg")) == ["0-shots_04.jpg", "0-shots_05.jpg"]
 
 
 @pytest.mark.parametrize("text, message", [

@@ -107,7 +107,8 @@ class EventsLog(Sink):
 
 class SavedFrames(Sink):
     """``--save-dir DIR``: for every anomalous frame, ``<n>-<source>_<frame>.jpg`` (annotated) and
-    ``<n>-<source>_<frame>_map.npy`` (n: the source's position on the command line) (float32 p_abnormal at the frame's resolution), written atomically."""
+    ``<n>-<source>_<frame>_map.npy`` (n: the source's position on the command line) (float32 p_abnormal at the frame's resolution), written atomically.
+    A frame of an image source is named by its file instead of ``<frame>`` (``<n>-<source>_<file's key>``)."""
 
     name = "saved frames"
 
@@ -122,7 +123,8 @@ class SavedFrames(Sink):
 
         if not event.anomalous:
             return
-        stem = f"{event.source_index}-{_safe(event.source)}_{event.frame_index:08d}"
+        stem = (f"{event.source_index}-{_safe(event.source)}_{event.frame_index:08d}" if event.key is None
+                else f"{event.source_index}-{_safe(event.source)}_{_safe(event.key)}")  # a frame of an image source
         ok, jpeg = cv2.imencode(".jpg", event.annotated, [cv2.IMWRITE_JPEG_QUALITY, self.quality])
         if not ok:
             raise AnoclipError("JPEG encoding of an annotated frame failed")
