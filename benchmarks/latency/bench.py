@@ -317,6 +317,9 @@ def run_bench(artifacts_dir: str, backends: list[str], runs: int, warmup: int, f
             except AnoclipError as exc:
                 row.status = f"failed: {exc}"
         by_name = {row.name: row for row in group}
+        for row in group:
+            if row.status.startswith("skipped"):
+                row.fidelity = "-"  # nothing measured here to compare
         # the fused graph scores all its classes in every call; its row reports the asked class, or its first
         row_class = {name: cls if FUSED != d.model or cls in fused_classes else fused_classes[0]
                      for name, d in detectors.items()}
