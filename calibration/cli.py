@@ -12,9 +12,8 @@ from pathlib import Path
 
 import click
 
-from anoclip.runtime.options import detector_options, tta_config_from
+from anoclip.runtime.options import detector_options, max_pixels_option, threads_option, tta_config_from, verbose_option
 from anoclip.runtime.plumbing import configure_logging, given_command, run_guarded
-from anoclip.runtime.preprocess import DEFAULT_MAX_PIXELS
 
 from .threshold import DEFAULT_PIXEL_QUANTILE, DEFAULT_QUANTILE, PIXELS_PER_FRAME
 
@@ -64,11 +63,10 @@ def calibrate_group():
               help="Start a new thresholds file holding only this class; the way out when the current one fails "
                    "its check. Without it, the other classes' thresholds are kept.")
 @detector_options
-@click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads for onnxruntime.")
-@click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=click.IntRange(min=1),
-              help="Largest image (width x height) decoded; larger files are refused unread.")
+@threads_option()
+@max_pixels_option("Largest image (width x height) decoded; larger files are refused unread.")
 @click.option("--json", "as_json", is_flag=True, help="Print the stored thresholds and their provenance as JSON.")
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@verbose_option
 def threshold_command(artifacts_dir, cls, normal, quantile, margin, pixel_quantile, pixel_margin, stride, max_frames,
                       replace_file, backend, model, precision, tiling, smoothing_sigma, tta, tta_backend, tta_steps,
                       tta_adapter, tta_init, tta_state, seed, threads, max_pixels, as_json, verbose):
@@ -156,18 +154,23 @@ def _report_stored(folder: str, precision: str, file: str, as_json: bool, entry)
                               indent=2))
 
 
-def _reduced_model_options(precision: str):
-    """The options int8 and fp16 share: frame reading, the parity gate, threads and output."""
+def _reduced_model_options(precision: str, images_help: str, parity_help: str):
+    """The options int8 and fp16 share: the folder, the frames, the parity gate, threads and output."""
     options = [
+        click.option("--artifacts", "artifacts_dir", required=True, type=click.Path(file_okay=False),
+                     help=f"Artifact folder written by anoclip-export; the {precision} model is stored in it "
+                          f"(visual_{precision})."),
+        click.option("--images", multiple=True, help=images_help),
+        click.argument("paths", nargs=-1),
+        click.option("--parity-frames", default=16, show_default=True, type=click.IntRange(min=1), help=parity_help),
         click.option("--stride", default=1, show_default=True, type=click.IntRange(min=1),
                      help="Use every N-th video frame."),
-        click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=click.IntRange(min=1),
-                     help="Largest image (width x height) decoded; larger files are refused unread."),
+        max_pixels_option(),
         _gate_options(precision),
-        click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads for onnxruntime."),
+        threads_option(),
         click.option("--json", "as_json", is_flag=True,
                      help="Print the stored manifest entry (with its provenance) as JSON."),
-        click.option("-v", "--verbose", is_flag=True, help="Debug logging."),
+        verbose_option,
     ]
 
     def decorate(command):
@@ -179,17 +182,8 @@ def _reduced_model_options(precision: str):
 
 
 @calibrate_group.command("int8")
-@click.option("--artifacts", "artifacts_dir", required=True, type=click.Path(file_okay=False),
-              help="Artifact folder written by anoclip-export; the int8 model is stored in it (visual_int8).")
-@click.option("--images", multiple=True,
-              help="Frames of the scene to calibrate on (defect-free frames are the normal case): an image, a "
-                   "folder of images or a video. Repeat, or list more paths after the options.")
-@click.argument("paths", nargs=-1)
 @click.option("--n", "frames", default=64, show_default=True, type=click.IntRange(min=1),
               help="Frames to calibrate the activation ranges on.")
-@click.option("--parity-frames", default=16, show_default=True, type=click.IntRange(min=1),
-              help="Inputs the int8 model is checked on against fp32: frames held out of the calibration (while "
-                   "3/4 of the frames remain for it), topped up with augmented views of calibration frames.")
 @click.option("--method", default="minmax", show_default=True, type=click.Choice(["minmax", "entropy", "percentile"]),
               help="Activation ranges: minmax (largest |x| seen), entropy (KL-optimal clipping) or percentile "
                    "(99.999th of |x|). minmax measured as good as the others on ViT-B-16-plus-240.")
@@ -197,7 +191,11 @@ def _reduced_model_options(precision: str):
               help="Quantize only the matrix products with weights, not those of attention (q·kᵀ, softmax·v, "
                    "v·vᵀ): maps closer to fp32 (Pearson r 0.9996 instead of 0.996 on ViT-B-16-plus-240), about 1.3x "
                    "slower on a CPU (148 instead of 115 ms on a 2-core AMD EPYC).")
-@_reduced_model_options("int8")
+@_reduced_model_options(
+    "int8", images_help="Frames of the scene to calibrate on (defect-free frames are the normal case): an image, a "
+                        "folder of images or a video. Repeat, or list more paths after the options.",
+    parity_help="Inputs the int8 model is checked on against fp32: frames held out of the calibration (while 3/4 of "
+                "the frames remain for it), topped up with augmented views of calibration frames.")
 def int8_command(artifacts_dir, images, paths, frames, parity_frames, method, weights_only, stride, max_pixels,
                  min_map_r, min_cosine, threads, as_json, verbose):
     """INT8 model of the visual model: static Q/DQ, calibrated on frames of the scene.
@@ -226,15 +224,10 @@ def int8_command(artifacts_dir, images, paths, frames, parity_frames, method, we
 
 
 @calibrate_group.command("fp16")
-@click.option("--artifacts", "artifacts_dir", required=True, type=click.Path(file_okay=False),
-              help="Artifact folder written by anoclip-export; the fp16 model is stored in it (visual_fp16).")
-@click.option("--images", multiple=True,
-              help="Optional frames of the scene to check the fp16 model on (images, folders, videos; repeat, or "
-                   "list more paths after the options); without them it is checked on synthetic textures.")
-@click.argument("paths", nargs=-1)
-@click.option("--parity-frames", default=16, show_default=True, type=click.IntRange(min=1),
-              help="Inputs the fp16 model is checked on against fp32.")
-@_reduced_model_options("fp16")
+@_reduced_model_options(
+    "fp16", images_help="Optional frames of the scene to check the fp16 model on (images, folders, videos; repeat, or "
+                        "list more paths after the options); without them it is checked on synthetic textures.",
+    parity_help="Inputs the fp16 model is checked on against fp32.")
 def fp16_command(artifacts_dir, images, paths, parity_frames, stride, max_pixels, min_map_r, min_cosine, threads,
                  as_json, verbose):
     """fp16 model of the visual model, for GPUs (TensorRT, CUDA).

@@ -7,8 +7,9 @@ from dataclasses import asdict
 
 import click
 
-from anoclip.runtime.vocabulary import PRECISIONS
+from anoclip.runtime.options import verbose_option
 from anoclip.runtime.plumbing import configure_logging, given_command, run_guarded
+from anoclip.runtime.vocabulary import PRECISIONS
 
 
 def _batch(ctx, param, value):
@@ -55,7 +56,7 @@ def _workspace(ctx, param, value):
                    "stored in the sidecar (0: skip).")
 @click.option("--device", default=0, show_default=True, type=click.IntRange(min=0), help="CUDA device to build for.")
 @click.option("--json", "as_json", is_flag=True, help="Print the sidecar as JSON.")
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@verbose_option
 def build_engine_command(artifacts_dir, precision, batch, workspace, timing_cache, parity_images, device, as_json,
                          verbose):
     """Build the TensorRT engine of the folder's visual model for this GPU.

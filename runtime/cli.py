@@ -11,9 +11,9 @@ from pathlib import Path
 import click
 
 from .errors import AnoclipError
-from .options import detector_options, load_detector, server_option, threshold_options, tta_config_from
+from .options import (detector_options, load_detector, max_pixels_option, no_verify_option, server_option, threads_option,
+                      threshold_options, tta_config_from, verbose_option)
 from .plumbing import configure_logging, run_guarded
-from .preprocess import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -70,17 +70,16 @@ def cli():
 @detector_options
 @click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(0, 1), help="Heat-map opacity.")
 @threshold_options
-@click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads for onnxruntime.")
+@threads_option()
 @click.option("--stride", default=1, show_default=True, type=click.IntRange(min=1),
               help="Score every Nth frame of video inputs.")
-@click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=click.IntRange(min=1),
-              help="Largest image or video frame (width x height) decoded; images claiming more are skipped "
+@max_pixels_option("Largest image or video frame (width x height) decoded; images claiming more are skipped "
                    "unread, videos with larger frames are skipped.")
 @click.option("--max-output-pixels", default=DEFAULT_MAX_OUTPUT_PIXELS, show_default=True, type=click.IntRange(min=0),
               help="Overlays and maps of larger frames are written scaled down to this many pixels (0: never).")
-@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the artifacts at load.")
+@no_verify_option
 @click.option("--json", "as_json", is_flag=True, help="Also print each result line to stdout.")
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@verbose_option
 @click.argument("paths", nargs=-1, required=True)
 def predict_command(artifacts_dir, servers, cls, out_dir, backend, model, precision, tiling, smoothing_sigma, tta, tta_backend, tta_steps, tta_adapter,
                     tta_init, tta_state, seed, alpha, image_threshold, pixel_threshold, threads, stride, max_pixels,

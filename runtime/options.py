@@ -10,12 +10,26 @@ import click
 
 from .backends import BACKEND_CHOICES
 from .errors import AnoclipError
+from .preprocess import DEFAULT_MAX_PIXELS
 
 
 def _finite(ctx, param, value: float | None) -> float | None:
     if value is not None and not math.isfinite(value):
         raise click.BadParameter("must be a finite number")
     return value
+
+
+def threads_option(help_text: str = "CPU threads for onnxruntime."):
+    return click.option("--threads", default=None, type=click.IntRange(min=1), help=help_text)
+
+
+def max_pixels_option(help_text: str = "Largest image (width x height) decoded; larger files are refused unread."):
+    return click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=click.IntRange(min=1),
+                        help=help_text)
+
+
+no_verify_option = click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the artifacts at load.")
+verbose_option = click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 
 
 def detector_options(command):

@@ -50,6 +50,7 @@ import numpy as np
 
 from anoclip.runtime.backends import BACKEND_CHOICES
 from anoclip.runtime.errors import AnoclipError
+from anoclip.runtime.options import no_verify_option, threads_option, verbose_option
 from anoclip.runtime.plumbing import ensure_writable_folder
 
 from .augment import NUM_VIEWS, augment_views
@@ -291,14 +292,14 @@ def _relative(path: Path, root: str | Path) -> str:
               help="visual: AnoCLIP V-V tokens; visual_qkv: the plain-CLIP baseline row (if exported).")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
               help="Images per model call (single-view evaluation; 22 views are always one call per image).")
-@click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads for onnxruntime.")
+@threads_option()
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="Results folder (default: eval-results/<dataset>-<backbone>[-tta]-v<views>/).")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Reuse class results in --out that were made with the same settings.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout (the table goes to stderr).")
-@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the artifacts at load.")
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@no_verify_option
+@verbose_option
 def eval_command(artifacts_dir, dataset, root, classes, tta, image_views, backend, model, batch_size, threads,
                  out_dir, resume, as_json, no_verify, verbose):
     """Evaluate on MVTec AD or VisA: per-class pixel AUROC / AP / F1-max, PRO (authors' and

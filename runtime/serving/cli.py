@@ -8,10 +8,10 @@ import re
 
 import click
 
-from anoclip.runtime.options import detector_options, tta_config_from
+from anoclip.runtime.options import (detector_options, max_pixels_option, no_verify_option, threads_option, tta_config_from,
+                                     verbose_option)
 from anoclip.runtime.errors import AnoclipError
 from anoclip.runtime.plumbing import configure_logging
-from anoclip.runtime.preprocess import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +42,10 @@ def _port(ctx, param, value: int) -> int:
               help="Model instances run side by side, each with its own Detector and copy of the model in memory. "
                    "With --tta only 1: the adapter state of a class must see every image of it.")
 @detector_options
-@click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads for onnxruntime, per instance.")
-@click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=click.IntRange(min=1),
-              help="Largest encoded image (width x height) decoded; larger ones are refused unread.")
-@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the artifacts at load.")
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@threads_option("CPU threads for onnxruntime, per instance.")
+@max_pixels_option("Largest encoded image (width x height) decoded; larger ones are refused unread.")
+@no_verify_option
+@verbose_option
 def serve_command(artifacts_dir, classes, host, http_port, grpc_port, metrics_port, max_batch, max_queue_delay_us,
                   instances, backend, model, precision, tiling, smoothing_sigma, tta, tta_backend, tta_steps, tta_adapter,
                   tta_init,

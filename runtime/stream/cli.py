@@ -9,9 +9,9 @@ import sys
 
 import click
 
-from ..options import detector_options, load_detector, server_option, threshold_options, tta_config_from
+from ..options import (detector_options, load_detector, max_pixels_option, no_verify_option, server_option, threads_option,
+                       threshold_options, tta_config_from, verbose_option)
 from ..plumbing import configure_logging
-from ..preprocess import DEFAULT_MAX_PIXELS
 from .pipeline import StreamOptions, StreamPipeline
 from .sources import parse_source
 
@@ -44,7 +44,7 @@ def _roi(ctx, param, value):
                    "?width=&height=&fps= optional). =CLASS scores this source for CLASS instead of --class.")
 @click.option("--class", "cls", default=None, help="Class for every source without its own =CLASS.")
 @detector_options
-@click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads for onnxruntime.")
+@threads_option()
 @threshold_options
 @click.option("--roi", default=None, callback=_roi, metavar="X,Y,W,H",
               help="Inspect only this rectangle of every frame (maps, regions and recordings are of the crop).")
@@ -53,8 +53,7 @@ def _roi(ctx, param, value):
 @click.option("--max-fps", default=None, type=click.FloatRange(min=0, min_open=True),
               help="Score at most this many frames a second per source (files are slowed down to it).")
 @click.option("--loop", is_flag=True, help="Start video files and image sources again at their end (until stopped).")
-@click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=click.IntRange(min=1),
-              help="Largest frame (width x height) of a video file or image source: larger images are skipped "
+@max_pixels_option("Largest frame (width x height) of a video file or image source: larger images are skipped "
                    "unread (counted as corrupt), a video of larger frames is refused.")
 @click.option("--realtime", is_flag=True,
               help="Read video files at their own frame rate like a camera, dropping what the model cannot keep up "
@@ -81,8 +80,8 @@ def _roi(ctx, param, value):
 @click.option("--alpha", default=0.4, show_default=True, type=click.FloatRange(0, 1), help="Heat-map opacity.")
 @click.option("--stats-interval", default=10.0, show_default=True, type=click.FloatRange(min=0),
               help="Seconds between stats lines in the log (0: none).")
-@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the artifacts at load.")
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@no_verify_option
+@verbose_option
 def stream_command(artifacts_dir, servers, sources, cls, backend, model, precision, tiling, smoothing_sigma, tta, tta_backend, tta_steps, tta_adapter,
                    tta_init, tta_state, seed, threads, image_threshold, pixel_threshold, roi, stride, max_fps, loop, max_pixels, realtime, batch, record, record_fps, events, save_dir,
                    show, web, mqtt, topic, alpha, stats_interval, no_verify, verbose):

@@ -138,29 +138,19 @@ class MqttSink(Sink):
 
     # -- counters ---------------------------------------------------------------------------------
 
-    @property
-    def published(self) -> int:
-        """Messages the broker acknowledged (QoS 1 and 2) or that were sent (QoS 0)."""
+    def counts(self) -> dict[str, int]:
+        """At one instant: ``published`` (acknowledged for QoS 1 and 2, sent for QoS 0), ``failed``
+        (refused when the queue was full, or unacknowledged when :meth:`close` gave up),
+        ``reconnects`` (connections after the first, each after a lost one) and ``pending`` (handed
+        to paho, not yet acknowledged)."""
         with self._done:
-            return self._published
+            return {"published": self._published, "failed": self._failed, "reconnects": self._reconnects,
+                    "pending": max(0, self._accepted - self._published)}
 
-    @property
-    def failed(self) -> int:
-        """Messages refused (queue full) or still unacknowledged when :meth:`close` gave up."""
-        with self._done:
-            return self._failed
-
-    @property
-    def reconnects(self) -> int:
-        """Successful connections after the first one (each one follows a lost connection)."""
-        with self._done:
-            return self._reconnects
-
-    @property
-    def pending(self) -> int:
-        """Messages handed to paho and not yet acknowledged."""
-        with self._done:
-            return max(0, self._accepted - self._published)
+    published = property(lambda self: self.counts()["published"])
+    failed = property(lambda self: self.counts()["failed"])
+    reconnects = property(lambda self: self.counts()["reconnects"])
+    pending = property(lambda self: self.counts()["pending"])
 
     @property
     def connected(self) -> bool:
