@@ -13,7 +13,7 @@ import numpy as np
 from .artifacts import FUSED, TTA_GRAPH, VISUAL, Artifacts, load_artifacts
 from .backends import Backend, backend_model, create_backend
 from .errors import ArtifactError
-from .fused import OUTPUTS as FUSED_OUTPUTS, fused_classes
+from .fused import OUTPUTS as FUSED_OUTPUTS, check_fused_holds, fused_classes
 from .preprocess import DEFAULT_MAX_PIXELS, TileLayout, as_rgb_uint8, merge_tiles, preprocess, read_image
 from .prompt_weights import ClassPrompts
 from .scoring import abnormal_probability, gaussian_smooth, patch_grid, upsample_bilinear
@@ -162,17 +162,18 @@ class Detector:
         return sorted(self.artifacts.prompts.classes)
 
     def class_prompts(self, cls: str) -> ClassPrompts:
-        if self._fused_index is not None and cls not in self._fused_index:
-            raise ArtifactError(f"class {cls!r} is not in the fused model of {self.artifacts.folder} (has: "
-                                f"{', '.join(self._fused_index)}); make it with `anoclip fuse --artifacts "
-                                f"{self.artifacts.folder} --classes {','.join([*self._fused_index, cls])}`")
+        if self._fused_index is not None:
+            check_fused_holds(self.artifacts, list(self._fused_index), [cls])
         return self.artifacts.prompts.get(cls)
 
     def resolve_classes(self, cls: str | Sequence[str]) -> list[str]:
         """The classes a call asks for: one name, a list of names, or ``"all"`` (:attr:`classes`;
         unless a class has that name); each checked to exist."""
         if isinstance(cls, str):
-            names = self.classes if cls == "all" and "all" not in self.classes else [cls]
+            every = cls == "all" and "all" not in self.classes
+            if every and self._fused_index is not None:  # the folder's every class: a partial fused model is refused
+                check_fused_holds(self.artifacts, list(self._fused_index), None)
+            names = self.classes if every else [cls]
         else:
             names = list(dict.fromkeys(cls))
         if not names:
