@@ -111,7 +111,7 @@ class ThresholdTable:
         table = {}
         for name, record in classes.items():
             try:
-                table[name] = build(ClassCalibration, record, _FIELD_CHECKS)
+                table[name] = _consistent(build(ClassCalibration, record, _FIELD_CHECKS))
             except ValueError as exc:
                 raise ValueError(f"classes.{name}: {exc}") from None
         return cls(table)
@@ -161,12 +161,30 @@ def threshold_bytes(table: ThresholdTable) -> bytes:
     return content.encode()
 
 
-_FIELD_CHECKS: dict[str, Check] = {
-    "image": number(), "pixel": number(), "frames": integer(1), "quantile": number(0, 1), "margin": number(),
-    "image_quantile_value": number(), "pixel_quantile": number(0, 1), "pixel_margin": number(),
-    "pixel_quantile_value": number(), "pixel_values": integer(1), "score_min": number(), "score_max": number(),
-    "score_mean": number(), "model": text(), "model_sha256": sha256, "text_features_sha256": sha256, "tta": flag,
+_FIELD_CHECKS: dict[str, Check] = {  # scores and map values are probabilities: thresholds and statistics in [0, 1]
+    "image": number(0, 1), "pixel": number(0, 1), "frames": integer(1), "quantile": number(0, 1), "margin": number(),
+    "image_quantile_value": number(0, 1), "pixel_quantile": number(0, 1), "pixel_margin": number(),
+    "pixel_quantile_value": number(0, 1), "pixel_values": integer(1), "score_min": number(0, 1),
+    "score_max": number(0, 1), "score_mean": number(0, 1), "model": text(), "model_sha256": sha256, "text_features_sha256": sha256, "tta": flag,
     "tta_settings": either(null, plain_object), "tiling": text(), "smoothing_sigma": number(0), "created": text(),
     "command": text(), "normal": list_of(text(), "strings"),
 }
 
+
+
+SUM_TOLERANCE = 1e-9  # float rounding: a threshold is its quantile value plus its margin, as calibrate writes it
+
+
+def _consistent(record: ClassCalibration) -> ClassCalibration:
+    """``record`` when its numbers agree with each other (each threshold is its measured quantile
+    value plus its margin; the image quantile lies within the scores' range, the mean too); a
+    ValueError naming the disagreement."""
+    for threshold, value, margin in (("image", "image_quantile_value", "margin"),
+                                     ("pixel", "pixel_quantile_value", "pixel_margin")):
+        got, expected = getattr(record, threshold), getattr(record, value) + getattr(record, margin)
+        need(abs(got - expected) <= SUM_TOLERANCE, f"{threshold} {got!r} is not {value} + {margin} ({expected!r})")
+    for name in ("image_quantile_value", "score_mean"):
+        need(record.score_min - SUM_TOLERANCE <= getattr(record, name) <= record.score_max + SUM_TOLERANCE,
+             f"{name} {getattr(record, name)!r} lies outside score_min..score_max "
+             f"({record.score_min!r}..{record.score_max!r})")
+    return record

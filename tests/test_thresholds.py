@@ -377,6 +377,44 @@ def test_changed_thresholds_file_is_one_line(calibrated, images, tmp_path):
     assert sorted(load_artifacts(folder).thresholds.classes) == ["carpet"]
 
 
+def _hand_edit(folder: Path, damage: dict) -> None:
+    """Change bottle's record in the folder's thresholds file and update the manifest's sha256 to match."""
+    manifest = read_manifest(folder)
+    path = folder / manifest.thresholds
+    data = json.loads(path.read_text())
+    data["classes"]["bottle"].update(damage)
+    path.write_text(json.dumps(data))
+    manifest.files[manifest.thresholds] = sha256_file(path)
+    write_manifest(folder, manifest)
+
+
+def test_thresholds_outside_0_1_or_off_their_quantiles_are_refused_on_load(calibrated, images, tmp_path):
+    record = read_thresholds(calibrated[0] / read_manifest(calibrated[0]).thresholds).classes["bottle"]
+    folder = copy_artifacts(calibrated[0], tmp_path / "artifacts")
+    _hand_edit(folder, {"image": -1.0})
+    proc = run_cli("predict", "--artifacts", str(folder), "--class", "bottle", "--out", str(tmp_path / "out"),
+                   str(images))
+    assert proc.returncode == 1
+    line = one_error_line(proc.stderr)
+    assert "not a valid thresholds file" in line and "image must be a finite number in [0, 1], got -1.0" in line
+    assert "--replace-file" in line and not (tmp_path / "out" / "results.jsonl").exists()
+    shift = record.score_max - record.image_quantile_value + 0.01  # moves the quantile above every score
+    for damage, expected in (({"image": 2.0}, "image must be a finite number in [0, 1]"),
+                             ({"pixel": 2}, "pixel must be a finite number in [0, 1]"),
+                             ({"score_max": 1.5}, "score_max must be a finite number in [0, 1]"),
+                             ({"image": record.image + 0.1}, "image 0."),
+                             ({"pixel": record.pixel / 2}, "is not pixel_quantile_value + pixel_margin"),
+                             ({"image": record.image + shift, "image_quantile_value": record.image_quantile_value + shift},
+                              "image_quantile_value")):
+        _hand_edit(folder, {**{k: getattr(record, k) for k in ("image", "pixel", "image_quantile_value",
+                                                             "score_max")}, **damage})
+        with pytest.raises(ArtifactError, match="not a valid thresholds file") as info:
+            load_artifacts(folder)
+        assert "\n" not in str(info.value) and expected in str(info.value), str(info.value)
+    _hand_edit(folder, {k: getattr(record, k) for k in ("image", "pixel", "image_quantile_value", "score_max")})
+    assert load_artifacts(folder).thresholds.classes["bottle"] == record  # as calibrated: accepted
+
+
 def test_reexport_keeps_the_thresholds(calibrated, export_cli, tmp_path, caplog):
     folder = copy_artifacts(calibrated[0], tmp_path / "artifacts")
     name = read_manifest(folder).thresholds
