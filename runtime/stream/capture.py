@@ -4,7 +4,10 @@ A live source (camera, network stream) is read as fast as it delivers; the frame
 frame, so a frame not taken before the next arrives is dropped (and counted): the pipeline's latency
 never grows, whatever the model's speed. A live source that stops delivering is reopened with
 exponential backoff; every reopen is counted and bumps the source's generation (the pipeline then
-resets that source's test-time adaptation). A video file is read frame by frame with back-pressure
+resets that source's test-time adaptation). A live read that fails at once and is followed by a good
+one was a frame that did not decode (a corrupt JPEG in an MJPEG stream): it is skipped and counted as
+corrupt, and the source is not reopened; ``MAX_FAILED_READS`` failures in a row, or one that blocked
+(a read timeout), are a dead source. A video file is read frame by frame with back-pressure
 (the thread waits until its frame is taken, so nothing is dropped) unless ``realtime`` paces it at
 its own frame rate like a camera; at its end the source finishes (``loop``: it starts again).
 Images (a folder, a file, a pattern; predict's inputs, videos among them) are read like a video
@@ -32,6 +35,8 @@ log = logging.getLogger(__name__)
 
 BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 30.0
+MAX_FAILED_READS = 3  # quick failed reads in a row of a live source before it is reopened
+CORRUPT_READ_S = 1.0  # a failed read that took longer waited for data: the source is reopened at once
 
 
 @dataclass
@@ -176,18 +181,30 @@ class CaptureThread(threading.Thread):
         last_offer = 0.0
         due = time.perf_counter()  # when the next file frame is due, paced like a camera (realtime)
         stride = 1 if self.spec.kind == "images" else self.stride  # the reader strides the videos among images
+        failed = 0  # quick failed reads in a row of a live source: corrupt frames if a good read follows
         while not self.stop.is_set():
             index += 1
             skip = index % stride != 0
+            started = time.perf_counter()
             if skip and self.capture.grab():  # decode-free skip where the backend allows it
                 self.counters.read += 1
                 continue
             ok, image = (False, None) if skip else self.capture.read()
             if not ok:
+                if (self.spec.live and failed + 1 < MAX_FAILED_READS
+                        and time.perf_counter() - started < CORRUPT_READ_S):
+                    failed += 1
+                    continue
+                failed = 0
                 if not self._recover():
                     return
                 due = time.perf_counter()
                 continue
+            if failed:  # the stream goes on: what failed were frames that did not decode
+                self.counters.read += failed
+                self.counters.corrupt += failed
+                log.debug("source %s: %d frame(s) did not decode; skipped", self.spec.name, failed)
+                failed = 0
             self.counters.read += 1
             if not _usable(image):
                 self.counters.corrupt += 1

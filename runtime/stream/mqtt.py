@@ -8,10 +8,11 @@ import secrets
 import threading
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 from ..errors import AnoclipError
 from .events import FrameEvent, Sink
+from .sources import split_url
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ class BrokerAddress:
 
 def parse_mqtt_url(url: str) -> BrokerAddress:
     """``mqtt://[user:password@]host[:port]`` (port 1883) or ``mqtts://...`` (port 8883, TLS)."""
-    parts = urlsplit(url.strip())
+    parts = split_url(url.strip(), "MQTT")
     shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()  # the URL less its credentials
     usage = "give mqtt://host[:port] or mqtts://host[:port], optionally with user:password@ before the host"
     scheme = parts.scheme.lower()

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import SplitResult, parse_qs, urlsplit
 
 from ..errors import AnoclipError
 from ..inputs import GLOB_CHARACTERS, FiniteSource, is_image, plan_inputs
@@ -70,6 +71,20 @@ class SourceSpec:
         return {"url": cv2.CAP_FFMPEG, "file": cv2.CAP_FFMPEG, "gstreamer": cv2.CAP_GSTREAMER}.get(self.kind, cv2.CAP_ANY)
 
 
+def split_url(url: str, what: str = "source") -> SplitResult:
+    """``urlsplit`` of a URL given on the command line, its host checked; one AnoclipError naming
+    ``what`` and the URL (less its credentials) when it is malformed (an unclosed ``[``, a bracketed
+    host that is no IPv6 address)."""
+    try:
+        parts = urlsplit(url)
+        parts.hostname  # noqa: B018 (checks a bracketed host)
+        return parts
+    except ValueError as exc:
+        shown = re.sub(r"://[^/@]*@", "://", url)
+        raise AnoclipError(f"malformed {what} URL {shown!r} ({exc}); write scheme://host[:port]/path, with an "
+                           "IPv6 host in brackets ([::1])") from None
+
+
 def split_class(text: str, classes: list[str]) -> tuple[str, str | None]:
     """``SRC=CLASS`` -> (SRC, CLASS) when CLASS is one of ``classes``; otherwise (text, None)."""
     source, sep, cls = text.rpartition("=")
@@ -88,11 +103,11 @@ def parse_source(text: str, classes: list[str], default_cls: str | None = None) 
         return SourceSpec(f"camera{raw}", raw, "device", int(raw), cls, live=True)
     if re.fullmatch(r"/dev/video\d+", raw):
         return SourceSpec(raw.rsplit("/", 1)[-1], raw, "device", raw, cls, live=True)
-    scheme = urlsplit(raw).scheme.lower() if "://" in raw else ""
+    scheme = match.group(1).lower() if (match := re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", raw)) else ""
     if scheme == "csi":
-        return SourceSpec(f"csi{urlsplit(raw).netloc or 0}", raw, "gstreamer", _csi(raw), cls, live=True)
+        return SourceSpec(f"csi{split_url(raw).netloc or 0}", raw, "gstreamer", _csi(raw), cls, live=True)
     if scheme in URL_SCHEMES:
-        parts = urlsplit(raw)
+        parts = split_url(raw)
         return SourceSpec(f"{parts.hostname or scheme}{parts.path.rstrip('/')}", raw, "url", raw, cls, live=True)
     if "!" in raw:
         if "appsink" not in raw.rsplit("!", 1)[-1]:
@@ -147,17 +162,59 @@ def check_backend(spec: SourceSpec) -> None:
 
 
 def open_capture(spec: SourceSpec):
-    """A ``cv2.VideoCapture`` of the source, or None when it does not open."""
+    """A ``cv2.VideoCapture`` of the source, or None when it does not open.
+
+    A network stream is opened in a thread of its own while the calling thread waits in short
+    steps, so that Ctrl-C (a KeyboardInterrupt) ends the wait at once instead of after the open
+    timeout; the abandoned capture is released when its open returns."""
     import cv2
 
     params: list[int] = []
-    if spec.kind == "url":
+    if spec.kind != "url":
+        capture = cv2.VideoCapture(spec.target, spec.api, params)
+    else:
         params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, OPEN_TIMEOUT_MS, cv2.CAP_PROP_READ_TIMEOUT_MSEC, READ_TIMEOUT_MS]
         os.environ.setdefault("OPENCV_FFMPEG_CAPTURE_OPTIONS", "rtsp_transport;tcp")
-    capture = cv2.VideoCapture(spec.target, spec.api, params)
+        capture = _Opening(lambda: cv2.VideoCapture(spec.target, spec.api, params)).wait()
     if not capture.isOpened():
         capture.release()
         return None
     if spec.kind == "device":
         capture.set(cv2.CAP_PROP_BUFFERSIZE, 1)  # the driver keeps one frame, not a backlog
     return capture
+
+
+class _Opening(threading.Thread):
+    """Runs ``opener`` (a blocking open) in a daemon thread; :meth:`wait` returns what it opened,
+    and a caller interrupted while waiting leaves it to be released when the open returns."""
+
+    def __init__(self, opener):
+        super().__init__(name="open-source", daemon=True)
+        self.opener, self.lock = opener, threading.Lock()
+        self.capture, self.error, self.abandoned = None, None, False
+
+    def run(self) -> None:
+        try:
+            capture = self.opener()
+        except BaseException as exc:  # handed to the waiting caller
+            capture, self.error = None, exc
+        with self.lock:
+            if self.abandoned and capture is not None:
+                capture.release()
+            else:
+                self.capture = capture
+
+    def wait(self):
+        self.start()
+        try:
+            while self.is_alive():
+                self.join(0.1)  # short steps: a signal's handler runs between them
+        except BaseException:
+            with self.lock:
+                self.abandoned = True
+                if self.capture is not None:
+                    self.capture.release()
+            raise
+        if self.error is not None:
+            raise self.error
+        return self.capture
