@@ -11,16 +11,13 @@ from pathlib import Path
 import click
 
 from .errors import AnoclipError
-from .options import (detector_options, load_detector, max_pixels_option, no_verify_option, server_option, threads_option,
+from .options import (detector_options, load_detector, max_output_pixels_option, max_pixels_option, no_verify_option, server_option, threads_option,
                       threshold_options, tta_config_from, verbose_option)
 from .plumbing import configure_logging, run_guarded
 
 log = logging.getLogger(__name__)
 
 EXIT_SOME_FAILED = 3
-# Overlays and maps of frames above this many pixels are written scaled down to it (a float32 map
-# of 8192 x 8192 would be 256 MiB); the map's own resolution is the model grid, upsampled.
-DEFAULT_MAX_OUTPUT_PIXELS = 4096 * 4096
 
 
 class PluginGroup(click.Group):
@@ -75,8 +72,7 @@ def cli():
               help="Score every Nth frame of video inputs.")
 @max_pixels_option("Largest image or video frame (width x height) decoded; images claiming more are skipped "
                    "unread, videos with larger frames are skipped.")
-@click.option("--max-output-pixels", default=DEFAULT_MAX_OUTPUT_PIXELS, show_default=True, type=click.IntRange(min=0),
-              help="Overlays and maps of larger frames are written scaled down to this many pixels (0: never).")
+@max_output_pixels_option()
 @no_verify_option
 @click.option("--json", "as_json", is_flag=True, help="Also print each result line to stdout.")
 @verbose_option

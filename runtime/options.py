@@ -19,6 +19,17 @@ def _finite(ctx, param, value: float | None) -> float | None:
     return value
 
 
+# Overlays, saved frames and maps of frames above this many pixels are written scaled down to it (a
+# float32 map of 8192 x 8192 would be 256 MiB); the map's own resolution is the model grid, upsampled.
+DEFAULT_MAX_OUTPUT_PIXELS = 4096 * 4096
+
+
+def max_output_pixels_option(help_text: str = "Overlays and maps of larger frames are written scaled down to this "
+                                              "many pixels (0: never)."):
+    return click.option("--max-output-pixels", default=DEFAULT_MAX_OUTPUT_PIXELS, show_default=True,
+                        type=click.IntRange(min=0), help=help_text)
+
+
 def threads_option(help_text: str = "CPU threads for onnxruntime."):
     return click.option("--threads", default=None, type=click.IntRange(min=1), help=help_text)
 

@@ -29,7 +29,8 @@ def run_id() -> str:
 class ResultsLog:
     """Appends JSON lines to ``folder/results.jsonl``.
 
-    Each line is written whole while holding an exclusive ``flock`` on the file; a line left
+    Each line is written whole while holding an exclusive ``flock`` on the file, or not at all: a
+    write that fails part-way (a full disk) is truncated back to where the line began; a line left
     unfinished by a killed run is closed first, so it cannot swallow the next one. The file is
     opened with ``O_NOFOLLOW``: a link in its place is an error, never a way out of the folder.
     """
@@ -64,8 +65,12 @@ class ResultsLog:
             if size and os.pread(self.fd, 1, size - 1) != b"\n":
                 data = b"\n" + data
             view = memoryview(data)
-            while view:
-                view = view[os.write(self.fd, view):]
+            try:
+                while view:
+                    view = view[os.write(self.fd, view):]
+            except OSError as exc:  # e.g. a full disk: the part written is taken back, the file ends in a whole line
+                os.ftruncate(self.fd, size)
+                raise AnoclipError(f"cannot append to {self.path}: {exc.strerror or exc}; the line was not written") from None
         finally:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
         return line

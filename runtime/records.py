@@ -4,14 +4,15 @@ file, MQTT payloads, the live view's ``/stats.json``) and the remote client's re
 Made from a :class:`~anoclip.runtime.detector.Result` by :func:`make_record` and nowhere else, so the
 field names cannot drift apart; documented field by field in ``docs/records.md`` and checked
 against ``docs/record.schema.json``. ``schema`` names the version: a field is only ever added
-within a version; renaming or removing one makes the next version.
+within a version; renaming or removing one makes the next version. A frame that could not be
+scored is a record too (:func:`make_error_record`): its ``error`` says why, its scores are null.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-SCHEMA = "anoclip.record/1"
+SCHEMA = "anoclip.record/2"
 
 
 def make_record(result: Any, source: str, *, frame: int = 0, captured: float | None = None, run: str | None = None,
@@ -39,7 +40,23 @@ def make_record(result: Any, source: str, *, frame: int = 0, captured: float | N
         "map_max": float(amap.max()), "map_mean": float(amap.mean()),
         "image_size": [int(v) for v in result.image_size], "tiles": int(result.tiles),
         "timings_ms": {k: round(float(v), 3) for k, v in timings.items()},
+        "error": None,
     }
     if files:
         record.update(files)
     return record
+
+
+def make_error_record(cls: str, source: str, error: str, *, frame: int = 0, captured: float | None = None,
+                      run: str | None = None, image_size: tuple[int, int] | None = None) -> dict[str, Any]:
+    """The record of a frame that could not be scored for ``cls``: ``error`` says why (one line);
+    score, decision and map fields are null (``regions`` empty), so a reader counting lines misses
+    no frame."""
+    return {
+        "schema": SCHEMA, "source": str(source), "frame": int(frame),
+        "captured": None if captured is None else round(float(captured), 6), "run": run,
+        "class": cls, "score": None, "anomalous": None, "threshold": None, "pixel_threshold": None,
+        "threshold_origin": None, "regions": [], "map_max": None, "map_mean": None,
+        "image_size": None if image_size is None else [int(v) for v in image_size], "tiles": None,
+        "timings_ms": {}, "error": str(error),
+    }

@@ -39,7 +39,7 @@ def check(record: dict) -> dict:
 
 def test_the_schema_file_is_this_version():
     jsonschema.Draft202012Validator.check_schema(RECORD_SCHEMA)
-    assert RECORD_SCHEMA["properties"]["schema"]["const"] == SCHEMA == "anoclip.record/1"
+    assert RECORD_SCHEMA["properties"]["schema"]["const"] == SCHEMA == "anoclip.record/2"
     with pytest.raises(jsonschema.ValidationError):  # no private fields
         check({**_predicted(), "source_index": 0})
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import itertools
 import logging
+import re
 import threading
 import time
 from typing import Sequence
@@ -12,6 +15,19 @@ from urllib.parse import urlsplit
 from anoclip.runtime.errors import AnoclipError
 
 log = logging.getLogger(__name__)
+
+# what Triton answers for a model it has not loaded (yet)
+LOADING = re.compile(r"unknown model|is not found|not ready|UNAVAILABLE", re.IGNORECASE)
+
+
+class ServersUnavailable(AnoclipError):
+    """Every server failed a request (refused, timed out, unavailable): the servers are gone, and a
+    run that depends on them ends (one line, exit 1) rather than failing frame after frame.
+    ``loading``: a server answered that the model is not there yet (it is still loading it)."""
+
+    def __init__(self, message: str, loading: bool = False):
+        super().__init__(message)
+        self.loading = loading
 
 
 class Server:
@@ -50,23 +66,26 @@ class ServerPool:
             down = sorted((s for s in ring if s.down_until > now), key=lambda s: s.down_until)
         return up + down
 
-    def call(self, model: str, inputs: list, outputs: Sequence[str]) -> dict:
-        """Run ``model`` on ``inputs`` ([(name, array, Triton dtype)]); {output name: array}."""
-        failures = []
+    def call(self, model: str, inputs: list, outputs: Sequence[str], backoff: bool = True) -> dict:
+        """Run ``model`` on ``inputs`` ([(name, array, Triton dtype)]); {output name: array}.
+        ``backoff=False``: a failing server is not skipped afterwards (while waiting for servers to start)."""
+        failures, loading = [], False
         for server in self._order():
             try:
                 result = self._infer(server, model, inputs, outputs)
             except Exception as exc:  # the server, not the request: the next one may answer
-                with self._lock:
-                    server.down_until = time.monotonic() + self.backoff
+                if backoff:
+                    with self._lock:
+                        server.down_until = time.monotonic() + self.backoff
                 self._drop_client(server)
                 failures.append(f"{server.url}: {_one_line(exc)}")
-                log.warning("server %s failed (%s); skipping it for %.0f s", server.url, _one_line(exc), self.backoff)
+                loading = loading or bool(LOADING.search(str(exc)))
+                log.log(_failure_level.get(), "server %s failed (%s); skipping it for %.0f s", server.url, _one_line(exc), self.backoff)
                 continue
             with self._lock:
                 server.down_until = 0.0
             return result
-        raise AnoclipError(f"no server answered: {'; '.join(failures)}")
+        raise ServersUnavailable(f"no server answered: {'; '.join(failures)}", loading)
 
     def _infer(self, server: Server, model: str, inputs: list, outputs: Sequence[str]) -> dict:
         if server.protocol == "http":
@@ -104,6 +123,19 @@ class ServerPool:
                 client.close()
             except Exception:  # a broken connection may fail to close; it is dropped either way
                 pass
+
+
+_failure_level = contextvars.ContextVar("failure_level", default=logging.WARNING)
+
+
+@contextlib.contextmanager
+def quiet_failures():
+    """Server failures are logged at DEBUG inside (expected while waiting for servers to start)."""
+    token = _failure_level.set(logging.DEBUG)
+    try:
+        yield
+    finally:
+        _failure_level.reset(token)
 
 
 def _one_line(exc: Exception) -> str:

@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from ..options import (detector_options, load_detector, max_pixels_option, no_verify_option, server_option, threads_option,
+from ..options import (detector_options, load_detector, max_output_pixels_option, max_pixels_option, no_verify_option, server_option, threads_option,
                        threshold_options, tta_config_from, verbose_option)
 from ..plumbing import configure_logging
 from .pipeline import StreamOptions, StreamPipeline
@@ -53,8 +53,11 @@ def _roi(ctx, param, value):
 @click.option("--max-fps", default=None, type=click.FloatRange(min=0, min_open=True),
               help="Score at most this many frames a second per source (files are slowed down to it).")
 @click.option("--loop", is_flag=True, help="Start video files and image sources again at their end (until stopped).")
-@max_pixels_option("Largest frame (width x height) of a video file or image source: larger images are skipped "
-                   "unread (counted as corrupt), a video of larger frames is refused.")
+@max_pixels_option("Largest frame (width x height): larger images of an image source are skipped unread (counted "
+                   "as corrupt), a video file of larger frames is refused, and larger frames of cameras and network "
+                   "streams are scaled down to it before scoring (counted as scaled), so memory stays bounded.")
+@max_output_pixels_option("Saved frames and maps (--save-dir) of larger frames are written scaled down to this many "
+                          "pixels (0: never).")
 @click.option("--realtime", is_flag=True,
               help="Read video files at their own frame rate like a camera, dropping what the model cannot keep up "
                    "with (default: every frame of a file is scored).")
@@ -84,7 +87,7 @@ def _roi(ctx, param, value):
 @verbose_option
 def stream_command(artifacts_dir, servers, sources, cls, backend, model, precision, tiling, smoothing_sigma, tta, tta_backend, tta_steps, tta_adapter,
                    tta_init, tta_state, seed, threads, image_threshold, pixel_threshold, roi, stride, max_fps, loop, max_pixels, realtime, batch, record, record_fps, events, save_dir,
-                   show, web, mqtt, topic, alpha, stats_interval, no_verify, verbose):
+                   max_output_pixels, show, web, mqtt, topic, alpha, stats_interval, no_verify, verbose):
     """Score camera streams, network streams, video files and images frame by frame.
 
     One capture thread per source keeps only its newest frame (a live source never builds a backlog;
@@ -95,7 +98,10 @@ def stream_command(artifacts_dir, servers, sources, cls, backend, model, precisi
     Thresholds come from `anoclip calibrate threshold` (or --threshold/--pixel-threshold); without
     them, scores and maps are reported with no decision. With --tta, every source adapts its own state
     (--tta-state persistent: across its frames), which starts afresh when the source reconnects. Ctrl-C or SIGTERM stops cleanly: the
-    recording is finalised, the events file holds whole lines. Prints a JSON summary at the end.
+    recording is finalised and checked, the events file holds whole lines; a second Ctrl-C stops at
+    once and removes the unfinished recording. Prints a JSON summary at the end: per sink ("sinks"),
+    the frames written and lost; a frame that could not be scored is an events line with "error".
+    Exit 3 when a sink failed or lost frames; exit 1 when every --server is gone.
     """
     configure_logging(verbose)
     tta_config = tta_config_from(tta, tta_steps, tta_adapter, tta_init, tta_state, seed)
@@ -116,16 +122,18 @@ def stream_command(artifacts_dir, servers, sources, cls, backend, model, precisi
                             pixel_threshold=pixel_threshold, alpha=alpha, max_batch=batch, stats_interval=stats_interval)
     pipeline = StreamPipeline(detector, specs, [], options)
     pipeline.open()
-    pipeline.sinks.extend(_sinks(pipeline, record, record_fps, events, save_dir, show, web, mqtt, topic))
+    pipeline.sinks.extend(_sinks(pipeline, record, record_fps, events, save_dir, max_output_pixels, show, web, mqtt,
+                                 topic))
     _stop_on_signals(pipeline)
     summary = pipeline.run()
     summary["sink_errors"] = pipeline.sink_errors
     click.echo(json.dumps(summary))
-    if pipeline.sink_errors:
+    if pipeline.sink_errors:  # a sink that failed or lost frames, even when the run otherwise finished
         sys.exit(EXIT_SINK_FAILED)
 
 
-def _sinks(pipeline: StreamPipeline, record, record_fps, events, save_dir, show, web, mqtt, topic) -> list:
+def _sinks(pipeline: StreamPipeline, record, record_fps, events, save_dir, max_output_pixels, show, web, mqtt,
+           topic) -> list:
     from .sinks import EventsLog, SavedFrames, VideoRecorder, Window
 
     sinks = []
@@ -135,7 +143,7 @@ def _sinks(pipeline: StreamPipeline, record, record_fps, events, save_dir, show,
         rates = [record_fps or _record_rate(capture, pipeline.options) for capture in pipeline.captures]
         sinks.append(VideoRecorder(record, len(pipeline.captures), rates))
     if save_dir:
-        sinks.append(SavedFrames(save_dir))
+        sinks.append(SavedFrames(save_dir, max_pixels=max_output_pixels or None))
     if show:
         sinks.append(Window(pipeline.stop.set))
     if mqtt:

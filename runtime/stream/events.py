@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from ..detector import Result
-from ..records import make_record
+from ..records import make_error_record, make_record
 
 
 @dataclass
@@ -34,12 +34,15 @@ class FrameEvent:
     key: the frame's output name, for sinks that write files named after their input (predict).
     files: per class, what a sink wrote for the frame (``overlay``, ``map``, ``map_shape``), added to
         that class's record; a sink that writes files comes before those that send records.
+    error: why the frame could not be scored (``result`` is then None and ``classes`` names what it
+        was to be scored for); such events go only to sinks that take them (``takes_errors``: those
+        that send records), as records with ``error`` set.
     """
 
     source: str
     frame_index: int
     captured: float
-    result: Result
+    result: Result | None
     latency_ms: dict[str, float] | None
     frame: np.ndarray
     source_index: int = 0
@@ -48,6 +51,8 @@ class FrameEvent:
     path: str | None = None
     key: str | None = None
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    error: str | None = None
+    classes: tuple[str, ...] = ()
     _records: list[dict[str, Any]] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -89,6 +94,10 @@ class FrameEvent:
 
     def records(self) -> list[dict[str, Any]]:
         """One record per class the frame was scored for (one, in a stream), in the Result's order."""
+        if self._records is None and self.error is not None:
+            self._records = [make_error_record(name, self.path or self.source, self.error, frame=self.frame_index,
+                                               captured=self.captured, run=self.run, image_size=self.frame.shape[:2])
+                             for name in self.classes]
         if self._records is None:
             self._records = [make_record(one, self.path or self.source, frame=self.frame_index, captured=self.captured,
                                          run=self.run, timings_ms=self.latency_ms, files=self.files.get(name))
@@ -99,13 +108,26 @@ class FrameEvent:
 class Sink:
     """Receives every processed frame, in order, on the sink thread; ``close`` finalises its output
     (called once, also on SIGINT/SIGTERM). ``write`` should not block for long: the pipeline's sink
-    queue is bounded."""
+    queue is bounded.
+
+    Accounting: every frame a sink is handed is either ``written`` (stored or delivered: for a
+    recording, only once the finished file was checked) or ``lost`` (a write that failed, a frame
+    handed to a sink switched off after a failure, a recording that could not be finished); frames
+    that are none of its business (a normal frame for ``--save-dir``) are neither. ``counts()`` is
+    what the summary and the stats line report; a sink with lost frames ends the run with exit 3."""
 
     name = "sink"
     draws = True  # whether it uses the annotated frame (the pipeline draws it only when a sink does)
+    takes_errors = False  # whether it is handed the events of frames that could not be scored
+    written = 0
+    lost = 0
 
     def write(self, event: FrameEvent) -> None:
         raise NotImplementedError
 
     def close(self) -> None:
         pass
+
+    def counts(self) -> dict[str, int]:
+        """Frames written (stored, delivered) and lost so far."""
+        return {"written": self.written, "lost": self.lost}

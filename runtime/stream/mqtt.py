@@ -92,11 +92,14 @@ class MqttSink(Sink):
 
     :attr:`published` counts messages the broker acknowledged (sent, for QoS 0); :attr:`failed`
     those paho refused and those still unacknowledged when :meth:`close` gave up after
-    ``close_timeout_s`` seconds.
+    ``close_timeout_s`` seconds, or at once when the broker was never reached during the run (there
+    is then no connection whose acknowledgements could still come). In the stream's accounting
+    ``written`` is ``published`` and ``lost`` is ``failed``.
     """
 
     name = "mqtt"
     draws = False
+    takes_errors = True
 
     def __init__(self, url: str, topic: str, client_id: str | None = None, qos: int = 1, *,
                  max_queued: int = 10000, close_timeout_s: float = 10.0, keepalive: int = 30):
@@ -145,8 +148,9 @@ class MqttSink(Sink):
         ``reconnects`` (connections after the first, each after a lost one) and ``pending`` (handed
         to paho, not yet acknowledged)."""
         with self._done:
-            return {"published": self._published, "failed": self._failed, "reconnects": self._reconnects,
-                    "pending": max(0, self._accepted - self._published)}
+            failed = self._failed + self.lost  # lost: events the pipeline could not hand over (a failing write)
+            return {"written": self._published, "lost": failed, "published": self._published, "failed": failed,
+                    "reconnects": self._reconnects, "pending": max(0, self._accepted - self._published)}
 
     published = property(lambda self: self.counts()["published"])
     failed = property(lambda self: self.counts()["failed"])
@@ -183,11 +187,15 @@ class MqttSink(Sink):
         if self._closed:
             return
         self._closed = True
+        reached = self._ever_connected
         with self._done:
-            self._done.wait_for(lambda: self._published >= self._accepted, timeout=self.close_timeout_s)
+            if reached:
+                self._done.wait_for(lambda: self._published >= self._accepted, timeout=self.close_timeout_s)
             unacknowledged = max(0, self._accepted - self._published)
             self._failed += unacknowledged
-        if unacknowledged:
+        if unacknowledged and not reached:
+            log.warning("%d MQTT events are lost: the broker %s was never reached", unacknowledged, self.broker)
+        elif unacknowledged:
             log.warning("%d MQTT events were not acknowledged by %s within %.0f s and are lost",
                         unacknowledged, self.broker, self.close_timeout_s)
         self._closing = True

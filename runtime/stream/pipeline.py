@@ -4,16 +4,24 @@ no frame dropped).
 
 The inference worker takes the newest frame of every source that has one, groups them by class
 and scores each group as one batch through the Detector (one engine for all sources). Decisions
-become ``FrameEvent``s on a bounded queue; the sink thread draws the annotated frame and hands the
-event to every sink, so drawing, encoding and writing overlap with the next inference. A slow sink
-holds the queue full and so slows inference, never memory; the capture threads then drop frames of
-live sources (counted), so latency stays bounded.
+become ``FrameEvent``s on a queue bounded in events and in bytes; the sink thread draws the
+annotated frame and hands the event to every sink, so drawing, encoding and writing overlap with the
+next inference. A slow sink holds the queue full and so slows inference, never memory; the capture
+threads then drop frames of live sources (counted), so latency stays bounded. Frames of live sources
+above ``max_pixels`` are scaled down to it before scoring (counted as ``scaled``), so no event holds
+more than that many pixels.
+
+Every frame is accounted for: a frame that could not be scored becomes an event with an ``error``
+(for the sinks that send records), and each sink counts what it wrote and what it lost
+(``Sink.counts``), in the summary (``sinks``) and the stats line; a sink that lost frames is a sink
+error. When every server of a remote detector is gone the run ends with that one error.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
-import queue
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -22,6 +30,7 @@ from ..detector import Detector
 from ..errors import AnoclipError
 from ..outputs import run_id
 from ..preprocess import DEFAULT_MAX_PIXELS
+from ..serving.transport import ServersUnavailable
 from .annotate import annotate
 from .capture import CaptureThread, Frame, FrameBoard
 from .events import FrameEvent, Sink
@@ -31,6 +40,7 @@ from .stats import StreamStats
 log = logging.getLogger(__name__)
 
 VIEW_STATS_INTERVAL_S = 1.0
+DEFAULT_SINK_QUEUE_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -42,13 +52,14 @@ class StreamOptions:
     loop: bool = False
     realtime: bool = False
     roi: tuple[int, int, int, int] | None = None  # x, y, width, height
-    max_pixels: int | None = DEFAULT_MAX_PIXELS  # largest frame of a finite source (images, video files)
+    max_pixels: int | None = DEFAULT_MAX_PIXELS  # largest frame: finite sources refuse larger, live ones are scaled down
     threshold: float | None = None  # overrides the calibrated image threshold
     pixel_threshold: float | None = None  # overrides the calibrated pixel threshold
     alpha: float = 0.4
     max_batch: int = 8
     stats_interval: float = 10.0  # seconds between stats lines in the log (0: none)
     sink_queue: int = 8
+    sink_queue_bytes: int = DEFAULT_SINK_QUEUE_BYTES  # the events waiting for the sinks hold at most this (one always fits)
     stop_on_sink_error: bool = False  # a failing sink ends the run (predict) instead of being switched off
 
 
@@ -70,10 +81,11 @@ class StreamPipeline:
                                        loop=o.loop, realtime=o.realtime, roi=o.roi, max_pixels=o.max_pixels)
                          for i, spec in enumerate(sources)]
         self.stats = StreamStats(self.captures)
-        self._queue: queue.Queue[FrameEvent | None] = queue.Queue(maxsize=o.sink_queue)
+        self._queue = EventQueue(o.sink_queue, o.sink_queue_bytes)
         self.run_id = run_id()
         self._generations = [0] * len(sources)
         self.sink_errors: dict[str, str] = {}
+        self.fatal: AnoclipError | None = None  # what ended the run (every server gone)
 
     def open(self) -> None:
         for capture in self.captures:
@@ -87,6 +99,37 @@ class StreamPipeline:
                      f"{capture.fps:.1f}" if capture.fps else "?", capture.spec.cls)
 
     def run(self) -> dict:
+        """Stream until the sources end or ``stop``; the summary (``sinks``: each sink's counts).
+        Raises the error that ended the run when every server is gone; a KeyboardInterrupt (a second
+        SIGINT) removes the sinks' unfinished files before it goes on."""
+        try:
+            summary = self._run()
+        except KeyboardInterrupt:
+            self.abandon()
+            raise
+        if self.fatal is not None:
+            raise self.fatal
+        return summary
+
+    def abandon(self) -> None:
+        """Remove what the sinks had not finished (hidden partial recordings)."""
+        for sink in self.sinks:
+            abandon = getattr(sink, "abandon", None)
+            if abandon is not None:
+                try:
+                    abandon()
+                except Exception as exc:
+                    log.error("removing the unfinished output of %s failed: %s", sink.name, exc)
+
+    def sink_counts(self) -> dict[str, dict[str, int]]:
+        """Per sink: frames written and lost (and what else the sink counts, e.g. MQTT's pending)."""
+        return {sink.name: sink.counts() for sink in self.sinks if hasattr(sink, "counts")}
+
+    def _sinks_line(self) -> str:
+        parts = [f"{name} {c.get('written', 0)} written {c.get('lost', 0)} lost" for name, c in self.sink_counts().items()]
+        return f", sinks: {', '.join(parts)}" if parts else ""
+
+    def _run(self) -> dict:
         sink_thread = threading.Thread(target=self._sink_loop, name="sinks", daemon=True)
         sink_thread.start()
         for capture in self.captures:
@@ -106,14 +149,19 @@ class StreamPipeline:
                     self._share_stats()
                 if now >= next_log:
                     next_log = now + self.options.stats_interval
-                    log.info(self.stats.interval_line())
+                    log.info(self.stats.interval_line() + self._sinks_line())
         finally:
             self.stop.set()
             for capture in self.captures:
                 capture.join(timeout=2.0)  # a read blocked on a dead stream ends with its timeout; the thread is a daemon
             self._queue.put(None)
             sink_thread.join()
-        return self.stats.summary()
+        summary = self.stats.summary()
+        summary["sinks"] = self.sink_counts()
+        for name, counts in summary["sinks"].items():
+            if counts.get("lost"):
+                self.sink_errors.setdefault(name, f"{counts['lost']} frame(s) lost")
+        return summary
 
     # ------------------------------------------------------------------------------------------
 
@@ -135,6 +183,8 @@ class StreamPipeline:
                     self._generations[frame.source] = frame.generation
                     for name in names:
                         detector.reset_tta(name, key)
+        for frame in frames:
+            self._bound(frame)
         started = time.perf_counter()
         try:
             results = detector.predict_batch([self._image(frame) for frame in frames],
@@ -142,6 +192,11 @@ class StreamPipeline:
         except AnoclipError as exc:
             for frame in frames:
                 self.stats.failed[frame.source] += 1
+                self._queue.put(self._event(frame, None, None, error=f"{type(exc).__name__}: {exc}", classes=names))
+            if isinstance(exc, ServersUnavailable):  # every server gone: the run ends with this one line
+                self.fatal = AnoclipError(f"every server is gone, so the run stops: {exc}")
+                self.stop.set()
+                return
             log.error("%s could not be scored: %s", ", ".join(_shown(f, self.sources[f.source]) for f in frames), exc)
             return
         self.stats.batch_sizes.append(len(frames))
@@ -152,13 +207,31 @@ class StreamPipeline:
             latency = {"wait": (started - frame.captured_perf) * 1e3, **result.timings, "model": model_ms,
                        "total": total_ms, "added": total_ms - model_ms}
             self.stats.record(frame.source, result.anomalous, latency)
-            origin = frame.origin
-            event = FrameEvent(source=self.sources[frame.source].name,
-                               frame_index=frame.index if origin is None else origin.index, captured=frame.captured,
-                               result=result, latency_ms=latency, frame=frame.image, source_index=frame.source,
-                               run=self.run_id, path=None if origin is None else str(origin.source.path),
-                               key=None if origin is None else _key(origin))
-            self._queue.put(event)
+            self._queue.put(self._event(frame, result, latency))
+
+    def _event(self, frame: Frame, result, latency, error: str | None = None, classes=()) -> FrameEvent:
+        origin = frame.origin
+        return FrameEvent(source=self.sources[frame.source].name,
+                          frame_index=frame.index if origin is None else origin.index, captured=frame.captured,
+                          result=result, latency_ms=latency, frame=frame.image, source_index=frame.source,
+                          run=self.run_id, path=None if origin is None else str(origin.source.path),
+                          key=None if origin is None else _key(origin), error=error, classes=tuple(classes))
+
+    def _bound(self, frame: Frame) -> None:
+        """A live frame above ``max_pixels`` is scaled down to it (counted), before anything holds it twice."""
+        import cv2
+
+        limit = self.options.max_pixels
+        height, width = frame.image.shape[:2]
+        if not limit or height * width <= limit:
+            return
+        scale = math.sqrt(limit / (height * width))
+        size = (max(1, int(width * scale)), max(1, int(height * scale)))
+        frame.image = cv2.resize(frame.image, size, interpolation=cv2.INTER_AREA)
+        if self.stats.scaled[frame.source] == 0:
+            log.warning("frames of %s are %dx%d, above --max-pixels %d: scaled down to %dx%d (counted as scaled)",
+                        self.sources[frame.source].name, width, height, limit, *size)
+        self.stats.scaled[frame.source] += 1
 
     def _image(self, frame: Frame):
         """What the detector is given: an image file's bytes as stored when it sends encoded images
@@ -187,17 +260,21 @@ class StreamPipeline:
             if event is None:
                 break
             try:
-                if drawn:
+                if drawn and event.error is None:
                     event.annotated = annotate(event, self.stats.fps(event.source_index), self.options.alpha)
             except Exception:
-                log.exception("drawing frame %d of %s failed", event.frame_index, event.source)
-                continue
+                log.exception("drawing frame %d of %s failed; its sinks get it undrawn", event.frame_index, event.source)
+                event.annotated = event.frame
             for sink in self.sinks:
+                if event.error is not None and not getattr(sink, "takes_errors", False):
+                    continue
                 if sink.name in self.sink_errors:
+                    _lose(sink)  # switched off: what it was to write is lost
                     continue
                 try:
                     sink.write(event)
                 except Exception as exc:  # a broken sink is switched off, the others go on
+                    _lose(sink)
                     self.sink_errors[sink.name] = str(exc)
                     if self.options.stop_on_sink_error:
                         self.stop.set()
@@ -209,6 +286,48 @@ class StreamPipeline:
             except Exception as exc:
                 self.sink_errors.setdefault(sink.name, str(exc))
                 log.error("closing %s failed: %s", sink.name, exc)
+
+
+class EventQueue:
+    """The events waiting for the sinks: at most ``count`` of them and ``max_bytes`` of their arrays
+    (the frame, its full-size map, and the annotated frame to come); ``put`` waits for room, and an
+    event alone always fits. ``None`` (the end) is never refused."""
+
+    def __init__(self, count: int, max_bytes: int):
+        self.count, self.max_bytes = max(1, count), max_bytes
+        self._items: collections.deque[tuple[FrameEvent | None, int]] = collections.deque()
+        self._bytes = 0
+        self._changed = threading.Condition()
+
+    @staticmethod
+    def size(event: FrameEvent | None) -> int:
+        if event is None:
+            return 0
+        size = 2 * event.frame.nbytes  # the frame and the annotated frame drawn from it
+        if event.result is not None:
+            size += event.result.anomaly_map_full.nbytes
+        return size
+
+    def put(self, event: FrameEvent | None) -> None:
+        size = self.size(event)
+        with self._changed:
+            self._changed.wait_for(lambda: event is None or not self._items or (
+                len(self._items) < self.count and self._bytes + size <= self.max_bytes))
+            self._items.append((event, size))
+            self._bytes += size
+            self._changed.notify_all()
+
+    def get(self) -> FrameEvent | None:
+        with self._changed:
+            self._changed.wait_for(lambda: bool(self._items))
+            event, size = self._items.popleft()
+            self._bytes -= size
+            self._changed.notify_all()
+            return event
+
+
+def _lose(sink) -> None:
+    sink.lost = getattr(sink, "lost", 0) + 1
 
 
 def _key(origin) -> str:

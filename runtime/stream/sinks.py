@@ -28,7 +28,12 @@ class VideoRecorder(Sink):
     with ``-<n>`` for source n when there are several).
 
     Each file is written under a hidden temporary name beside it and renamed into place when the
-    stream ends (SIGINT and SIGTERM included), so FILE is always a finished, playable video.
+    stream ends (SIGINT and SIGTERM included), so FILE is always a finished, playable video: before
+    the rename the finished file is opened with OpenCV and must hold every frame written, its last
+    one readable (OpenCV's writer only warns when the disk is full); a file that does not is
+    removed, its frames counted as lost and the recording is a sink error. Before each frame the
+    free space is checked: less than twice the raw frame left is a sink error at once (the disk is
+    full), not hours of frames written into nothing. A second SIGINT (``abandon``) removes the hidden file.
     Frames of another size than the first (a camera that reconnected at another resolution) are
     resized to it.
     """
@@ -58,6 +63,10 @@ class VideoRecorder(Sink):
 
         index = event.source_index
         image = event.annotated
+        target = self.targets[index]
+        stat = os.statvfs(target.parent)
+        if stat.f_bavail * stat.f_frsize < 2 * image.nbytes:
+            raise AnoclipError(f"the disk of {target} is full ({stat.f_bavail * stat.f_frsize} bytes free)")
         if index not in self.writers:
             height, width = image.shape[:2]
             writer = cv2.VideoWriter(str(self._partial(index)), cv2.VideoWriter_fourcc(*self.fourcc),
@@ -71,10 +80,51 @@ class VideoRecorder(Sink):
         self.frames[index] += 1
 
     def close(self) -> None:
+        failures = []
         for index, writer in self.writers.items():
             writer.release()
-            os.replace(self._partial(index), self.targets[index])
-            log.info("recorded %d frames to %s", self.frames[index], self.targets[index])
+            partial, frames = self._partial(index), self.frames[index]
+            found = _video_frames(partial)
+            if found != frames:
+                self.lost += frames
+                partial.unlink(missing_ok=True)
+                failures.append(f"{self.targets[index]}: {frames} frames written, the finished file "
+                                + ("cannot be opened or its last frame read" if found is None else f"holds {found}")
+                                + " (is the disk full?); it was removed")
+                continue
+            os.replace(partial, self.targets[index])
+            self.written += frames
+            log.info("recorded %d frames to %s", frames, self.targets[index])
+        self.writers = {}
+        if failures:
+            raise AnoclipError("; ".join(failures))
+
+    def abandon(self) -> None:
+        """Remove the hidden unfinished files (the run is interrupted before they could be finished)."""
+        for index in list(self.writers):
+            self._partial(index).unlink(missing_ok=True)
+            self.lost += self.frames[index]
+
+
+def _video_frames(path: Path) -> int | None:
+    """The frames a finished video file holds, as OpenCV reads its header; None when it cannot be
+    opened or its last frame cannot be read (a header written over a file cut short)."""
+    import cv2
+
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    capture = cv2.VideoCapture(str(path))
+    try:
+        if not capture.isOpened():
+            return None
+        count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+        if count > 0:
+            capture.set(cv2.CAP_PROP_POS_FRAMES, count - 1)
+            if not capture.read()[0]:
+                return None
+        return count
+    finally:
+        capture.release()
 
 
 class EventsLog(Sink):
@@ -84,6 +134,7 @@ class EventsLog(Sink):
 
     name = "events"
     draws = False
+    takes_errors = True
 
     def __init__(self, path: str | os.PathLike, echo: Callable[[str], None] | None = None, option: str = "--events"):
         path = Path(path)
@@ -100,6 +151,7 @@ class EventsLog(Sink):
             line = self.log.append(record)
             if self.echo is not None:
                 self.echo(line)
+        self.written += 1
 
     def close(self) -> None:
         self.log.close()
@@ -107,16 +159,17 @@ class EventsLog(Sink):
 
 class SavedFrames(Sink):
     """``--save-dir DIR``: for every anomalous frame, ``<n>-<source>_<frame>.jpg`` (annotated) and
-    ``<n>-<source>_<frame>_map.npy`` (n: the source's position on the command line) (float32 p_abnormal at the frame's resolution), written atomically.
+    ``<n>-<source>_<frame>_map.npy`` (n: the source's position on the command line) (float32 p_abnormal at the frame's
+    resolution, both scaled down above ``max_pixels``), written atomically.
     A frame of an image source is named by its file instead of ``<frame>`` (``<n>-<source>_<file's key>``)."""
 
     name = "saved frames"
 
-    def __init__(self, folder: str | os.PathLike, quality: int = 90):
+    def __init__(self, folder: str | os.PathLike, quality: int = 90, max_pixels: int | None = None):
         self.folder = Path(folder)
         ensure_writable_folder(self.folder, "--save-dir")
         self.quality = quality
-        self.saved = 0
+        self.max_pixels = max_pixels
 
     def write(self, event: FrameEvent) -> None:
         import cv2
@@ -125,12 +178,13 @@ class SavedFrames(Sink):
             return
         stem = (f"{event.source_index}-{_safe(event.source)}_{event.frame_index:08d}" if event.key is None
                 else f"{event.source_index}-{_safe(event.source)}_{_safe(event.key)}")  # a frame of an image source
-        ok, jpeg = cv2.imencode(".jpg", event.annotated, [cv2.IMWRITE_JPEG_QUALITY, self.quality])
+        amap, image = scaled_down(event.anomaly_map, event.annotated, self.max_pixels)
+        ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, self.quality])
         if not ok:
             raise AnoclipError("JPEG encoding of an annotated frame failed")
-        atomic_write_bytes(self.folder / f"{stem}_map.npy", npy_bytes(event.anomaly_map))
+        atomic_write_bytes(self.folder / f"{stem}_map.npy", npy_bytes(amap))
         atomic_write_bytes(self.folder / f"{stem}.jpg", jpeg.tobytes())
-        self.saved += 1
+        self.written += 1
 
 
 class PredictionFiles(Sink):
@@ -155,13 +209,7 @@ class PredictionFiles(Sink):
 
         rgb = event.frame[:, :, ::-1]
         for name, one in event.result.by_class.items():
-            amap, image = one.anomaly_map_full, rgb
-            height, width = amap.shape
-            if self.max_pixels and height * width > self.max_pixels:
-                scale = math.sqrt(self.max_pixels / (height * width))
-                size = (max(1, int(width * scale)), max(1, int(height * scale)))
-                amap = cv2.resize(amap, size, interpolation=cv2.INTER_AREA)
-                image = cv2.resize(np.ascontiguousarray(image), size, interpolation=cv2.INTER_AREA)
+            amap, image = scaled_down(one.anomaly_map_full, rgb, self.max_pixels)
             stem = f"{event.key}{self.suffixes[name]}"
             overlay_path, map_path = self.folder / f"{stem}_overlay.png", self.folder / f"{stem}_map.npy"
             drawn = overlay(np.ascontiguousarray(image), amap, self.alpha)
@@ -170,6 +218,20 @@ class PredictionFiles(Sink):
             atomic_write_bytes(overlay_path, encode_png(drawn))
             atomic_write_bytes(map_path, npy_bytes(amap))
             event.files[name] = {"overlay": str(overlay_path), "map": str(map_path), "map_shape": list(amap.shape)}
+        self.written += 1
+
+
+def scaled_down(amap: np.ndarray, image: np.ndarray, max_pixels: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """A map and its image scaled down together to at most ``max_pixels`` (as they are when within it)."""
+    import cv2
+
+    height, width = amap.shape
+    if not max_pixels or height * width <= max_pixels:
+        return amap, image
+    scale = math.sqrt(max_pixels / (height * width))
+    size = (max(1, int(width * scale)), max(1, int(height * scale)))
+    return (cv2.resize(amap, size, interpolation=cv2.INTER_AREA),
+            cv2.resize(np.ascontiguousarray(image), size, interpolation=cv2.INTER_AREA))
 
 
 def class_suffixes(classes: list[str]) -> dict[str, str]:
@@ -213,6 +275,7 @@ class Window(Sink):
         import cv2
 
         cv2.imshow(f"anoclip: {event.source}", event.annotated)
+        self.written += 1
         if cv2.waitKey(1) & 0xFF in (ord("q"), 27):
             self.on_quit()
 

@@ -32,6 +32,7 @@ class StreamStats:
         self.processed = [0] * len(captures)
         self.anomalous = [0] * len(captures)
         self.failed = [0] * len(captures)
+        self.scaled = [0] * len(captures)  # live frames scaled down to --max-pixels
         self.total_ms: deque[float] = deque(maxlen=WINDOW)  # capture -> decision
         self.added_ms: deque[float] = deque(maxlen=WINDOW)  # the same minus the model's own time
         self.model_ms: deque[float] = deque(maxlen=WINDOW)  # the model run of the frame's batch
@@ -67,7 +68,8 @@ class StreamStats:
         latency = percentiles(self.total_ms)
         return (f"stream: in {(read - read0) / span:.1f} fps, processed {(processed - processed0) / span:.1f} fps, "
                 f"dropped {sum(c.counters.dropped for c in self.captures)}, "
-                f"corrupt {sum(c.counters.corrupt for c in self.captures)}, latency p50 {latency['p50']} ms "
+                f"corrupt {sum(c.counters.corrupt for c in self.captures)}, failed {sum(self.failed)}, "
+                f"scaled {sum(self.scaled)}, latency p50 {latency['p50']} ms "
                 f"p99 {latency['p99']} ms, reconnects {sum(c.counters.reconnects for c in self.captures)}")
 
     def summary(self) -> dict:
@@ -77,6 +79,7 @@ class StreamStats:
         for i, capture in enumerate(self.captures):
             sources.append({"source": capture.spec.name, "class": capture.spec.cls, **asdict(capture.counters),
                             "processed": self.processed[i], "anomalous": self.anomalous[i], "failed": self.failed[i],
+                            "scaled": self.scaled[i],
                             "fps_processed": round(self.processed[i] / elapsed, 3) if elapsed > 0 else None})
         processed = sum(self.processed)
         return {
@@ -89,6 +92,7 @@ class StreamStats:
             "reconnects": sum(c.counters.reconnects for c in self.captures),
             "anomalous": sum(self.anomalous),
             "failed": sum(self.failed),
+            "scaled": sum(self.scaled),
             "latency_ms": percentiles(self.total_ms),
             "added_latency_ms": percentiles(self.added_ms),
             "model_ms": percentiles(self.model_ms),

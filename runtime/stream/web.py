@@ -225,6 +225,7 @@ class WebView(Sink):
             channel.frames += 1
             channel.record = record
             channel.condition.notify_all()
+        self.written += 1  # shown: the view keeps only the newest frame by design, so nothing is lost
 
     def latest_jpeg(self, channel: _Channel) -> bytes | None:
         """The channel's latest frame as JPEG, encoded on first use (call with its condition held)."""
