@@ -10,24 +10,32 @@ the last two are imported only when used.
 
 from __future__ import annotations
 
+import importlib
 from typing import Protocol
 
 import numpy as np
 
 from ..artifacts import Artifacts
 from ..errors import BackendError
-from ..vocabulary import PRECISIONS, VISUAL, precision_model
+from ..vocabulary import PRECISIONS, RUNTIME_CLASSES, VISUAL, precision_model
 from .onnxruntime import PROVIDER_ALIASES, PROVIDER_PREFERENCE, OnnxRuntimeBackend, named_providers, resolve_providers
 
 # What --backend accepts: onnxruntime with its best providers (auto) or one named provider chain, or the
 # folder's prebuilt TensorRT engine run natively (tensorrt-native).
 BACKEND_CHOICES = ("auto", "cpu", "cuda", "tensorrt", "tensorrt-native", "openvino")
+ONNXRUNTIME_NAMES = ("auto", "onnxruntime", "ort", *PROVIDER_ALIASES)  # also accepted: onnxruntime's provider chains
+BACKEND_MODULES = {"OnnxRuntimeBackend": ".onnxruntime", "OpenVinoBackend": ".openvino",
+                   "TensorRTBackend": ".tensorrt"}  # the module of each runtime class (vocabulary.RUNTIME_CLASSES)
 
 __all__ = ["BACKEND_CHOICES", "Backend", "OnnxRuntimeBackend", "PROVIDER_ALIASES", "PROVIDER_PREFERENCE", "backend_model",
            "create_backend", "named_providers", "resolve_providers"]
 
 
 class Backend(Protocol):
+    """What every backend class offers; each is made for a model of a loaded folder by its
+    ``for_model(artifacts, model, backend=..., precision=..., **options)`` classmethod, which
+    :func:`create_backend` finds through ``vocabulary.RUNTIME_CLASSES`` and :data:`BACKEND_MODULES`."""
+
     name: str
     batch_size: int | None  # fixed batch of the model, None when dynamic
 
@@ -55,16 +63,8 @@ def create_backend(artifacts: Artifacts, model: str = VISUAL, backend: str = "au
     ``device``, ``outputs``) or ``openvino`` (OpenVINO on the CPU: faster than onnxruntime on int8
     Q/DQ models where the CPU has VNNI). ``precision`` matters to ``tensorrt-native`` only: the
     other backends run the model's file as it is (see :func:`backend_model`)."""
-    if backend == "tensorrt-native":
-        from .tensorrt import TensorRTBackend
-
-        return TensorRTBackend(artifacts, model, precision=precision, **options)
-    path = artifacts.model_path(model)
-    if backend == "openvino":
-        from .openvino import OpenVinoBackend
-
-        return OpenVinoBackend(path, **options)
-    known = ("auto", "onnxruntime", "ort", *PROVIDER_ALIASES)
-    if backend not in known:
+    runtime = RUNTIME_CLASSES.get(backend) or ("OnnxRuntimeBackend" if backend in ONNXRUNTIME_NAMES else None)
+    if runtime is None:
         raise BackendError(f"unknown backend '{backend}'; choose one of {', '.join(BACKEND_CHOICES)}")
-    return OnnxRuntimeBackend(path, providers=backend, **options)
+    module = importlib.import_module(BACKEND_MODULES[runtime], __package__)  # openvino, tensorrt: only when used
+    return getattr(module, runtime).for_model(artifacts, model, backend=backend, precision=precision, **options)

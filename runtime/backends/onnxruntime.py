@@ -160,6 +160,13 @@ def report_providers(requested, available: Sequence[str], chosen: Sequence[str],
 class OnnxRuntimeBackend:
     """Runs an exported visual graph with onnxruntime."""
 
+    @classmethod
+    def for_model(cls, artifacts, model: str, backend: str, precision: str | None = None,
+                  **options) -> "OnnxRuntimeBackend":
+        """The backend of ``model``'s file in a loaded folder; ``backend`` names the providers."""
+        del precision  # the file is the precision's own (see backends.backend_model)
+        return cls(artifacts.model_path(model), providers=backend, **options)
+
     def __init__(self, model_path: str | os.PathLike, providers: Sequence[str] | str | None = None,
                  threads: int | None = None, cache_dir: str | os.PathLike | None = None,
                  precision: str | None = None, device: int = 0, outputs: Sequence[str] = EMBEDDINGS):

@@ -54,6 +54,14 @@ class OpenVinoBackend:
     so that later loads skip compilation (off when None).
     """
 
+    @classmethod
+    def for_model(cls, artifacts, model: str, backend: str = "openvino", precision: str | None = None,
+                  **options) -> "OpenVinoBackend":
+        """The backend of ``model``'s file in a loaded folder (``precision`` here is OpenVINO's hint,
+        an option; the folder's precision is the file's own)."""
+        del backend, precision
+        return cls(artifacts.model_path(model), **options)
+
     def __init__(self, model_path: str | os.PathLike, threads: int | None = None, device: str = "CPU",
                  hint: str = "LATENCY", precision: str | None = "f32", cache_dir: str | os.PathLike | None = None,
                  outputs: tuple[str, ...] = EMBEDDINGS):

@@ -245,6 +245,12 @@ class TensorRTBackend:
 
     name = "tensorrt-native"
 
+    @classmethod
+    def for_model(cls, artifacts, model: str, backend: str = "tensorrt-native", precision: str | None = None,
+                  **options) -> "TensorRTBackend":
+        del backend
+        return cls(artifacts, model, precision=precision, **options)
+
     def __init__(self, artifacts, model: str = VISUAL, precision: str | None = None, device: int = 0,
                  threads: int | None = None, outputs: tuple[str, ...] = EMBEDDINGS):
         del threads  # the CPU thread count is onnxruntime's option
