@@ -18,7 +18,9 @@ Bad input is handled the same way everywhere: a missing path, a folder or patter
 file that is neither an image nor a video and a video that cannot be opened stop the run in one line
 before any frame is scored (:func:`plan_inputs`); an image that cannot be decoded, or that is larger
 than the pixel limit, and a video that gives no frame or frames above the limit, are skipped with a
-line and counted (:attr:`FrameReader.skipped`), and the run goes on.
+line and counted (:attr:`FrameReader.skipped`), and the run goes on. A video that ends before the
+frame count its header gives (truncated, or damaged on the way) is said in a line with both counts
+(:func:`video_shortfall`) and counted the same way, after its frames that could be read were scored.
 """
 
 from __future__ import annotations
@@ -51,12 +53,14 @@ class FiniteSource:
 
     key: the file's output name, unique among the inputs of a run (see :func:`plan_inputs`).
     expected: frames it should give (videos: from the frame count OpenCV reports; 0 if unknown).
+    header_frames: a video's frame count as its header gives it (before the stride; 0 if unknown).
     """
 
     path: Path
     key: str
     video: bool
     expected: int
+    header_frames: int = 0
 
 
 @dataclass
@@ -119,8 +123,12 @@ def plan_inputs(inputs: Sequence[str | os.PathLike], stride: int = 1, option: st
         else:
             raise AnoclipError(f"{option} {path} does not exist")
     keys = _unique_keys([(file, key) for file, key, _ in found])
-    return [FiniteSource(file, key, video, _video_frames(file, stride) if video else 1)
-            for (file, _, video), (_, key) in zip(found, keys)]
+    sources = []
+    for (file, _, video), (_, key) in zip(found, keys):
+        frames = _video_frames(file) if video else 1
+        sources.append(FiniteSource(file, key, video, (frames + stride - 1) // stride if video else 1,
+                                    frames if video else 0))
+    return sources
 
 
 class FrameReader:
@@ -180,8 +188,9 @@ class FrameReader:
                 index += 1
         finally:
             capture.release()
-        if read == 0:
-            self._skip(source, "the video gave no frames (empty or damaged)")
+        short = video_shortfall(index, source.header_frames)
+        if read == 0 or short:
+            self._skip(source, short or "the video gave no frames (empty or damaged)")
         log.debug("%s: %d frames read (every %d of %d)", source.path, read, self.stride, index)
 
 
@@ -231,7 +240,19 @@ def open_video(path: Path):
     return capture
 
 
-def _video_frames(path: Path, stride: int) -> int:
+def video_shortfall(read: int, header_frames: int) -> str | None:
+    """Why a video that gave ``read`` frames ended early, when its header gave ``header_frames``
+    (more than 1 % more, and at least 2: some containers only estimate their count); None when it did not."""
+    if header_frames <= 0 or header_frames - read <= max(1, header_frames // 100):
+        return None
+    if read == 0:
+        return f"the video gave no frames, where its header gives {header_frames} (empty or damaged)"
+    return (f"the video ended after {read} of the {header_frames} frames its header gives (truncated or damaged); "
+            f"the {header_frames - read} missing frames were not scored")
+
+
+def _video_frames(path: Path) -> int:
+    """The frame count of a video as its header gives it (0: it does not say)."""
     import cv2
 
     capture = open_video(path)
@@ -239,7 +260,7 @@ def _video_frames(path: Path, stride: int) -> int:
         count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
     finally:
         capture.release()
-    return (count + stride - 1) // stride if count > 0 else 0
+    return max(count, 0)
 
 
 def _walk(folder: Path, skip: Path | None) -> list[Path]:

@@ -9,7 +9,9 @@ one was a frame that did not decode (a corrupt JPEG in an MJPEG stream): it is s
 corrupt, and the source is not reopened; ``MAX_FAILED_READS`` failures in a row, or one that blocked
 (a read timeout), are a dead source. A video file is read frame by frame with back-pressure
 (the thread waits until its frame is taken, so nothing is dropped) unless ``realtime`` paces it at
-its own frame rate like a camera; at its end the source finishes (``loop``: it starts again).
+its own frame rate like a camera; at its end the source finishes (``loop``: it starts again). A video
+file that ends before the frame count its header gives is said in a line with both counts, and the
+frames it lacks are counted as missing.
 Images (a folder, a file, a pattern; predict's inputs, videos among them) are read like a video
 file through the one reader (``anoclip.runtime.inputs.ReaderCapture``: every image, every
 ``stride``-th frame of a video), each frame carrying where it came from. Finite sources keep to
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import AnoclipError
-from ..inputs import FrameReader, InputFrame, ReaderCapture
+from ..inputs import FrameReader, InputFrame, ReaderCapture, video_shortfall
 from ..preprocess import DEFAULT_MAX_PIXELS
 from .sources import SourceSpec, check_backend, open_capture
 
@@ -59,6 +61,7 @@ class CaptureCounters:
     dropped: int = 0  # offered frames replaced by a newer one before the pipeline took them
     corrupt: int = 0  # reads that returned no usable image
     reconnects: int = 0
+    missing: int = 0  # video files: frames their header gives that the file did not deliver (truncated)
 
 
 class FrameBoard:
@@ -116,6 +119,7 @@ class CaptureThread(threading.Thread):
         self.counters = CaptureCounters()
         self.generation = 0
         self.fps: float | None = None  # the source's own frame rate, when it reports one
+        self.header_frames = 0  # video files: the frame count their header gives (0: unknown)
         self.size: tuple[int, int] | None = None  # (height, width) of the frames as read
         self.capture = None
 
@@ -164,6 +168,7 @@ class CaptureThread(threading.Thread):
 
         fps = self.capture.get(cv2.CAP_PROP_FPS)
         self.fps = float(fps) if fps and 0 < fps < 1000 else None
+        self.header_frames = max(int(self.capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0), 0) if self.spec.kind == "file" else 0
 
     def run(self) -> None:
         try:
@@ -182,6 +187,7 @@ class CaptureThread(threading.Thread):
         due = time.perf_counter()  # when the next file frame is due, paced like a camera (realtime)
         stride = 1 if self.spec.kind == "images" else self.stride  # the reader strides the videos among images
         failed = 0  # quick failed reads in a row of a live source: corrupt frames if a good read follows
+        first = 0  # index of the first frame of this pass through a video file (--loop starts it again)
         while not self.stop.is_set():
             index += 1
             skip = index % stride != 0
@@ -196,6 +202,9 @@ class CaptureThread(threading.Thread):
                     failed += 1
                     continue
                 failed = 0
+                if not self.spec.live:
+                    self._check_length(index - first)
+                    first = index + 1
                 if not self._recover():
                     return
                 due = time.perf_counter()
@@ -231,6 +240,13 @@ class CaptureThread(threading.Thread):
             self.counters.offered += 1
             if self.board.put(frame, wait=not (self.spec.live or self.realtime), stop=self.stop):
                 self.counters.dropped += 1
+
+    def _check_length(self, frames: int) -> None:
+        """At the end of a pass through a video file of ``frames`` frames: say when its header gave more."""
+        short = video_shortfall(frames, self.header_frames)
+        if short:
+            self.counters.missing += self.header_frames - frames
+            log.warning("source %s: %s", self.spec.name, short)
 
     def _recover(self) -> bool:
         """After a failed read: False when the source is finished, True once it is readable again."""
