@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ArtifactError
+from .errors import AnoclipError, ArtifactError
 from .strict_json import (Check, build, either, flag, header, integer, list_of, need, null, number, plain_object, sha256,
                           text)
 
@@ -92,7 +92,13 @@ class ThresholdTable:
     classes: dict[str, ClassCalibration] = field(default_factory=dict)
 
     def with_class(self, name: str, record: ClassCalibration) -> "ThresholdTable":
-        """A copy with ``name``'s record set (the other classes as they are)."""
+        """A copy with ``name``'s record set (the other classes as they are); an AnoclipError when
+        the record is one the reader would refuse (a margin that moves a threshold outside [0, 1])."""
+        try:
+            _consistent(build(ClassCalibration, asdict(record), _FIELD_CHECKS))
+        except ValueError as exc:
+            raise AnoclipError(f"the thresholds of class {name} cannot be stored: {exc}; scores and map values lie "
+                               "in [0, 1], so --margin and --pixel-margin must keep each threshold there") from None
         return ThresholdTable(dict(sorted({**self.classes, name: record}.items())))
 
     def to_json(self) -> str:

@@ -415,6 +415,17 @@ def test_thresholds_outside_0_1_or_off_their_quantiles_are_refused_on_load(calib
     assert load_artifacts(folder).thresholds.classes["bottle"] == record  # as calibrated: accepted
 
 
+def test_margin_moving_a_threshold_outside_0_1_is_one_line(calibrated, images, tmp_path):
+    folder = copy_artifacts(calibrated[0], tmp_path / "artifacts")
+    before = snapshot(folder)
+    proc = calibrate(folder, "--class", "carpet", "--normal", str(images), "--margin", "2")
+    assert proc.returncode == 1
+    line = one_error_line(proc.stderr)
+    assert "thresholds of class carpet cannot be stored: image must be a finite number in [0, 1]" in line
+    assert "--margin and --pixel-margin must keep each threshold there" in line
+    assert snapshot(folder) == before
+
+
 def test_reexport_keeps_the_thresholds(calibrated, export_cli, tmp_path, caplog):
     folder = copy_artifacts(calibrated[0], tmp_path / "artifacts")
     name = read_manifest(folder).thresholds
