@@ -22,7 +22,7 @@ from .layouts import VISA_COLUMNS, VISA_CSV, _as_wh
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFECT_KINDS", "make_mvtec_like", "make_visa_like"]
+__all__ = ["DEFECT_KINDS", "make_mvtec_like", "make_plain_scene", "make_visa_like"]
 
 DEFECT_KINDS: tuple[str, ...] = ("scratch", "spot", "hole")
 
@@ -334,3 +334,40 @@ def make_clip(path: str | Path, cls: str = "bottle", frames: int = 150, defect_f
     finally:
         writer.release()
     return path
+
+
+def make_plain_scene(folder: str | Path, frames: int = 32, size: tuple[int, int] = (320, 240), seed: int = 0,
+                     noise: float = 3.0) -> list[Path]:
+    """Normal frames of a plain scene, the hard case for int8: a uniform background with one part
+    (a rounded grey block with a bore) whose position and angle vary by a few pixels and degrees,
+    lighting by +-10 % with a soft gradient, and Gaussian sensor noise of ``noise`` grey levels.
+    Most of every frame is flat, so anomaly maps of normal frames are nearly flat too.
+
+    Writes ``frame_000.png`` ... into ``folder`` (``size`` is (width, height)); returns the paths.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    width, height = size
+    rng = _rng(seed, "plain-scene")
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    paths = []
+    for index in range(frames):
+        gain = rng.uniform(0.9, 1.1)
+        slope = rng.uniform(-0.08, 0.08)
+        light = gain * (1.0 + slope * (xx / width - 0.5))
+        image = np.full((height, width, 3), (120.0, 124.0, 118.0), np.float32)  # belt grey-green
+        cx = width / 2 + rng.uniform(-6, 6)
+        cy = height / 2 + rng.uniform(-5, 5)
+        angle = rng.uniform(-4, 4)
+        part = np.zeros((height, width), np.uint8)
+        box = ((cx, cy), (0.42 * width, 0.36 * height), angle)
+        cv2.fillPoly(part, [np.round(cv2.boxPoints(box)).astype(np.int32)], 255)
+        part = cv2.GaussianBlur(part, (0, 0), 1.5).astype(np.float32) / 255.0
+        image = image * (1 - part[..., None]) + np.float32((178.0, 180.0, 184.0)) * part[..., None]
+        bore = ((xx - cx) ** 2 + (yy - cy) ** 2) < (0.07 * width) ** 2
+        image[bore] = (60.0, 62.0, 66.0)
+        image = image * light[..., None] + rng.normal(0.0, noise, image.shape).astype(np.float32)
+        path = folder / f"frame_{index:03d}.png"
+        _write(path, _to_uint8_bgr(np.clip(image, 0, 255) / 255.0))
+        paths.append(path)
+    return paths
