@@ -373,3 +373,113 @@ def test_predict_and_stream_commands_run_on_the_servers(server, local, tiny_arti
         assert ok and abs(event["score"] - local.predict(bgr[:, :, ::-1], "bottle").score) <= TOLERANCE
     proc = run_cli("stream", "--server", server.grpc_url, "--source", str(clip), "--class", "nope")
     assert proc.returncode == 1 and "nope" in one_error_line(proc.stderr)
+
+
+def _dead_pid() -> int:
+    import subprocess
+
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def test_serve_sweeps_what_a_killed_server_left_says_when_loaded_and_refuses_huge_raw_frames(
+        serve_python, tiny_artifacts, tmp_path, monkeypatch):
+    import os
+    from pathlib import Path
+
+    import tritonclient.http as http
+
+    import shutil
+    import tempfile
+
+    home = Path(tempfile.mkdtemp(prefix="pyt-"))  # short: the workspace holds Unix sockets (108 characters at most)
+    monkeypatch.setenv("PYTRITON_HOME", str(home))  # the servers' workspaces (inherited by them)
+    dead = _dead_pid()
+    stale_workspace, stale_region = home / f"anoclip-serve-{dead}-0badc0de", Path(f"/dev/shm/pytrtion{dead}-0badc0de")
+    stale_workspace.mkdir()
+    stale_region.write_bytes(b"\0" * 4096)
+
+    first = serve_process(serve_python, tiny_artifacts, tmp_path, "--max-pixels", "10000")
+    try:
+        first.start()
+    except AnoclipError as exc:
+        pytest.skip(f"the Triton Inference Server did not start here: {exc}")
+    try:
+        assert "models loaded; serving" in first.stderr_path.read_text()
+        assert not stale_workspace.exists() and not stale_region.exists()  # swept at start
+        pid = first.process.pid
+        assert [p.name.split("-")[2] for p in home.iterdir()] == [str(pid)]  # its own workspace
+
+        # a raw frame above --max-pixels: an error of that request (not a 500), the next one answered
+        client = http.InferenceServerClient(first.http_url.split("://")[1])
+
+        def infer(frame):
+            inputs = [http.InferInput("frame", [1, *frame.shape], "UINT8"), http.InferInput("class", [1, 1], "BYTES")]
+            inputs[0].set_data_from_numpy(frame[None])
+            inputs[1].set_data_from_numpy(np.array([[b"bottle"]], dtype=object))
+            out = client.infer(FRAME_MODEL, inputs, outputs=[http.InferRequestedOutput("error"),
+                                                             http.InferRequestedOutput("score")])
+            return bytes(out.as_numpy("error").reshape(-1)[0]).decode(), float(out.as_numpy("score").reshape(-1)[0])
+
+        error, score = infer(np.zeros((200, 300, 3), np.uint8))
+        assert error == ("ImageError: the frame is 300x200, above the server's --max-pixels 10000; send it scaled "
+                         "down, or start the server with a larger --max-pixels") and np.isnan(score)
+        assert infer(np.zeros((64, 64, 3), np.uint8))[0] == ""
+        remote = RemoteDetector([first.http_url])
+        before = first.metric("nv_inference_request_success", FRAME_MODEL)
+        with pytest.raises(ImageError, match="above the servers' --max-pixels 10000"):
+            remote.predict(np.zeros((200, 300, 3), np.uint8), "bottle")  # refused here: never sent
+        assert first.metric("nv_inference_request_success", FRAME_MODEL) == before
+        client.close()
+    finally:
+        first.kill()  # SIGKILL: nothing of it cleans up
+    wait_until(lambda: not first.group_alive(), timeout=30, what="the killed server to be gone")
+    assert list(home.glob(f"anoclip-serve-{pid}-*"))  # what it left
+
+    second = serve_process(serve_python, tiny_artifacts, tmp_path)
+    second.start()
+    assert not list(home.glob(f"anoclip-serve-{pid}-*")) and not list(Path("/dev/shm").glob(f"pytrtion{pid}-*"))
+    own = second.process.pid
+    assert_stops_cleanly(second, signal.SIGTERM)
+    assert not list(home.glob(f"anoclip-serve-{own}-*")) and not list(Path("/dev/shm").glob(f"pytrtion{own}-*"))
+    assert os.path.isdir(home)
+    shutil.rmtree(home, ignore_errors=True)
+
+
+class _LoadingPool:
+    """A stand-in for the servers: answers "unknown model" (Triton before the models are loaded)
+    ``loading`` times, then the description."""
+
+    def __init__(self, loading: int, message: str = "[400] Request for unknown model: 'anoclip_info' is not found"):
+        self.loading, self.message, self.calls = loading, message, 0
+
+    def call(self, model, inputs, outputs, backoff=True):
+        from anoclip.runtime.serving.transport import LOADING, ServersUnavailable
+
+        self.calls += 1
+        if self.calls <= self.loading:
+            raise ServersUnavailable(f"no server answered: http://127.0.0.1:1: {self.message}",
+                                     bool(LOADING.search(self.message)))
+        return {"info": np.array([b'{"classes": ["bottle"]}'], dtype=object)}
+
+
+def test_clients_wait_a_bounded_time_for_a_server_still_loading(monkeypatch):
+    remote = RemoteDetector(["http://127.0.0.1:1"], start_wait=10.0)
+    remote.pool = _LoadingPool(loading=2)
+    started = time.monotonic()
+    assert remote.classes == ["bottle"] and remote.pool.calls == 3
+    assert 1.5 < time.monotonic() - started < 5  # asked again every second
+
+    remote = RemoteDetector(["http://127.0.0.1:1"], start_wait=1.5)
+    remote.pool = _LoadingPool(loading=100)
+    started = time.monotonic()
+    with pytest.raises(AnoclipError, match="no server answered"):
+        remote.classes
+    assert time.monotonic() - started < 4  # bounded
+
+    remote = RemoteDetector(["http://127.0.0.1:1"], start_wait=10.0)
+    remote.pool = _LoadingPool(loading=100, message="ConnectionRefusedError: [Errno 111] Connection refused")
+    with pytest.raises(AnoclipError, match="Connection refused"):
+        remote.classes  # nothing there: not waited for
+    assert remote.pool.calls == 1

@@ -43,7 +43,8 @@ def _port(ctx, param, value: int) -> int:
                    "With --tta only 1: the adapter state of a class must see every image of it.")
 @detector_options
 @threads_option("CPU threads for onnxruntime, per instance.")
-@max_pixels_option("Largest encoded image (width x height) decoded; larger ones are refused unread.")
+@max_pixels_option("Largest image (width x height): encoded images claiming more are refused unread, raw frames "
+                   "larger than it by their shape (an error of that request alone).")
 @no_verify_option
 @verbose_option
 def serve_command(artifacts_dir, classes, host, http_port, grpc_port, metrics_port, max_batch, max_queue_delay_us,
@@ -64,7 +65,8 @@ def serve_command(artifacts_dir, classes, host, http_port, grpc_port, metrics_po
 
     Clients: `anoclip.runtime.serving.client.RemoteDetector(["http://HOST:8000", "grpc://OTHER:8001"])`, a
     drop-in for Detector.predict that spreads requests over the servers and fails over. The URLs are
-    printed once the server answers. Needs `pip install 'anoclip[serve]'`.
+    printed once every model is loaded (a client started earlier waits up to a minute for it).
+    Shared memory and workspaces left by killed servers are removed at start. Needs `pip install 'anoclip[serve]'`.
     """
     from anoclip.runtime.detector import Detector
 
@@ -95,7 +97,8 @@ def serve_command(artifacts_dir, classes, host, http_port, grpc_port, metrics_po
                            max_batch=max_batch, max_queue_delay_us=max_queue_delay_us, instances=instances)
 
     def ready(urls: dict) -> None:
-        click.echo(f"serving {', '.join(served or detectors[0].classes)} from {artifacts_dir} (pid {os.getpid()}): "
+        click.echo(f"models loaded; serving {', '.join(served or detectors[0].classes)} from {artifacts_dir} "
+                   f"(pid {os.getpid()}): "
                    f"{urls['http']} {urls['grpc']} metrics {urls['metrics']}; Ctrl-C or SIGTERM stops", err=True)
         click.echo(" ".join([urls["http"], urls["grpc"], urls["metrics"]]))
 

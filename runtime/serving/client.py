@@ -30,7 +30,7 @@ from anoclip.runtime.preprocess import as_rgb_uint8, read_file, tile_layout
 from anoclip.runtime.thresholds import tta_settings
 
 from . import FRAME_MODEL, INFO_MODEL, MODEL
-from .transport import ServerPool
+from .transport import ServerPool, ServersUnavailable, quiet_failures
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +49,14 @@ class RemoteDetector:
     timeout: seconds one request may take on one server before the next server is tried.
     backoff: seconds a failed server is skipped (tried again sooner only when every other one failed).
     workers: requests in flight at once for one ``predict_batch`` call (the servers batch them).
+    start_wait: seconds the first call waits for servers that answer that their models are not
+        loaded yet, asking again every second, before it gives up with "no server answered" (a server
+        that refuses the connection is not waited for).
     """
 
     def __init__(self, urls: str | Sequence[str], model: str = MODEL, timeout: float = 30.0, backoff: float = 10.0,
-                 workers: int = 8, frame_model: str = FRAME_MODEL, info_model: str = INFO_MODEL):
+                 workers: int = 8, frame_model: str = FRAME_MODEL, info_model: str = INFO_MODEL,
+                 start_wait: float = 60.0):
         self.pool = ServerPool([urls] if isinstance(urls, str) else list(urls), timeout, backoff)
         self.servers = self.pool.servers
         self.model, self.frame_model, self.info_model = model, frame_model, info_model
@@ -61,6 +65,7 @@ class RemoteDetector:
         # (image, pixel): the user's thresholds, sent with every request in place of the calibrated ones
         self.threshold_override: tuple[float | None, float | None] = (None, None)
         self._resets: set[tuple[str, str]] = set()  # (class, stream) whose adapter state starts afresh
+        self.start_wait = start_wait
 
     sends_encoded = True  # give it an image file's bytes rather than decoded pixels
 
@@ -73,7 +78,21 @@ class RemoteDetector:
             from tritonclient.utils import np_to_triton_dtype
 
             query = np.array([b"info"], dtype=object)
-            out = self.pool.call(self.info_model, [("query", query, np_to_triton_dtype(query.dtype))], ("info",))
+            inputs = [("query", query, np_to_triton_dtype(query.dtype))]
+            deadline = time.monotonic() + self.start_wait
+            while True:
+                try:
+                    with quiet_failures():
+                        out = self.pool.call(self.info_model, inputs, ("info",), backoff=False)
+                    break
+                except ServersUnavailable as exc:
+                    if not exc.loading or time.monotonic() >= deadline:
+                        raise
+                    if not getattr(self, "_waiting", False):
+                        self._waiting = True
+                        log.info("waiting up to %.0f s for the servers to answer (loading their models?): %s",
+                                 self.start_wait, exc)
+                    time.sleep(1.0)
             self._info = json.loads(bytes(out["info"].reshape(-1)[0]).decode())
         return self._info
 
@@ -187,7 +206,12 @@ class RemoteDetector:
         if isinstance(image, (bytes, bytearray, memoryview)):
             inputs = [("image", np.array([[bytes(image)]], dtype=object), "BYTES")]
         else:
-            frame = np.ascontiguousarray(as_rgb_uint8(image))[None]
+            frame = as_rgb_uint8(image)
+            limit = self.info.get("max_pixels")
+            if limit and frame.shape[0] * frame.shape[1] > limit:  # the server would refuse it: not sent
+                raise errors.ImageError(f"the frame is {frame.shape[1]}x{frame.shape[0]}, above the servers' "
+                                        f"--max-pixels {limit}")
+            frame = np.ascontiguousarray(frame)[None]
             inputs = [("frame", frame, "UINT8")]
         for name, text in (("class", cls), ("stream", key)):
             if text is not None:

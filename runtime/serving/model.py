@@ -28,6 +28,16 @@ def decode_image(raw: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.
                                    "start the server with a larger --max-pixels")
 
 
+def check_frame(frame: np.ndarray, max_pixels: int | None) -> np.ndarray:
+    """A raw frame of a request -> [H, W, 3] uint8 RGB; one above ``max_pixels`` is refused by its
+    shape alone, before anything is copied or scaled (an error of that request, not of the batch)."""
+    height, width = frame.shape[:2] if frame.ndim >= 2 else (0, 0)
+    if max_pixels and height * width > max_pixels:
+        raise ImageError(f"the frame is {width}x{height}, above the server's --max-pixels {max_pixels}; send it "
+                         "scaled down, or start the server with a larger --max-pixels")
+    return as_rgb_uint8(frame)
+
+
 def _text(value) -> str:
     value = value.item() if isinstance(value, np.ndarray) else value
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
@@ -134,7 +144,7 @@ class AnoclipModel:
                 try:
                     self.check_class(cls)
                     row[1] = decode_image(bytes(images[i].item()), self.detector.max_pixels) if key == "image" \
-                        else as_rgb_uint8(images[i])
+                        else check_frame(images[i], self.detector.max_pixels)
                 except AnoclipError as exc:
                     row[4] = f"{type(exc).__name__}: {exc}"
                 rows.append(row)

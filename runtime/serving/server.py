@@ -25,6 +25,11 @@ cannot score (unknown class, bytes that are no image) is answered with ``error``
 are scored as usual (PyTriton fails a whole batch on an exception); ``error`` is empty otherwise.
 The request handling itself is ``anoclip.runtime.serving.model``.
 
+When every model is loaded and ready (Triton's ``/v2/health/ready`` can answer before), the server
+says so in one line (``on_ready``). What servers killed before left in ``/dev/shm`` and PyTriton's
+workspaces is swept at start, this server's own at stop (``anoclip.runtime.serving.sweep``). A raw
+frame above ``--max-pixels`` is refused by its shape, as an error of its request.
+
 SIGINT or SIGTERM stops gracefully: new batches are refused with a server error (a client with
 several servers sends them to another one), the batches running are answered, the models are
 unloaded while Triton still runs, then Triton stops.
@@ -46,6 +51,7 @@ from anoclip.runtime.errors import AnoclipError
 from . import FRAME_MODEL, INFO_MODEL, MODEL
 from .checks import check_numpy, check_ports_free, use_own_libpython
 from .model import AnoclipModel, Drain
+from .sweep import new_workspace, sweep
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +60,7 @@ DRAIN_TIMEOUT_S = 60  # longest wait for the batches running when a stop is aske
 # Triton's own wait at exit, for clients' idle keep-alive connections (the work is drained by then)
 EXIT_TIMEOUT_S = 3
 UNLOAD_TIMEOUT_S = 30
+READY_TIMEOUT_S = 300  # longest wait for the models to load after Triton started
 
 
 @dataclass(frozen=True)
@@ -90,17 +97,42 @@ def _tensors():
     return inputs, outputs
 
 
-def _unload_models(options: ServeOptions, token: str | None) -> None:
-    """Unload the models while Triton still runs, so that their stubs end cleanly (Triton's own
-    exit first waits for clients' idle connections, which can use up its whole exit timeout)."""
+def _client(options: ServeOptions):
     import tritonclient.http
-    from pytriton.triton import TRITON_ACCESS_HEADER
 
     host = "127.0.0.1" if options.host in ("0.0.0.0", "::") else options.host
     address = f"[{host}]:{options.http_port}" if ":" in host else f"{host}:{options.http_port}"
+    return tritonclient.http.InferenceServerClient(address, network_timeout=30.0)
+
+
+def _wait_models_ready(options: ServeOptions, token: str | None, triton) -> None:
+    """Return once every model answers ready (Triton's server-wide readiness can come first)."""
+    from pytriton.triton import TRITON_ACCESS_HEADER
+
+    headers = {TRITON_ACCESS_HEADER: token} if token else None
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    with contextlib.closing(_client(options)) as client:
+        while True:
+            try:
+                if all(client.is_model_ready(model, headers=headers) for model in (MODEL, FRAME_MODEL, INFO_MODEL)):
+                    return
+            except Exception as exc:  # not answering yet
+                log.debug("models not ready yet: %s", exc)
+            if not triton.is_alive():
+                raise AnoclipError("the Triton server stopped while loading the models; its log is above")
+            if time.monotonic() > deadline:
+                raise AnoclipError(f"the models were not ready {READY_TIMEOUT_S} s after Triton started; its log is above")
+            time.sleep(0.1)
+
+
+def _unload_models(options: ServeOptions, token: str | None) -> None:
+    """Unload the models while Triton still runs, so that their stubs end cleanly (Triton's own
+    exit first waits for clients' idle connections, which can use up its whole exit timeout)."""
+    from pytriton.triton import TRITON_ACCESS_HEADER
+
     headers = {TRITON_ACCESS_HEADER: token} if token else None
     try:
-        with contextlib.closing(tritonclient.http.InferenceServerClient(address, network_timeout=30.0)) as client:
+        with contextlib.closing(_client(options)) as client:
             for model in (MODEL, FRAME_MODEL, INFO_MODEL):
                 client.unload_model(model, headers=headers)
             deadline = time.monotonic() + UNLOAD_TIMEOUT_S  # the stubs end in the background
@@ -117,7 +149,7 @@ def serve(detectors: list, options: ServeOptions, classes: list[str] | None = No
     """Serve ``detectors`` (one per model instance) until SIGINT/SIGTERM, ``stop`` or Triton's death.
 
     ``classes``: the classes answered (default: every class of the prompt weights).
-    ``on_ready(urls)`` is called once every model is loaded and the endpoints answer.
+    ``on_ready(urls)`` is called once every model is loaded and answers ready.
     """
     use_own_libpython()
     check_numpy()
@@ -129,9 +161,13 @@ def serve(detectors: list, options: ServeOptions, classes: list[str] | None = No
     models = [AnoclipModel(detector, lock, classes, drain) for detector in detectors]
     stop = stop or threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    sweep()  # what killed servers left
+    workspace = new_workspace()
     try:
-        triton = _start(models, options)
+        triton = _start(models, options, workspace)
         try:
+            _wait_models_ready(options, triton.get_access_token(), triton)
+            log.info("models loaded: %s, %s, %s", MODEL, FRAME_MODEL, INFO_MODEL)
             if on_ready is not None:
                 on_ready(options.urls())
             while not stop.wait(0.5):
@@ -147,11 +183,12 @@ def serve(detectors: list, options: ServeOptions, classes: list[str] | None = No
         finally:
             triton.stop()
     finally:
+        sweep(own=workspace)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def _start(models: list[AnoclipModel], options: ServeOptions, attempts: int = 3):
+def _start(models: list[AnoclipModel], options: ServeOptions, workspace, attempts: int = 3):
     """Start Triton with the three models bound; a running ``pytriton.triton.Triton``.
 
     With several instances, PyTriton's later instances connect to a socket of the first one as soon
@@ -168,7 +205,9 @@ def _start(models: list[AnoclipModel], options: ServeOptions, attempts: int = 3)
                            batcher=DynamicBatcher(max_queue_delay_microseconds=options.max_queue_delay_us))
     inputs, outputs = _tensors()
     for attempt in range(1, attempts + 1):
-        triton = Triton(config=config)
+        if attempt > 1:
+            sweep(own=workspace)  # PyTriton creates the workspace afresh
+        triton = Triton(config=config, workspace=workspace)
         try:
             triton.bind(model_name=MODEL, infer_func=[m.infer_encoded for m in models], inputs=inputs[MODEL],
                         outputs=outputs, config=batching)
