@@ -126,24 +126,37 @@ def threshold_command(artifacts_dir, cls, normal, quantile, margin, pixel_quanti
 
 
 def _gate_options(precision: str):
-    """--min-map-r and --min-cosine, with the precision's defaults."""
+    """The parity gate's options, with the precision's defaults."""
     from .parity import DEFAULT_GATES
 
     gate = DEFAULT_GATES[precision]
-    measured = {"int8": "on ViT-B-16-plus-240 this int8 measured map r 0.987-0.996 (random and outlier weights), "
-                        "an int8 that quantizes the residual stream 0.96",
-                "fp16": "on ViT-B-16-plus-240 fp16 measured map r >= 0.99999"}[precision]
 
     def decorate(command):
         command = click.option(
-            "--min-cosine", default=gate.min_patch_cosine, show_default=True, type=click.FloatRange(-1, 1),
-            help="Parity gate: the least mean cosine between the patch tokens of this model and the fp32 one.")(command)
+            "--min-map-r", default=-1.0, show_default=True, type=click.FloatRange(-1, 1),
+            help="Also require this mean Pearson r between the anomaly maps of this model and the fp32 one (-1: "
+                 "reported only; r is ill-conditioned on the nearly flat maps of normal frames).")(command)
+        command = click.option(
+            "--max-map-error", default=gate.max_map_error, show_default=True, type=click.FloatRange(min=0),
+            help="Parity gate: the largest RMS difference of the anomaly maps from fp32's, over the spread (standard "
+                 "deviation) of fp32's maps over all parity inputs, for every class of the folder.")(command)
+        command = click.option(
+            "--max-score-error", default=gate.max_patch_error, show_default=True, type=click.FloatRange(min=0),
+            help="Parity gate: the same for the patch scores (p_abnormal of each patch token) before the map is "
+                 "smoothed. Where the folder has thresholds, the image decisions at them must also agree on every "
+                 "parity input.")(command)
         return click.option(
-            "--min-map-r", default=gate.min_map_r, show_default=True, type=click.FloatRange(-1, 1),
-            help="Parity gate: the least mean Pearson r between the anomaly maps of this model and the fp32 one "
-                 f"(every class of the folder). Below either figure the run fails and nothing is written. Default "
-                 f"from measurements: {measured} (README, Reduced precision).")(command)
+            "--min-cosine", default=gate.min_patch_cosine, show_default=True, type=click.FloatRange(-1, 1),
+            help="Parity gate: the least mean cosine between the patch tokens of this model and the fp32 one. Below "
+                 "the gate the run fails and nothing is written (README, Reduced precision).")(command)
     return decorate
+
+
+def _gate(min_cosine: float, max_score_error: float, max_map_error: float, min_map_r: float):
+    from .parity import Gate
+
+    return Gate(min_patch_cosine=min_cosine, max_patch_error=max_score_error, max_map_error=max_map_error,
+                min_map_r=min_map_r)
 
 
 def _report_stored(folder: str, precision: str, file: str, as_json: bool, entry) -> None:
@@ -187,6 +200,10 @@ def _reduced_model_options(precision: str, images_help: str, parity_help: str):
 @click.option("--method", default="minmax", show_default=True, type=click.Choice(["minmax", "entropy", "percentile"]),
               help="Activation ranges: minmax (largest |x| seen), entropy (KL-optimal clipping) or percentile "
                    "(99.999th of |x|). minmax measured as good as the others on ViT-B-16-plus-240.")
+@click.option("--keep-float/--no-keep-float", "accuracy_aware", default=True, show_default=True,
+              help="When the int8 model fails the parity gate, measure which quantized MatMuls hurt most on the parity "
+                   "frames and keep them in float until it passes, ending at weights-only (what was kept and why is "
+                   "printed and recorded in the model's provenance). --no-keep-float: refuse instead.")
 @click.option("--weights-only", is_flag=True,
               help="Quantize only the matrix products with weights, not those of attention (q·kᵀ, softmax·v, "
                    "v·vᵀ): maps closer to fp32 (Pearson r 0.9996 instead of 0.996 on ViT-B-16-plus-240), about 1.3x "
@@ -196,8 +213,8 @@ def _reduced_model_options(precision: str, images_help: str, parity_help: str):
                         "folder of images or a video. Repeat, or list more paths after the options.",
     parity_help="Inputs the int8 model is checked on against fp32: frames held out of the calibration (while 3/4 of "
                 "the frames remain for it), topped up with augmented views of calibration frames.")
-def int8_command(artifacts_dir, images, paths, frames, parity_frames, method, weights_only, stride, max_pixels,
-                 min_map_r, min_cosine, threads, as_json, verbose):
+def int8_command(artifacts_dir, images, paths, frames, parity_frames, method, accuracy_aware, weights_only, stride,
+                 max_pixels, min_cosine, max_score_error, max_map_error, min_map_r, threads, as_json, verbose):
     """INT8 model of the visual model: static Q/DQ, calibrated on frames of the scene.
 
     Quantizes the inputs of every MatMul, Gemm and Conv, attention products included (int8,
@@ -205,11 +222,12 @@ def int8_command(artifacts_dir, images, paths, frames, parity_frames, method, we
     and every Add (CLIP's residual stream holds channels with |x| ~1000) in float, and the outputs of
     the quantized ops too: explicit quantization that onnxruntime runs on CPUs and
     TensorRT 10/11 builds (`anoclip build-engine --precision int8`). Frames are preprocessed as
-    predict does (no tiles). The model is then checked against fp32 (cosine of the embeddings, Pearson
-    r of the maps of every class) and stored only above the gate.
+    predict does (no tiles); unreadable ones are skipped and counted. The model is then checked
+    against fp32 on held-out frames (patch cosine, patch score and map errors relative to their
+    spread, decisions at the folder's thresholds) and stored only when it passes; when the full
+    int8 model does not, the MatMuls that hurt most are kept in float until it does.
     """
     from .int8 import Int8Scheme, calibrate_int8
-    from .parity import Gate
 
     configure_logging(verbose)
     inputs = list(images) + list(paths)
@@ -218,8 +236,9 @@ def int8_command(artifacts_dir, images, paths, frames, parity_frames, method, we
     file, entry, _ = calibrate_int8(
         artifacts_dir, inputs, frames=frames, parity_frames=parity_frames,
         scheme=Int8Scheme(method, not weights_only), stride=stride, max_pixels=max_pixels,
-        gate=Gate(min_map_r, min_cosine), command=_command_line(), threads=threads,
-        report=lambda line: click.echo(line, err=True))
+        gate=_gate(min_cosine, max_score_error, max_map_error, min_map_r), command=_command_line(), threads=threads,
+        report=lambda line: click.echo(line, err=True), accuracy_aware=accuracy_aware)
+    _report_skipped(entry)
     _report_stored(artifacts_dir, "int8", file, as_json, entry)
 
 
@@ -228,8 +247,8 @@ def int8_command(artifacts_dir, images, paths, frames, parity_frames, method, we
     "fp16", images_help="Optional frames of the scene to check the fp16 model on (images, folders, videos; repeat, or "
                         "list more paths after the options); without them it is checked on synthetic textures.",
     parity_help="Inputs the fp16 model is checked on against fp32.")
-def fp16_command(artifacts_dir, images, paths, parity_frames, stride, max_pixels, min_map_r, min_cosine, threads,
-                 as_json, verbose):
+def fp16_command(artifacts_dir, images, paths, parity_frames, stride, max_pixels, min_cosine, max_score_error,
+                 max_map_error, min_map_r, threads, as_json, verbose):
     """fp16 model of the visual model, for GPUs (TensorRT, CUDA).
 
     Every float operation in fp16 except LayerNormalization and Softmax, kept in fp32 (in fp16 they
@@ -238,14 +257,21 @@ def fp16_command(artifacts_dir, images, paths, parity_frames, stride, max_pixels
     operations on the CPU through casts.
     """
     from .fp16 import calibrate_fp16
-    from .parity import Gate
 
     configure_logging(verbose)
     file, entry, _ = calibrate_fp16(
         artifacts_dir, list(images) + list(paths), parity_frames=parity_frames, stride=stride, max_pixels=max_pixels,
-        gate=Gate(min_map_r, min_cosine), command=_command_line(), threads=threads,
+        gate=_gate(min_cosine, max_score_error, max_map_error, min_map_r), command=_command_line(), threads=threads,
         report=lambda line: click.echo(line, err=True))
+    _report_skipped(entry)
     _report_stored(artifacts_dir, "fp16", file, as_json, entry)
+
+
+def _report_skipped(entry) -> None:
+    skipped = entry.provenance["frames"].get("skipped") or []
+    if skipped:
+        click.echo(f"{len(skipped)} input(s) could not be read and were skipped (listed above); the model was made "
+                   f"from the {entry.provenance['frames']['read']} frames read", err=True)
 
 
 def _command_line() -> str:

@@ -1,7 +1,11 @@
 """Reduced-precision models made from the folder's fp32 visual model (int8, fp16): the frames they
 are calibrated and checked on, the parity gate, and storing them in the artifact folder.
 
-The work runs outside the folder (the model is built in a temporary folder); only the commit goes
+The work runs outside the folder: the model, every intermediate file and onnxruntime's own
+temporary files (its shape-inferred copy of the source, the augmented calibration model) live in a
+workspace ``anoclip-calibrate-<pid>-*`` in the system's temporary folder, removed on every way out
+(errors, Ctrl-C); one left by a killed run is removed by the next calibration, once no live process
+holds its lock. Only the commit goes
 through the folder's transaction (``anoclip.runtime.folder.store_derived_model``): the visual model
 must still be the one the new model was made from, the file is written under its content-addressed
 name (``visual_int8.<sha12>.onnx``) and the manifest entry (``visual_int8`` / ``visual_fp16``) with
@@ -10,14 +14,18 @@ its provenance is committed. Any failure, the parity gate included, leaves the f
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+import os
+import re
+import shutil
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -33,6 +41,81 @@ log = logging.getLogger(__name__)
 DEFAULT_FRAMES = 64
 DEFAULT_PARITY_FRAMES = 16
 LOCK_WAIT_S = 5.0  # the commit takes milliseconds: another calibration finishing is waited for
+WORKSPACE_PREFIX = "anoclip-calibrate-"
+OWNER_FILE = ".owner"  # locked by the run that works in the workspace; the kernel releases it when it dies
+UNOWNED_AGE_S = 3600.0  # a workspace without an owner file (an older version's) is removed after this
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _orphaned(path: Path) -> bool:
+    """True when no live process owns the workspace ``path`` (its owner file is not locked)."""
+    import fcntl
+
+    try:
+        fd = os.open(path / OWNER_FILE, os.O_RDONLY)
+    except FileNotFoundError:
+        match = re.match(rf"{WORKSPACE_PREFIX}(\d+)-", path.name)
+        if match:  # being created, or its owner died before it locked it
+            return not _pid_alive(int(match.group(1)))
+        return time.time() - path.stat().st_mtime > UNOWNED_AGE_S
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def sweep_workspaces(root: str | os.PathLike | None = None) -> list[Path]:
+    """Remove the calibration workspaces under ``root`` (the temporary folder) that no live process
+    owns, left by killed runs; returns them."""
+    removed = []
+    for path in sorted(Path(root or tempfile.gettempdir()).glob(f"{WORKSPACE_PREFIX}*")):
+        try:
+            if path.is_dir() and not path.is_symlink() and _orphaned(path):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+        except OSError:  # gone meanwhile, or not ours to look at
+            continue
+    if removed:
+        log.info("removed %d calibration workspace(s) left by runs that were killed: %s", len(removed),
+                 ", ".join(p.name for p in removed))
+    return removed
+
+
+@contextlib.contextmanager
+def workspace() -> Iterator[Path]:
+    """A locked temporary folder for a calibration's files, onnxruntime's temporary files included
+    (``tempfile.tempdir`` points into it meanwhile), removed on every way out; orphaned workspaces
+    of killed runs are swept first."""
+    import fcntl
+
+    sweep_workspaces()
+    path = Path(tempfile.mkdtemp(prefix=f"{WORKSPACE_PREFIX}{os.getpid()}-"))
+    previous = tempfile.tempdir
+    fd = None
+    try:
+        fd = os.open(path / OWNER_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        scratch = path / "tmp"
+        scratch.mkdir()
+        tempfile.tempdir = str(scratch)
+        yield path
+    finally:
+        tempfile.tempdir = previous
+        shutil.rmtree(path, ignore_errors=True)
+        if fd is not None:
+            os.close(fd)
 
 
 @dataclass
@@ -45,6 +128,7 @@ class FrameSplit:
     held_out: int = 0  # parity inputs that are frames not used for calibration
     augmented: int = 0  # parity inputs that are altered views of calibration frames
     synthetic: int = 0  # parity inputs drawn procedurally (no frames given)
+    skipped: list[str] = field(default_factory=list)  # inputs that could not be read: "path: reason"
 
     def note(self) -> str:
         held = "held-out frames" if self.calibration else "frames"
@@ -77,11 +161,15 @@ def read_frames(inputs: Sequence[str], manifest: Manifest, count: int, parity: i
         for frame in itertools.islice(reader.frames(), wanted):
             small.append(resize_bilinear(as_rgb_uint8(frame), size))  # what preprocess squashes it to
             bar.update(1)
+    skipped = [f"{path}: {reason}" for path, reason in reader.skipped]
+    if skipped:
+        log.warning("%d input(s) could not be read and were skipped (listed above); calibrating on the %d frame(s) read",
+                    len(skipped), len(small))
     if not small:
         raise AnoclipError(f"no frames were read; give images, folders of images or videos of the scene with {option}")
     held = min(parity, len(small) // 4 if count else len(small))  # count 0: every frame checks (fp16)
     held_idx = {int((i + 0.5) * len(small) / held) for i in range(held)} if held else set()
-    split = FrameSplit(read=len(small), held_out=len(held_idx))
+    split = FrameSplit(read=len(small), held_out=len(held_idx), skipped=skipped)
     for index, image in enumerate(small):
         batch = preprocess(image, size, manifest.mean, manifest.std, "never")[0]
         if index in held_idx:
@@ -127,12 +215,32 @@ def synthetic_frames(manifest: Manifest, count: int, seed: int = 0) -> list[np.n
     return out
 
 
-def make_model(folder: str | Path, precision: str, build: Callable[[Path, Path], dict], parity_inputs: FrameSplit,
-               gate: Gate, provenance: dict, command: str, threads: int | None = None,
+def folder_thresholds(folder: Path, manifest: Manifest) -> dict[str, tuple[float, float]]:
+    """class -> (image, pixel) thresholds of the folder, whose decisions the parity gate compares;
+    empty when it has none (or none that can be read)."""
+    from anoclip.runtime.integrity import resolve_inside
+    from anoclip.runtime.thresholds import read_thresholds
+
+    if not manifest.thresholds:
+        return {}
+    try:
+        table = read_thresholds(resolve_inside(folder, manifest.thresholds))
+    except (AnoclipError, OSError, ValueError) as exc:
+        log.warning("the folder's thresholds cannot be read (%s); decisions are not compared", exc)
+        return {}
+    return {name: (record.image, record.pixel) for name, record in table.classes.items()}
+
+
+Measure = Callable[[Path], Parity]
+
+
+def make_model(folder: str | Path, precision: str, build: Callable[[Path, Path, Measure], dict],
+               parity_inputs: FrameSplit, gate: Gate, provenance: dict, command: str, threads: int | None = None,
                report: Callable[[str], None] = print) -> tuple[str, ModelEntry, Parity]:
-    """Build the ``precision`` model of the folder's visual model with ``build(source, target)``
-    (which returns a description of what it made), check it against the fp32 model on the parity
-    inputs, and store it; (the file name, the manifest entry, the figures).
+    """Build the ``precision`` model of the folder's visual model with ``build(source, target, measure)``
+    (which returns a description of what it made; ``measure(path)`` gives the parity figures of a
+    candidate model, the gate recorded in them, so that a build can search), check it against the
+    fp32 model on the parity inputs, and store it; (the file name, the manifest entry, the figures).
 
     The figures are reported (``report``, one line at a time) before the gate decides; below it,
     AnoclipError and nothing is written.
@@ -141,26 +249,30 @@ def make_model(folder: str | Path, precision: str, build: Callable[[Path, Path],
     name = PRECISION_MODELS[precision]
     artifacts = load_artifacts(folder, verify=True, models=[VISUAL], load_thresholds=False)
     manifest = artifacts.manifest
-    source = artifacts.model_path(VISUAL)
     source_sha = artifacts.model_sha256(VISUAL)
-    with tempfile.TemporaryDirectory(prefix="anoclip-calibrate-") as tmp:
-        target = Path(tmp) / f"{name}.onnx"
-        started = time.perf_counter()
-        structure = build(source, target)
-        seconds = time.perf_counter() - started
+    thresholds = folder_thresholds(folder, manifest)
+    with workspace() as work:
+        # onnxruntime writes beside the model it is given (a shape-inferred copy): give it a link
+        source = work / "visual.onnx"
+        source.symlink_to(artifacts.model_path(VISUAL).resolve())
+        target = work / f"{name}.onnx"
         reference = run_model(source, parity_inputs.parity, "parity fp32", threads)
-        candidate = run_model(target, parity_inputs.parity, f"parity {precision}", threads)
-        parity = compare(reference, candidate, artifacts.prompts, tuple(manifest.grid), tuple(manifest.image_size),
-                         parity_inputs.note())
-        failure = None
-        try:
-            check_gate(parity, gate, precision)
-        except AnoclipError as exc:
-            failure = exc
+
+        def measure(path: Path) -> Parity:
+            candidate = run_model(path, parity_inputs.parity, f"parity {precision}", threads)
+            figures = compare(reference, candidate, artifacts.prompts, tuple(manifest.grid),
+                              tuple(manifest.image_size), parity_inputs.note(), thresholds)
+            with contextlib.suppress(AnoclipError):
+                check_gate(figures, gate, precision)
+            return figures
+
+        started = time.perf_counter()
+        structure = build(source, target, measure)
+        seconds = time.perf_counter() - started
+        parity = measure(target)
         for line in parity.table_lines(precision):
             report(line)
-        if failure is not None:
-            raise failure
+        check_gate(parity, gate, precision)
         visual = manifest.models[VISUAL]
         entry = ModelEntry(
             file="", inputs=dict(visual.inputs), outputs=dict(visual.outputs), patch_tokens=visual.patch_tokens,

@@ -201,6 +201,7 @@ def calibrate_fp16(folder: str | Path, images=(), *, parity_frames: int = 16, st
     import onnxruntime
 
     from anoclip.runtime.artifacts import read_manifest
+    from anoclip.runtime.plumbing import ensure_writable_folder
     from anoclip.runtime.preprocess import DEFAULT_MAX_PIXELS
 
     from .derived import FrameSplit, make_model, read_frames, synthetic_frames
@@ -208,6 +209,7 @@ def calibrate_fp16(folder: str | Path, images=(), *, parity_frames: int = 16, st
 
     onnx_modules()
     manifest = read_manifest(folder)
+    ensure_writable_folder(folder, "--artifacts")  # before any frame is read
     if images:
         split = read_frames(images, manifest, 0, parity_frames, stride,
                             DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels)
@@ -215,10 +217,10 @@ def calibrate_fp16(folder: str | Path, images=(), *, parity_frames: int = 16, st
         split = FrameSplit(parity=synthetic_frames(manifest, parity_frames), synthetic=parity_frames)
     provenance = {
         "images": [str(i) for i in images], "frames": {"read": split.read, "parity": len(split.parity),
-                                                       "parity_inputs": split.note()},
+                                                       "parity_inputs": split.note(), "skipped": split.skipped},
         "converter": CONVERTER, "converter_version": onnxruntime.__version__,
         "scheme": {"fp16": "every float op", "fp32": list(FP32_OPS), "io": "fp32",
                    "fp32_parameters": "LayerNormalization/Softmax parameters kept as fp32 initializers"},
     }
-    return make_model(folder, "fp16", lambda source, target: convert_fp16(source, target), split,
+    return make_model(folder, "fp16", lambda source, target, _measure: convert_fp16(source, target), split,
                       gate or DEFAULT_GATES["fp16"], provenance, command, threads, report)

@@ -18,6 +18,16 @@ entropy or percentile. Activation ranges are collected a few frames at a time, s
 bounded whatever the number of frames. The graph is not pre-processed (onnxruntime's fused
 operators would be its own, which TensorRT cannot parse).
 
+Accuracy-aware: when the full int8 model fails the parity gate (``parity.py``), the quantized ops are
+measured in groups (the MatMuls, Gemms and Convs between two LayerNormalizations: the patch
+embedding, each block's attention and MLP halves, the projection): each group kept in float alone,
+on the held-out parity frames, ranks the groups by how much their quantization hurts; the worst are
+then kept in float one after another until the gate passes (at most a third of the groups), then
+weights-only (every attention product in float), then weights-only with the worst groups in float.
+Keeping a node in float is a graph edit of the calibrated model (its inputs go back to the float
+tensors, the Q/DQ pairs nobody reads any more are dropped): no re-calibration, so the search costs
+one parity run per candidate. What was kept in float, and why, is recorded in the provenance.
+
 onnxruntime on the CPU runs a Q/DQ MatMul as an integer product (MatMulIntegerToFloat) only when
 its graph optimiser does not first fuse the MatMul with the bias Add into a float Gemm: an InferenceSession
 for this model needs ``optimization.disable_specified_optimizers = MatMulAddFusion`` (2.65x
@@ -27,11 +37,14 @@ faster than fp32 on ViT-B-16-plus-240 with it, slower than fp32 without it).
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
+import math
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -205,17 +218,195 @@ def qdq_structure(model) -> dict:
     }
 
 
+def float_groups(model) -> list[tuple[str, list[str]]]:
+    """The quantizable nodes (MatMul, Gemm, Conv) of the fp32 graph in groups by the last
+    LayerNormalization they depend on: "patch embedding" before any, then one group per
+    LayerNormalization, named after it (in a ViT block the first is its attention, the second its
+    MLP), in graph order."""
+    last: dict[str, int] = {}  # tensor -> index of the latest LayerNormalization upstream (-1: none)
+    norms: list[str] = []
+    members: dict[int, list[str]] = {}
+    for node in model.graph.node:  # ONNX graphs are stored in topological order
+        upstream = max((last.get(name, -1) for name in node.input), default=-1)
+        if node.op_type == "LayerNormalization":
+            norms.append(node.name)
+            upstream = len(norms) - 1
+        elif node.op_type in QUANTIZED_OPS:
+            members.setdefault(upstream, []).append(node.name)
+        for out in node.output:
+            last[out] = upstream
+    return [("patch embedding" if index < 0 else f"after {norms[index]}", members[index]) for index in sorted(members)]
+
+
+def keep_in_float(quantized, original, names) -> object:
+    """A copy of the Q/DQ model ``quantized`` whose nodes ``names`` read the float tensors they read in
+    ``original`` (the fp32 model it was made from); Q/DQ pairs left without a quantized reader are
+    bypassed for their other readers and dropped, and so are the initializers nobody reads."""
+    names = set(names)
+    model = copy.deepcopy(quantized)
+    graph = model.graph
+    source = {node.name: node for node in original.graph.node}
+    source_inits = {init.name: init for init in original.graph.initializer}
+    source_constants = {out: node for node in original.graph.node if node.op_type == "Constant" for out in node.output}
+    present = {init.name for init in graph.initializer} | {i.name for i in graph.input}
+    present |= {out for node in graph.node for out in node.output}
+    constants = []
+    for node in graph.node:
+        if node.name not in names:
+            continue
+        inputs = list(source[node.name].input)
+        del node.input[:]
+        node.input.extend(inputs)
+        for name in inputs:
+            if name in present or not name:
+                continue
+            if name in source_inits:
+                graph.initializer.append(source_inits[name])
+            elif name in source_constants:
+                constants.append(copy.deepcopy(source_constants[name]))
+            present.add(name)
+    if constants:
+        nodes = constants + list(graph.node)
+        del graph.node[:]
+        graph.node.extend(nodes)
+    # an activation's Q/DQ that no quantized op reads any more: its other readers (a Transpose, a
+    # Mul) read the float tensor again
+    producers = {out: node for node in graph.node for out in node.output}
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    for node in list(graph.node):
+        if node.op_type != "DequantizeLinear":
+            continue
+        quantize = producers.get(node.input[0])
+        if quantize is None or quantize.op_type != "QuantizeLinear":
+            continue  # a weight
+        consumers = readers.get(node.output[0], [])
+        if any(c.op_type in QUANTIZED_OPS and c.name not in names for c in consumers):
+            continue
+        for consumer in consumers:
+            for index, name in enumerate(consumer.input):
+                if name == node.output[0]:
+                    consumer.input[index] = quantize.input[0]
+    _prune(model)
+    return model
+
+
+def _prune(model) -> None:
+    """Drop Q/DQ nodes whose outputs nobody reads, and initializers nobody reads."""
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    while True:
+        read = {name for node in graph.node for name in node.input} | outputs
+        dead = [node for node in graph.node if node.op_type in ("QuantizeLinear", "DequantizeLinear")
+                and not any(out in read for out in node.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    read = {name for node in graph.node for name in node.input} | outputs
+    unused = [init for init in graph.initializer if init.name not in read]
+    for init in unused:
+        graph.initializer.remove(init)
+
+
+def _figures(parity, gate) -> dict:
+    return {"gate_ratio": round(gate.ratio(parity), 4), "patch_cos_mean": round(parity.patch_cos_mean, 6),
+            "patch_error": round(parity.patch_error, 4), "map_error": round(parity.map_error, 4),
+            "map_r_mean": round(parity.map_r_mean, 6), "map_r_min": round(parity.map_r_min, 6),
+            "decision_agreement": parity.decision_agreement, "passed": parity.passed}
+
+
+def _failing(parity) -> str:
+    return "; ".join(parity.failures) or "passed"
+
+
+def accuracy_aware_int8(source: Path, target: Path, batches: Sequence[np.ndarray], scheme: Int8Scheme,
+                        measure: Callable, gate, report: Callable[[str], None] = print) -> dict:
+    """Quantize ``source`` to ``target`` (as :func:`quantize_int8`) and, when the model fails
+    ``gate`` on the parity inputs (``measure(path)`` gives the figures), keep the groups of
+    quantized nodes whose quantization hurts most in float until it passes (module docstring).
+    Returns the search's record for the provenance; the model at ``target`` is the one that passed,
+    or the last tried (weights-only with every group tried in float) when none did."""
+    onnx, _ = onnx_modules()
+    work = target.parent
+    full = work / "visual_int8.full.onnx"  # named as int8 models are: the backend runs them as int8
+    quantize_int8(source, full, batches, scheme)
+    parity = measure(full)
+    record: dict = {"full": _figures(parity, gate), "kept_in_float": [], "measured": 1}
+    if parity.passed:
+        shutil.copyfile(full, target)
+        record["result"] = "full int8"
+        return record
+    report(f"int8: the fully quantized model fails the gate ({_failing(parity)}); measuring which quantized "
+           "MatMuls hurt most on the parity inputs")
+    quantized, original = onnx.load(str(full)), onnx.load(str(source), load_external_data=False)
+    groups = float_groups(original)
+    candidate = work / "visual_int8.candidate.onnx"
+
+    def trial(names) -> object:
+        onnx.save(keep_in_float(quantized, original, names), str(candidate))
+        record["measured"] += 1
+        return measure(candidate)
+
+    ranked = []
+    for label, nodes in groups:
+        alone = trial(nodes)
+        ranked.append((gate.ratio(alone), label, nodes, alone))
+    ranked.sort(key=lambda item: item[0])
+    record["sensitivity"] = [{"group": label, "nodes": nodes, "gate_ratio_kept_in_float": round(ratio, 4)}
+                             for ratio, label, nodes, _ in ranked]
+    full_ratio = gate.ratio(parity)
+    if scheme.attention:
+        stages = [("int8", set(), ranked[:max(1, math.ceil(len(ranked) / 3))]),
+                  ("weights-only", set(attention_products(original)), ranked)]
+    else:  # weights-only already
+        stages = [("weights-only", set(), ranked)]
+    for stage, base, order in stages:
+        kept: list[str] = []
+        chosen = []
+        candidates = [(None, None, [], None)] if base else []
+        candidates += [(ratio, label, nodes, alone) for ratio, label, nodes, alone in order]
+        for ratio, label, nodes, alone in candidates:
+            kept += nodes
+            if label is not None:
+                chosen.append({"group": label, "nodes": nodes,
+                               "why": f"its quantization hurt most: kept in float alone, the gate ratio went from "
+                                      f"{full_ratio:.3g} to {ratio:.3g} (map error {alone.map_error:.3g}, patch "
+                                      f"score error {alone.patch_error:.3g}, patch cosine {alone.patch_cos_mean:.4f})"})
+            parity = trial(sorted(set(kept) | base))
+            what = stage + (f" + {len(chosen)} group(s) in float" if chosen else "")
+            report(f"int8: {what}: gate ratio {gate.ratio(parity):.3g} ({_failing(parity)})")
+            if parity.passed:
+                shutil.copyfile(candidate, target)
+                record.update(result=what, kept_in_float=chosen, final=_figures(parity, gate),
+                              attention_products_in_float=sorted(base))
+                for item in chosen:
+                    report(f"int8: kept in float: {item['group']} ({', '.join(item['nodes'])}): {item['why']}")
+                if base:
+                    report(f"int8: kept in float: the {len(base)} attention products (weights-only)")
+                return record
+    shutil.copyfile(candidate, target)
+    record.update(result="none passed", final=_figures(parity, gate))
+    return record
+
+
 def calibrate_int8(folder: str | Path, images: Sequence[str], *, frames: int = 64, parity_frames: int = 16,
                    scheme: Int8Scheme = Int8Scheme(), stride: int = 1, max_pixels: int | None = None,
-                   gate=None, command: str = "", threads: int | None = None, report=print):
+                   gate=None, command: str = "", threads: int | None = None, report=print,
+                   accuracy_aware: bool = True):
     """Make, check and store the folder's int8 model (``visual_int8``) from frames of ``images``.
 
-    Returns (file name, manifest entry, parity figures); AnoclipError, with nothing written, for bad
-    inputs or when the figures fall below ``gate`` (default: ``parity.DEFAULT_GATES["int8"]``).
+    ``accuracy_aware``: keep the quantized ops that hurt most in float until the gate passes
+    (:func:`accuracy_aware_int8`). Returns (file name, manifest entry, parity figures); AnoclipError,
+    with nothing written, for bad inputs or when no model passes ``gate`` (default:
+    ``parity.DEFAULT_GATES["int8"]``).
     """
     import onnxruntime
 
     from anoclip.runtime.artifacts import read_manifest
+    from anoclip.runtime.plumbing import ensure_writable_folder
     from anoclip.runtime.preprocess import DEFAULT_MAX_PIXELS
 
     from .derived import make_model, read_frames
@@ -225,17 +416,24 @@ def calibrate_int8(folder: str | Path, images: Sequence[str], *, frames: int = 6
     if scheme.method not in METHODS:
         raise AnoclipError(f"unknown calibration method '{scheme.method}'; choose one of {', '.join(METHODS)}")
     manifest = read_manifest(folder)  # not an artifact folder: fail before reading any frame
+    ensure_writable_folder(folder, "--artifacts")  # nor a folder it cannot store the model in
     split = read_frames(images, manifest, frames, parity_frames, stride,
                         DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels)
+    gate = gate or DEFAULT_GATES["int8"]
+    search: dict = {}
 
-    def build(source: Path, target: Path) -> dict:
-        quantize_int8(source, target, split.calibration, scheme)
+    def build(source: Path, target: Path, measure) -> dict:
+        if accuracy_aware:
+            search.update(accuracy_aware_int8(source, target, split.calibration, scheme, measure, gate, report))
+        else:
+            quantize_int8(source, target, split.calibration, scheme)
         return qdq_structure(onnx.load(str(target)))
 
     provenance = {
         "images": [str(i) for i in images], "stride": stride, "method": scheme.method,
         "frames": {"read": split.read, "calibration": len(split.calibration), "parity": len(split.parity),
-                   "parity_inputs": split.note()},
+                   "parity_inputs": split.note(), "skipped": split.skipped},
         "quantizer": QUANTIZER, "quantizer_version": onnxruntime.__version__, "scheme": scheme.describe(),
+        "accuracy_aware": search,  # filled by the build: what was kept in float and why
     }
-    return make_model(folder, "int8", build, split, gate or DEFAULT_GATES["int8"], provenance, command, threads, report)
+    return make_model(folder, "int8", build, split, gate, provenance, command, threads, report)
