@@ -349,3 +349,23 @@ def test_gate_is_on_errors_relative_to_the_spread_not_on_map_r(tiny_artifacts):
     figures.decision_agreement = 0.875  # one frame of 8 decided otherwise at the folder's threshold
     with pytest.raises(AnoclipError, match="decision agreement 0.875 < 1"):
         check_gate(figures, gate, "int8")
+
+
+def test_decisions_at_the_folder_thresholds_are_compared(tiny_artifacts):
+    from anoclip.calibration.parity import compare
+    from anoclip.runtime.artifacts import load_artifacts
+    from anoclip.runtime.scoring import abnormal_probability
+
+    artifacts = load_artifacts(tiny_artifacts)
+    grid, size = tuple(artifacts.manifest.grid), tuple(artifacts.manifest.image_size)
+    rng = np.random.default_rng(2)
+    image = rng.standard_normal((8, artifacts.manifest.embed_dim)).astype(np.float32)
+    patch = rng.standard_normal((8, grid[0] * grid[1], artifacts.manifest.embed_dim)).astype(np.float32)
+    scores = abnormal_probability(image, artifacts.prompts.get("bottle").text_features)
+    thresholds = {"bottle": (float(np.median(scores)), 0.5)}  # half the frames above: decisions can flip
+    same = compare((image, patch), (image, patch), artifacts.prompts, grid, size, thresholds=thresholds)
+    assert same.decision_agreement == 1.0 and same.pixel_agreement == 1.0 and same.map_error == 0
+    other = compare((image, patch), (rng.standard_normal(image.shape).astype(np.float32), patch), artifacts.prompts,
+                    grid, size, thresholds=thresholds)
+    assert other.decision_agreement < 1.0 and other.pixel_agreement == 1.0  # the maps are the same
+    assert compare((image, patch), (image, patch), artifacts.prompts, grid, size).decision_agreement is None
