@@ -138,13 +138,13 @@ def _gate_options(precision: str):
                  "reported only; r is ill-conditioned on the nearly flat maps of normal frames).")(command)
         command = click.option(
             "--max-map-error", default=gate.max_map_error, show_default=True, type=click.FloatRange(min=0),
-            help="Parity gate: the largest RMS difference of the anomaly maps from fp32's, over the spread (standard "
-                 "deviation) of fp32's maps over all parity inputs, for every class of the folder.")(command)
+            help="Parity gate: the same for the anomaly maps (smoothed and upsampled as predict makes them).")(command)
         command = click.option(
             "--max-score-error", default=gate.max_patch_error, show_default=True, type=click.FloatRange(min=0),
-            help="Parity gate: the same for the patch scores (p_abnormal of each patch token) before the map is "
-                 "smoothed. Where the folder has thresholds, the image decisions at them must also agree on every "
-                 "parity input.")(command)
+            help="Parity gate: the largest RMS difference of the patch scores (p_abnormal of each patch token, "
+                 "before the map is smoothed) from fp32's, over the spread (standard deviation) of fp32's patch scores "
+                 "over all parity inputs, for every class of the folder. Where the folder has thresholds, the image "
+                 "decisions at them must also agree on every parity input.")(command)
         return click.option(
             "--min-cosine", default=gate.min_patch_cosine, show_default=True, type=click.FloatRange(-1, 1),
             help="Parity gate: the least mean cosine between the patch tokens of this model and the fp32 one. Below "
