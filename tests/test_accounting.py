@@ -147,13 +147,16 @@ def test_stream_with_the_mqtt_broker_never_up_counts_every_event_lost(tmp_path, 
     clip = write_clip(tmp_path / "clip.avi", 30)
     started = time.monotonic()
     done = _stream_cli("--artifacts", str(tiny_artifacts), "--source", str(clip), "--class", "bottle",
-                       "--mqtt", f"mqtt://127.0.0.1:{free_port()}", "--events", str(tmp_path / "events.jsonl"))
+                       "--mqtt", f"mqtt://127.0.0.1:{free_port()}", "--events", str(tmp_path / "events.jsonl"),
+                       "--stats-interval", "0.05", "--max-fps", "20")
     assert done.returncode == 3, done.stderr
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     mqtt = summary["sinks"]["mqtt"]
     assert mqtt["published"] == mqtt["written"] == 0 and mqtt["failed"] == mqtt["lost"] == 30
     assert summary["sink_errors"]["mqtt"] == "30 frame(s) lost"
     assert "30 MQTT events are lost" in done.stderr and "never reached" in done.stderr
+    stats = [line for line in done.stderr.splitlines() if "stream: in" in line]
+    assert stats and all(", sinks: events " in line and " written 0 lost, mqtt 0 written " in line for line in stats), stats
     assert time.monotonic() - started < 30  # the 10 s close timeout was not waited out (start-up included)
 
 
