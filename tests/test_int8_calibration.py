@@ -369,3 +369,38 @@ def test_decisions_at_the_folder_thresholds_are_compared(tiny_artifacts):
                     grid, size, thresholds=thresholds)
     assert other.decision_agreement < 1.0 and other.pixel_agreement == 1.0  # the maps are the same
     assert compare((image, patch), (image, patch), artifacts.prompts, grid, size).decision_agreement is None
+
+
+def test_workspace_of_a_run_killed_with_sigkill_is_swept_by_the_next_run(tiny_artifacts, tmp_path):
+    import signal
+    import time
+
+    from anoclip.benchmarks.accuracy.synthetic import make_plain_scene
+    from anoclip.calibration.derived import OWNER_FILE, sweep_workspaces
+
+    folder = copy_artifacts(tiny_artifacts, tmp_path / "a")
+    before = folder_state(folder)
+    frames = tmp_path / "frames"
+    make_plain_scene(frames, frames=80, size=(96, 80))
+    root = tmp_path / "tmp"
+    root.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", "from anoclip.runtime.cli import main; main()", "calibrate", "int8",
+                             "--artifacts",
+                             str(folder), "--images", str(frames), "--n", "64"],
+                            env={**os.environ, "TMPDIR": str(root)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            found = [w for w in workspaces(root) if (w / OWNER_FILE).exists() and any(w.glob("*.onnx"))]
+            if found:
+                break
+            time.sleep(0.01)
+        else:
+            pytest.fail("the calibration ended before its workspace was seen")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        proc.kill()
+    assert workspaces(root) == found and folder_state(folder) == before  # the killed run's files stayed outside
+    assert sweep_workspaces(root) == found and workspaces(root) == []
