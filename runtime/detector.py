@@ -12,7 +12,7 @@ import numpy as np
 
 from .artifacts import FUSED, TTA_GRAPH, VISUAL, Artifacts, load_artifacts
 from .backends import Backend, backend_model, create_backend
-from .errors import ArtifactError
+from .errors import ArtifactError, BackendError
 from .fused import OUTPUTS as FUSED_OUTPUTS, check_fused_holds, fused_classes
 from .preprocess import DEFAULT_MAX_PIXELS, TileLayout, as_rgb_uint8, merge_tiles, preprocess, read_image
 from .prompt_weights import ClassPrompts
@@ -20,9 +20,19 @@ from .scoring import abnormal_probability, gaussian_smooth, patch_grid, upsample
 from .decision import ClassThreshold, decide
 from .thresholds import ClassCalibration, ThresholdTable, text_features_sha256, tta_settings
 from .tta import OnnxTTARunner, TTAAdapter, TTAConfig
-from .vocabulary import model_precision
+from .vocabulary import TTA_BACKENDS, model_precision
 
 log = logging.getLogger(__name__)
+
+def array_module(tta_backend: str):
+    """numpy, or cupy for ``--tta-backend cupy`` (one line naming the install when it is missing)."""
+    if tta_backend != "cupy":
+        return np
+    try:
+        import cupy
+    except ImportError as exc:
+        raise BackendError(f"--tta-backend cupy needs CuPy and a CUDA GPU (`pip install 'anoclip[cupy]'`): {exc}") from None
+    return cupy
 
 
 @dataclass
@@ -81,14 +91,16 @@ class Detector:
                  smoothing_sigma: float = 0.0, tta: TTAConfig | None = None, tta_backend: str = "numpy",
                  max_pixels: int | None = DEFAULT_MAX_PIXELS, *, model: str = VISUAL,
                  thresholds: ThresholdTable | None = None):
-        if tta_backend not in ("numpy", "onnx"):
-            raise ValueError(f"tta_backend must be 'numpy' or 'onnx', got {tta_backend!r}")
+        if tta_backend not in TTA_BACKENDS:
+            raise ValueError(f"tta_backend must be one of {', '.join(TTA_BACKENDS)}, got {tta_backend!r}")
         self.artifacts = artifacts
         self.backend = backend
         self.tiling = tiling
         self.smoothing_sigma = smoothing_sigma
         self.tta = tta  # the TTA configuration predict uses by default (None: AnoCLIP without TTA)
         self.tta_backend = tta_backend
+        if tta is not None:
+            array_module(tta_backend)  # a missing CuPy is one line at load, not at the first image
         self.max_pixels = max_pixels  # largest image file decoded, in pixels (None: no limit)
         # One adapter per (class, configuration, state key): with the default "persistent" policy
         # its AdamW state carries over from image to image of that class, as in the authors' code.
@@ -138,8 +150,9 @@ class Detector:
             smoothing_sigma: optional Gaussian smoothing of the map in model pixels (0 = off, as published).
             verify: check file hashes against the manifest (engine files too).
             threads: CPU threads for onnxruntime (default: its own choice).
-            tta_backend: ``numpy`` (array code; cupy arrays run it on a GPU) or ``onnx`` (the
-                exported ``tta.onnx`` through onnxruntime with the same providers).
+            tta_backend: ``numpy`` (the array code on the CPU), ``cupy`` (the same code on CuPy arrays,
+                on the GPU) or ``onnx`` (the exported ``tta.onnx`` through onnxruntime with the same
+                providers).
             max_pixels: image files claiming more pixels than this are refused before decoding.
             load_thresholds: read the folder's calibrated thresholds (see :meth:`threshold_for`).
         """
@@ -339,7 +352,9 @@ class Detector:
                         f"--tta-steps {config.steps} --tta-adapter {config.adapter}`, or use --tta-backend numpy"
                     ) from None
             else:
-                self._adapters[key] = TTAAdapter(prompts.prompt_features, prompts.text_features, config)
+                xp = array_module(self.tta_backend)
+                self._adapters[key] = TTAAdapter(xp.asarray(prompts.prompt_features), xp.asarray(prompts.text_features),
+                                                 config)
         return self._adapters[key]
 
     def reset_tta(self, cls: str | None = None, state: str | None = None) -> None:
@@ -351,7 +366,10 @@ class Detector:
     def _adapt(self, cls: str, patches: np.ndarray, config: TTAConfig, state: str = "") -> np.ndarray:
         """Adapt the patch tokens of every tile (each tile is one image for the adapter)."""
         adapter = self.tta_adapter(cls, config, state)
-        return np.stack([np.asarray(adapter.adapt(tile)) for tile in patches])
+        if self.tta_backend != "cupy":
+            return np.stack([np.asarray(adapter.adapt(tile)) for tile in patches])
+        xp = array_module("cupy")
+        return np.stack([xp.asnumpy(adapter.adapt(xp.asarray(tile))) for tile in patches])
 
 
 def anomaly_maps(probs: np.ndarray, grid: tuple[int, int], layout: TileLayout, size: tuple[int, int],

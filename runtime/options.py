@@ -11,6 +11,7 @@ import click
 from .backends import BACKEND_CHOICES
 from .errors import AnoclipError
 from .preprocess import DEFAULT_MAX_PIXELS
+from .vocabulary import TTA_BACKENDS
 
 
 def _finite(ctx, param, value: float | None) -> float | None:
@@ -67,8 +68,9 @@ def detector_options(command):
                           "for the smoothing they were calibrated with."),
         click.option("--tta", is_flag=True,
                      help="AnoCLIP+: adapt the patch tokens at test time (maps change, scores do not)."),
-        click.option("--tta-backend", default="numpy", show_default=True, type=click.Choice(["numpy", "onnx"]),
-                     help="numpy array code, or the exported tta.onnx through onnxruntime (export with --tta)."),
+        click.option("--tta-backend", default="numpy", show_default=True, type=click.Choice(TTA_BACKENDS),
+                     help="What runs the --tta loop: numpy array code on the CPU, the same code on CuPy arrays on "
+                          "the GPU (extra cupy), or the exported tta.onnx through onnxruntime (export with --tta)."),
         click.option("--tta-steps", default=5, show_default=True, type=click.IntRange(min=1),
                      help="Adapter steps per image."),
         click.option("--tta-adapter", default="text", show_default=True, type=click.Choice(["text", "linear"]),

@@ -23,6 +23,7 @@ VISUAL_INT8 = "visual_int8"  # `anoclip calibrate int8` (Q/DQ)
 FUSED = "fused"  # image -> scores and maps of K classes in one graph (`anoclip fuse`)
 
 PRECISIONS = ("fp32", "fp16", "int8")
+TTA_BACKENDS = ("numpy", "cupy", "onnx")  # what runs the TTA loop: array code on the CPU or on the GPU, or tta.onnx
 PRECISION_MODELS = {"fp32": VISUAL, "fp16": VISUAL_FP16, "int8": VISUAL_INT8}  # the model file of each precision
 
 

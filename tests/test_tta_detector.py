@@ -121,3 +121,46 @@ def test_the_tta_backend_only_matters_with_tta(fused_artifacts, images):
     assert 0.0 < detector.predict(images[0], "bottle").score < 1.0
     with pytest.raises(ArtifactError, match=r"model 'tta' is not in .*anoclip-export --tta"):
         Detector.load(fused_artifacts, backend="cpu", tta=True, tta_backend="onnx")
+
+
+# ---------------------------------------------------------------------------------------------
+# --tta-backend cupy: the loop on the GPU's arrays
+
+
+def test_tta_backend_cupy_without_cupy_is_one_line(tiny_artifacts, rgb_image, tmp_path):
+    import importlib.util
+
+    import cv2
+    from conftest import one_error_line, run_cli
+
+    if importlib.util.find_spec("cupy") is not None:
+        pytest.skip("CuPy is installed: the missing-CuPy line cannot be seen here")
+    image = tmp_path / "a.png"
+    cv2.imwrite(str(image), rgb_image)
+    proc = run_cli("predict", "--artifacts", str(tiny_artifacts), "--class", "bottle", "--tta", "--tta-backend", "cupy",
+                   "--out", str(tmp_path / "out"), str(image))
+    assert proc.returncode == 1
+    assert "--tta-backend cupy needs CuPy" in one_error_line(proc.stderr)
+
+
+def test_tta_backend_cupy_moves_the_tokens_to_the_device_and_back(tiny_artifacts, images, monkeypatch):
+    """A stand-in for the ``cupy`` module at its API boundary (``asarray``, ``asnumpy``) records what
+    the Detector hands it and keeps the arrays on the host, so the loop's result must equal numpy's."""
+    import sys
+    import types
+
+    calls = []
+    standin = types.ModuleType("cupy")
+    standin.asarray = lambda a: calls.append(("asarray", np.shape(a))) or np.array(a)
+    standin.asnumpy = lambda a: calls.append(("asnumpy", np.shape(a))) or np.array(a)
+    monkeypatch.setitem(sys.modules, "cupy", standin)
+    config = TTAConfig(seed=7)
+    on_device = Detector.load(tiny_artifacts, backend="cpu", tta=config, tta_backend="cupy")
+    on_host = Detector.load(tiny_artifacts, backend="cpu", tta=config)
+    for image in images:
+        np.testing.assert_array_equal(on_device.predict(image, "bottle").anomaly_map,
+                                      on_host.predict(image, "bottle").anomaly_map)
+    prompts = on_host.class_prompts("bottle")
+    tokens = (on_host.grid[0] * on_host.grid[1], prompts.text_features.shape[1])
+    assert calls[:2] == [("asarray", prompts.prompt_features.shape), ("asarray", prompts.text_features.shape)]
+    assert calls.count(("asarray", tokens)) == len(images) == calls.count(("asnumpy", tokens))
