@@ -32,7 +32,7 @@ from anoclip.runtime.fused import OUTPUTS
 from anoclip.runtime.plumbing import configure_logging
 from anoclip.runtime.preprocess import preprocess
 
-from .timing import machine_info, time_interleaved
+from .timing import machine_info, table_lines, time_interleaved
 
 
 def class_counts(total: int) -> list[int]:
@@ -100,15 +100,15 @@ def main(artifacts_dir, runs, warmup, image_size, threads, as_json):
     """ms per image for 1, 4 and all classes in one pass against one call per class."""
     configure_logging()
     result = run(artifacts_dir, runs, warmup, image_size, threads, lambda line: click.echo(line, err=True))
-    if as_json:
-        click.echo(json.dumps(result, indent=2))
-        return
+    click.echo(json.dumps(result, indent=2) if as_json else "\n".join(report_lines(result)))
+
+
+def report_lines(result: dict) -> list[str]:
     m = result["machine"]
-    click.echo(f"{m['cpu']}, {m['cores']} cores; {result['backbone']} ({result['weights']}); {result['frame']}; "
-               f"{result['runs']} runs after {result['warmup']} warm-up, round-robin")
-    click.echo(f"{'row':<44} {'p50 ms':>9} {'mean ms':>9} {'p90 ms':>9} {'x 1 class':>10}")
-    for row in result["rows"]:
-        click.echo(f"{row['row']:<44} {row['p50']:>9.1f} {row['mean']:>9.1f} {row['p90']:>9.1f} {row['x 1 class']:>10.3f}")
+    title = (f"{m['cpu']}, {m['cores']} cores; {result['backbone']} ({result['weights']}); {result['frame']}; "
+             f"{result['runs']} runs after {result['warmup']} warm-up, round-robin")
+    return table_lines(title, [("row", "row", "<44"), ("p50", "p50 ms", ">9.1f"), ("mean", "mean ms", ">9.1f"),
+                               ("p90", "p90 ms", ">9.1f"), ("x 1 class", "x 1 class", ">10.3f")], result["rows"])
 
 
 if __name__ == "__main__":

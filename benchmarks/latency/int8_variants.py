@@ -19,7 +19,7 @@ import numpy as np
 
 from anoclip.runtime.backends import OnnxRuntimeBackend
 
-from .timing import machine_info, time_interleaved
+from .timing import machine_info, table_lines, time_interleaved
 
 
 def run_int8_variants(fp32: Path, int8: dict[str, Path], runs: int = 20, warmup: int = 3,
@@ -60,15 +60,15 @@ def main(fp32, int8, runs, warmup, threads, as_json):
             raise click.BadParameter(f"{item!r}: give LABEL=PATH of an existing model", param_hint="--int8")
         variants[label] = Path(path)
     result = run_int8_variants(fp32, variants, runs, warmup, threads)
-    if as_json:
-        click.echo(json.dumps(result, indent=2))
-        return
+    click.echo(json.dumps(result, indent=2) if as_json else "\n".join(report_lines(result, runs)))
+
+
+def report_lines(result: dict, runs: int) -> list[str]:
     machine = result["machine"]
-    click.echo(f"{machine['cpu']}, {machine['cores']} cores, onnxruntime {machine['onnxruntime']}, batch 1, "
-               f"median of {runs} interleaved runs")
-    click.echo(f"{'model':<22} {'ms/img p50':>10} {'p90':>8} {'vs fp32':>8}")
-    for row in result["rows"]:
-        click.echo(f"{row['model']:<22} {row['ms_p50']:>10.1f} {row['ms_p90']:>8.1f} {row['speedup']:>7.2f}x")
+    title = (f"{machine['cpu']}, {machine['cores']} cores, onnxruntime {machine['onnxruntime']}, batch 1, "
+             f"median of {runs} interleaved runs (vs fp32: times as fast)")
+    return table_lines(title, [("model", "model", "<22"), ("ms_p50", "ms/img p50", ">10.1f"), ("ms_p90", "p90", ">8.1f"),
+                               ("speedup", "vs fp32", ">8.2f")], result["rows"])
 
 
 if __name__ == "__main__":

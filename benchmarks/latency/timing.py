@@ -126,3 +126,15 @@ def time_interleaved(candidates: dict[str, Callable[[], object]], runs: int = 30
         if progress is not None:
             progress(index + 1)
     return timings
+
+
+def table_lines(title: str, columns: list[tuple[str, str, str]], rows: list[dict]) -> list[str]:
+    """A benchmark's plain-text table: ``title``, a header, a line per row. ``columns``: (row key,
+    heading, format spec such as ``<44`` or ``>9.1f``); a heading takes its column's alignment and width."""
+    def head(heading: str, spec: str) -> str:
+        align, width = spec[0], spec[1:].split(".")[0].rstrip("fdes")
+        return f"{heading:{align}{width}}"
+
+    return [title, " ".join(head(heading, spec) for _, heading, spec in columns),
+            *(" ".join(f"{row[key]:{spec}}" for key, _, spec in columns) for row in rows)]
+
