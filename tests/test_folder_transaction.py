@@ -7,9 +7,10 @@ asserted for every file kind. Engines are stored with placeholder plan bytes thr
 ``store_engine``, the commit half of ``anoclip build-engine`` (building needs TensorRT): what is
 tested here is files and manifest, not TensorRT.
 
-Then each writer is killed (SIGKILL) at three points of its commit: after its first file is placed,
-with the new manifest written but not yet renamed over the old one, and after the commit before
-pruning. The folder loads afterwards, verified, with the old state or the new one.
+Then each writer (one export: all exports commit the same way) is killed (SIGKILL) at three points
+of its commit: after its first file is placed, with the new manifest written but not yet renamed
+over the old one, and after the commit before pruning. The folder loads afterwards, verified, with
+the old state or the new one.
 """
 
 from __future__ import annotations
