@@ -463,8 +463,26 @@ def test_tta_graph_with_other_steps_is_one_line(folder, image, tmp_path):
 
 
 def export(folder: Path, *args: str) -> subprocess.CompletedProcess:
+    """``anoclip-export`` as its entry point runs it (one error line, exit code), in this process:
+    the tests' exports skip a fresh interpreter and torch import each."""
     pytest.importorskip("open_clip")
-    return export_subprocess("--model-config", str(TINY_CONFIG), "--pretrained", "none", "--out", str(folder), *args)
+    from click.testing import CliRunner
+
+    from anoclip.export.cli import export_command
+    from anoclip.runtime.plumbing import run_guarded
+
+    argv = ["anoclip-export", "--model-config", str(TINY_CONFIG), "--pretrained", "none", "--out", str(folder), *args]
+    saved, sys.argv = sys.argv, argv
+    try:
+        with CliRunner().isolation() as (out, err, *_):
+            try:
+                run_guarded(export_command)
+            except SystemExit as exc:
+                code = exc.code or 0
+            stdout, stderr = out.getvalue().decode(), err.getvalue().decode()
+    finally:
+        sys.argv = saved
+    return subprocess.CompletedProcess(argv, code, stdout, stderr)
 
 
 def classes(folder: Path) -> list[str]:
