@@ -9,7 +9,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from anoclip.benchmarks.latency.bench import README_END, README_START, backend_unavailable, fidelity, method_lines
+from anoclip.benchmarks.latency.bench import backend_unavailable, fidelity
+from anoclip.benchmarks.latency.bench_report import README_END, README_START, method_lines
 from anoclip.runtime.cli import cli
 from anoclip.runtime.vocabulary import DEPLOYMENTS, remake_command
 
