@@ -290,3 +290,36 @@ def test_a_second_sigint_removes_the_hidden_partial_recording(tmp_path, tiny_art
     assert not list(tmp_path.glob(".*recording*"))  # no hidden partial file left behind
     if process.returncode == 0:  # the first SIGINT's clean stop won the race: the file is finished
         assert video.exists()
+
+
+def test_frames_that_could_not_be_scored_end_the_stream_with_exit_3_and_their_count(tmp_path, tiny_artifacts,
+                                                                                   monkeypatch):
+    """The command line over a detector whose server refuses two frames (and stays up): the run ends at
+    the end of the file, every frame is an events line, and the exit code says that two were not scored."""
+    from click.testing import CliRunner
+
+    from anoclip.runtime.stream import cli as stream_cli
+
+    clip = write_clip(tmp_path / "clip.avi", 12)
+    detector = _ServersGoing(red_defect_detector(tiny_artifacts, "bottle"), gone_after=10**6, bad=4)
+    refused = detector.predict_batch
+
+    def predict_batch(images, cls, tta_keys=None):
+        if detector.calls + 1 == 8:  # a second refusal, of a later batch
+            detector.calls += 1
+            raise ImageError("the frame could not be decoded by the server")
+        return refused(images, cls, tta_keys=tta_keys)
+
+    monkeypatch.setattr(detector, "predict_batch", predict_batch, raising=False)
+    monkeypatch.setattr(stream_cli, "load_detector", lambda *args, **kwargs: detector)
+    monkeypatch.setattr(stream_cli, "_stop_on_signals", lambda pipeline: None)
+    events = tmp_path / "events.jsonl"
+    done = CliRunner().invoke(stream_cli.stream_command, ["--artifacts", str(tiny_artifacts), "--source", str(clip),
+                                                          "--class", "bottle", "--batch", "1", "--stats-interval", "0",
+                                                          "--events", str(events)])
+    assert done.exit_code == 3, done.output
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["frames_failed"] == summary["failed"] == 2 and summary["sink_errors"] == {}
+    assert summary["frames_processed"] == 10
+    records = _lines(events)
+    assert len(records) == 12 and sum(1 for r in records if r["error"]) == 2

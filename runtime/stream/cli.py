@@ -17,7 +17,7 @@ from .sources import parse_source
 
 log = logging.getLogger(__name__)
 
-EXIT_SINK_FAILED = 3
+EXIT_SINK_FAILED = 3  # also: frames that could not be scored (as predict's exit for skipped images)
 DEFAULT_RECORD_FPS = 10.0
 
 
@@ -101,7 +101,8 @@ def stream_command(artifacts_dir, servers, sources, cls, backend, model, precisi
     recording is finalised and checked, the events file holds whole lines; a second Ctrl-C stops at
     once and removes the unfinished recording. Prints a JSON summary at the end: per sink ("sinks"),
     the frames written and lost; a frame that could not be scored is an events line with "error".
-    Exit 3 when a sink failed or lost frames; exit 1 when every --server is gone.
+    Exit 3 when a sink failed or lost frames, or frames could not be scored ("frames_failed"); exit 1
+    when every --server is gone.
     """
     configure_logging(verbose)
     tta_config = tta_config_from(tta, tta_steps, tta_adapter, tta_init, tta_state, seed)
@@ -128,7 +129,10 @@ def stream_command(artifacts_dir, servers, sources, cls, backend, model, precisi
     summary = pipeline.run()
     summary["sink_errors"] = pipeline.sink_errors
     click.echo(json.dumps(summary))
-    if pipeline.sink_errors:  # a sink that failed or lost frames, even when the run otherwise finished
+    if summary["frames_failed"]:
+        log.error("%d frame(s) could not be scored (events lines with \"error\"): exit %d", summary["frames_failed"],
+                  EXIT_SINK_FAILED)
+    if pipeline.sink_errors or summary["frames_failed"]:  # even when the run otherwise finished
         sys.exit(EXIT_SINK_FAILED)
 
 

@@ -92,6 +92,7 @@ class StreamStats:
             "reconnects": sum(c.counters.reconnects for c in self.captures),
             "anomalous": sum(self.anomalous),
             "failed": sum(self.failed),
+            "frames_failed": sum(self.failed),  # frames that could not be scored (events with "error"): exit 3
             "scaled": sum(self.scaled),
             "latency_ms": percentiles(self.total_ms),
             "added_latency_ms": percentiles(self.added_ms),
