@@ -124,3 +124,45 @@ def test_sigint_while_a_network_source_opens_returns_within_a_second(tiny_artifa
     assert process.returncode == 130 and err.strip().splitlines()[-1] == "interrupted"
     assert "Traceback" not in err and "terminate called" not in err
     assert not out.strip() or json.loads(out.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Stop while a network source reconnects
+
+
+@pytest.mark.parametrize("peer", ["closed", "silent"])
+def test_stop_while_a_network_source_reconnects_returns_within_a_second(tiny_artifacts, monkeypatch, peer):
+    """The stream dies after three frames and is reopened against a closed loopback port (refused at
+    once: the stop lands in the backoff wait) or a port that accepts and never answers (the stop lands
+    in the open, which would wait out its 10 s timeout)."""
+    from test_stream import ScriptedCapture
+
+    from anoclip.runtime.stream import capture as capture_module
+    from anoclip.runtime.stream.sources import open_capture
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        port = server.getsockname()[1]
+        if peer == "silent":
+            server.listen(8)
+        else:
+            server.close()
+        opens = []
+
+        def opener(spec):
+            opens.append(time.monotonic())
+            return ScriptedCapture([normal_frame(i) for i in range(3)], 0.05) if len(opens) == 1 else open_capture(spec)
+
+        monkeypatch.setattr(capture_module, "open_capture", opener)
+        pipeline = StreamPipeline(red_defect_detector(tiny_artifacts, "bottle"),
+                                  [parse_source(f"http://127.0.0.1:{port}/video", CLASSES, "bottle")], [],
+                                  StreamOptions(stats_interval=0))
+        pipeline.open()
+        stopped = []
+        threading.Timer(1.2, lambda: (stopped.append(time.monotonic()), pipeline.stop.set())).start()
+        summary = pipeline.run()
+        took = time.monotonic() - stopped[0]
+    assert len(opens) >= 2, "the source was never reopened"
+    assert took < 1.0, f"{took:.1f} s"
+    assert not pipeline.captures[0].is_alive()  # the capture thread itself ended, not just left behind
+    assert summary["frames_processed"] > 0 and summary["reconnects"] == 0

@@ -4,7 +4,8 @@ A live source (camera, network stream) is read as fast as it delivers; the frame
 frame, so a frame not taken before the next arrives is dropped (and counted): the pipeline's latency
 never grows, whatever the model's speed. A live source that stops delivering is reopened with
 exponential backoff; every reopen is counted and bumps the source's generation (the pipeline then
-resets that source's test-time adaptation). A live read that fails at once and is followed by a good
+resets that source's test-time adaptation). Both the backoff and the reopen itself end as soon as the
+pipeline's ``stop`` is set (Ctrl-C), even while an open waits out its timeout on a peer that never answers. A live read that fails at once and is followed by a good
 one was a frame that did not decode (a corrupt JPEG in an MJPEG stream): it is skipped and counted as
 corrupt, and the source is not reopened; ``MAX_FAILED_READS`` failures in a row, or one that blocked
 (a read timeout), are a dead source. A video file is read frame by frame with back-pressure
@@ -39,6 +40,7 @@ BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 30.0
 MAX_FAILED_READS = 3  # quick failed reads in a row of a live source before it is reopened
 CORRUPT_READ_S = 1.0  # a failed read that took longer waited for data: the source is reopened at once
+STOP_POLL_S = 0.05  # how often a reopen that blocks (a peer that accepts and never answers) looks at ``stop``
 
 
 @dataclass
@@ -263,7 +265,9 @@ class CaptureThread(threading.Thread):
             log.warning("source %s: no frame; reopening in %.1f s", self.spec.name, delay)
             if self.stop.wait(delay):
                 return False
-            self.capture = open_capture(self.spec)
+            self.capture = self._reopen()
+            if self.stop.is_set():
+                return False
             if self.capture is not None:
                 self.counters.reconnects += 1
                 self.generation += 1
@@ -272,6 +276,46 @@ class CaptureThread(threading.Thread):
                 return True
             delay = min(delay * 2, BACKOFF_MAX_S)
         return False
+
+    def _reopen(self):
+        """``open_capture`` of the live source in a thread of its own, waited for in short steps: None at
+        once when ``stop`` is set meanwhile (what the open returns later is then released)."""
+        opening = _Reopening(self.spec)
+        opening.start()
+        while not opening.done.wait(STOP_POLL_S):
+            if self.stop.is_set():
+                opening.abandon()
+                return None
+        if opening.error is not None:
+            raise opening.error
+        return opening.capture
+
+
+class _Reopening(threading.Thread):
+    def __init__(self, spec: SourceSpec):
+        super().__init__(name=f"reopen-{spec.name}", daemon=True)
+        self.spec, self.lock, self.done = spec, threading.Lock(), threading.Event()
+        self.capture, self.error, self.abandoned = None, None, False
+
+    def run(self) -> None:
+        capture = None
+        try:
+            capture = open_capture(self.spec)
+        except Exception as exc:  # handed to the capture thread
+            self.error = exc
+        with self.lock:
+            if self.abandoned and capture is not None:
+                capture.release()
+            else:
+                self.capture = capture
+        self.done.set()
+
+    def abandon(self) -> None:
+        with self.lock:
+            self.abandoned = True
+            if self.capture is not None:
+                self.capture.release()
+                self.capture = None
 
 
 def _usable(image) -> bool:

@@ -40,6 +40,7 @@ from .stats import StreamStats
 log = logging.getLogger(__name__)
 
 VIEW_STATS_INTERVAL_S = 1.0
+CAPTURE_JOIN_S = 2.0  # after stop, how long the capture threads are waited for (all together)
 DEFAULT_SINK_QUEUE_BYTES = 256 * 2**20
 
 
@@ -152,8 +153,9 @@ class StreamPipeline:
                     log.info(self.stats.interval_line() + self._sinks_line())
         finally:
             self.stop.set()
-            for capture in self.captures:
-                capture.join(timeout=2.0)  # a read blocked on a dead stream ends with its timeout; the thread is a daemon
+            deadline = time.perf_counter() + CAPTURE_JOIN_S  # one wait for all of them, however many sources
+            for capture in self.captures:  # a read blocked on a dead stream ends with its timeout; the thread is a daemon
+                capture.join(timeout=max(0.0, deadline - time.perf_counter()))
             self._queue.put(None)
             sink_thread.join()
         summary = self.stats.summary()
