@@ -279,5 +279,10 @@ def _command_line() -> str:
     return given_command(ctx, "anoclip", "calibrate", ctx.command.name)
 
 
+from .memory_cli import memory_command  # noqa: E402 - registered after the group exists
+
+calibrate_group.add_command(memory_command)
+
+
 def main() -> None:
     run_guarded(calibrate_group)

@@ -24,6 +24,8 @@ new export never overwrites a file that the current manifest names)::
     prompts.<sha>.safetensors      text_features/<class> [2,D] (t+, t-), prompt_features/<class> [2N,D]
     thresholds.<sha>.json          optional, from `anoclip calibrate threshold`: per class image and
                                    pixel thresholds and their provenance (``thresholds``)
+    memory.<sha>.safetensors       optional, from `anoclip calibrate memory`: per class the V-V patch
+                                   tokens of normal frames (``memory``); dropped with the visual model
     visual_<prec>.<sha>.engine     optional TensorRT plan bytes from `anoclip build-engine`, with its
                                    ``.engine.json`` sidecar (TensorRT, GPU, profile, the model file it
                                    was built from)
@@ -46,6 +48,7 @@ from .plumbing import atomic_write_bytes
 from .prompt_weights import PromptBank, read_prompts
 from .strict_json import (build, choice, either, flag, integer, integers, list_of, mapping, need, null, numbers, parse,
                           plain_object, sha256, text)
+from .memory import MemoryBank, read_memory
 from .thresholds import ThresholdTable, read_thresholds
 from .vocabulary import (DERIVED_MODELS, FUSED, KINDS, PRECISION_MODELS, PRECISIONS, TTA_GRAPH, VISUAL,  # noqa: F401
                          VISUAL_FP16, VISUAL_INT8, VISUAL_QKV, precision_model)
@@ -107,6 +110,7 @@ class Manifest:
     files: dict[str, str] = field(default_factory=dict)  # name -> sha256
     prompts: str = PROMPTS  # the prompt weights file
     thresholds: str = ""  # the thresholds file written by the calibration ("" for none)
+    memory: str = ""  # the memory of normal frames written by `calibrate memory` ("" for none)
     checkpoint_sha256: str = ""  # of the checkpoint the weights were loaded from ("" for random weights)
     visual_weights_sha256: str = ""  # of the visual tower's weights themselves (names, shapes, values)
     resize: str = "squash-bilinear-antialias"
@@ -122,8 +126,9 @@ class Manifest:
 
     def to_json(self) -> str:
         data = asdict(self)
-        if not data["thresholds"]:  # never calibrated: readable by runtimes that predate the field too
-            del data["thresholds"]
+        for optional in ("thresholds", "memory"):  # never made: readable by runtimes that predate the field too
+            if not data[optional]:
+                del data[optional]
         for entry in data["models"].values():  # exported models: readable by runtimes that predate the fields
             for key, default in DERIVED_FIELDS.items():
                 if entry.get(key) == default:
@@ -167,6 +172,7 @@ _FIELD_CHECKS = {
     "image_size": integers(2), "grid": integers(2), "mean": numbers(3), "std": numbers(3, positive=True),
     "embed_dim": integer(1), "width": integer(1), "layers": integer(1), "heads": integer(1),
     "models": _models, "files": mapping(sha256, "sha256 digests"), "prompts": text(), "thresholds": text(),
+    "memory": text(),
     "checkpoint_sha256": text(), "visual_weights_sha256": text(),
     "resize": text(), "versions": mapping(text(), "strings"), "command": text(), "created": text(),
     "history": list_of(text(), "strings"), "format_version": integer(),
@@ -222,6 +228,7 @@ class Artifacts:
     manifest: Manifest
     prompts: PromptBank
     thresholds: ThresholdTable | None = None  # None: the folder has no thresholds file (or it was not loaded)
+    memory: MemoryBank | None = None  # None: the folder has no memory of normal frames (or it was not loaded)
     verify: bool = True  # files read later (engines) are hashed against the manifest, as load_artifacts' were
     _engines: list | None = field(default=None, repr=False, compare=False)
 
@@ -319,7 +326,7 @@ def check_prompts_belong(manifest: Manifest, bank: PromptBank, where: str) -> No
 
 
 def load_artifacts(folder: str | os.PathLike, verify: bool = True, models: list[str] | None = None,
-                   load_thresholds: bool = True) -> Artifacts:
+                   load_thresholds: bool = True, load_memory: bool = True) -> Artifacts:
     """Read and cross-check an artifact folder.
 
     Every file that will be read must lie inside ``folder``, be listed in the manifest and (with
@@ -331,6 +338,7 @@ def load_artifacts(folder: str | os.PathLike, verify: bool = True, models: list[
         verify: check the sha256 of the files that will be used against the manifest.
         models: the graphs that will be used (default: the V-V visual model).
         load_thresholds: read (and verify) the thresholds file the manifest names, if any.
+        load_memory: read (and verify) the memory of normal frames the manifest names, if any.
     """
     folder = Path(folder)
     manifest = read_manifest(folder)
@@ -352,12 +360,24 @@ def load_artifacts(folder: str | os.PathLike, verify: bool = True, models: list[
             raise ArtifactError(f"{cause}; make it anew with `{MAKE_MODEL[model].format(folder=folder)}`") from None
     if load_thresholds and manifest.thresholds:
         verify_thresholds(folder, manifest, record, hashes=verify)
+    if load_memory and manifest.memory:
+        try:
+            verify_files(folder, manifest, [manifest.memory], record, hashes=verify)
+        except ArtifactError as exc:
+            raise ArtifactError(f"{str(exc).split('; ')[0]}; make it anew with `anoclip calibrate memory --artifacts "
+                                f"{folder} --class ... --normal ...`") from None
     if record is not None:
         record.save()
     artifacts.prompts = read_prompts(resolve_inside(folder, manifest.prompts))
     check_prompts_belong(manifest, artifacts.prompts, str(folder))
     if load_thresholds and manifest.thresholds:
         artifacts.thresholds = read_thresholds(resolve_inside(folder, manifest.thresholds))
+    if load_memory and manifest.memory:
+        artifacts.memory = read_memory(resolve_inside(folder, manifest.memory))
+        if artifacts.memory.visual_sha256 != artifacts.model_sha256(VISUAL):
+            log.warning("the memory of normal frames in %s was made with another visual model; it is not used "
+                        "(make it anew with `anoclip calibrate memory`)", folder)
+            artifacts.memory = None
     return artifacts
 
 

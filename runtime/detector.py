@@ -14,6 +14,7 @@ from .artifacts import FUSED, TTA_GRAPH, VISUAL, Artifacts, load_artifacts
 from .backends import Backend, backend_model, create_backend
 from .errors import ArtifactError, BackendError
 from .fused import OUTPUTS as FUSED_OUTPUTS, check_fused_holds, fused_classes
+from .memory import DEFAULT_WEIGHT, MEMORY_MODES, ClassMemory, check_weight, combine, memory_scores
 from .preprocess import DEFAULT_MAX_PIXELS, TileLayout, as_rgb_uint8, merge_tiles, preprocess, read_image
 from .prompt_weights import ClassPrompts
 from .scoring import abnormal_probability, gaussian_smooth, patch_grid, upsample_bilinear
@@ -53,6 +54,9 @@ class Result:
     regions: the connected regions of ``anomaly_map_full`` above ``threshold.pixel``, as
         ``{"box": [x, y, width, height], "area": pixels}`` in image pixels, largest first ([]
         without a pixel threshold).
+    branches: the branches that made score and maps: ``("zero_shot",)``, ``("zero_shot", "memory")``
+        (combined with the memory's weight, see ``memory.py``) or ``("memory",)``.
+    zero_shot_score, memory_score: each branch's image score when the memory ran (None otherwise).
     """
 
     score: float
@@ -67,6 +71,9 @@ class Result:
     threshold: ClassThreshold | None = None
     anomalous: bool | None = None
     regions: list[dict] = field(default_factory=list)
+    branches: tuple[str, ...] = ("zero_shot",)
+    zero_shot_score: float | None = None
+    memory_score: float | None = None
 
     @property
     def by_class(self) -> dict[str, "Result"]:
@@ -85,14 +92,22 @@ class Detector:
     the visual one: ``visual_int8``, ``visual_fp16``, or ``fused``: image to scores and maps of its
     classes in one graph), which calibrated thresholds are checked against; ``thresholds``: those of
     the artifacts when None.
+
+    ``memory``: the memory branch (normal frames' patch tokens, `anoclip calibrate memory`): ``auto``
+    (on for the classes that have a memory), ``on`` (a class without one is an error), ``off`` or
+    ``only`` (the memory branch alone); ``memory_weight``: its weight w in the combined score and map.
     """
 
     def __init__(self, artifacts: Artifacts, backend: Backend, tiling: str = "auto",
                  smoothing_sigma: float = 0.0, tta: TTAConfig | None = None, tta_backend: str = "numpy",
                  max_pixels: int | None = DEFAULT_MAX_PIXELS, *, model: str = VISUAL,
-                 thresholds: ThresholdTable | None = None):
+                 thresholds: ThresholdTable | None = None, memory: str = "auto", memory_weight: float = DEFAULT_WEIGHT):
         if tta_backend not in TTA_BACKENDS:
             raise ValueError(f"tta_backend must be one of {', '.join(TTA_BACKENDS)}, got {tta_backend!r}")
+        if memory not in MEMORY_MODES:
+            raise ValueError(f"memory must be one of {', '.join(MEMORY_MODES)}, got {memory!r}")
+        self.memory = memory
+        self.memory_weight = check_weight(memory_weight)
         self.artifacts = artifacts
         self.backend = backend
         self.tiling = tiling
@@ -130,7 +145,8 @@ class Detector:
     def load(cls, artifacts_dir: str | os.PathLike, backend: str = "auto", tta=False, *, model: str = VISUAL,
              precision: str = "fp32", tiling: str = "auto", smoothing_sigma: float = 0.0, verify: bool = True,
              threads: int | None = None, tta_backend: str = "numpy",
-             max_pixels: int | None = DEFAULT_MAX_PIXELS, load_thresholds: bool = True) -> "Detector":
+             max_pixels: int | None = DEFAULT_MAX_PIXELS, load_thresholds: bool = True, memory: str = "auto",
+             memory_weight: float = DEFAULT_WEIGHT) -> "Detector":
         """Load an artifact folder.
 
         Args:
@@ -155,16 +171,19 @@ class Detector:
                 providers).
             max_pixels: image files claiming more pixels than this are refused before decoding.
             load_thresholds: read the folder's calibrated thresholds (see :meth:`threshold_for`).
+            memory, memory_weight: the memory branch (see the class docstring).
         """
         model = backend_model(backend, model, precision)
         models = [model] + ([TTA_GRAPH] if tta_backend == "onnx" and tta else [])  # only TTA runs it
-        artifacts = load_artifacts(artifacts_dir, verify=verify, models=models, load_thresholds=load_thresholds)
+        artifacts = load_artifacts(artifacts_dir, verify=verify, models=models, load_thresholds=load_thresholds,
+                                   load_memory=memory != "off")
         options = {"outputs": FUSED_OUTPUTS} if model == FUSED else {}
         engine = create_backend(artifacts, model, backend, precision=precision, threads=threads, **options)
         if backend == "tensorrt-native":  # thresholds are checked against the model the engine was built from
             model = engine.sidecar.source_model
         return cls(artifacts, engine, tiling=tiling, smoothing_sigma=smoothing_sigma, tta=_tta_config(tta),
-                   tta_backend=tta_backend, max_pixels=max_pixels, model=model)
+                   tta_backend=tta_backend, max_pixels=max_pixels, model=model, memory=memory,
+                   memory_weight=memory_weight)
 
     @property
     def classes(self) -> list[str]:
@@ -173,6 +192,17 @@ class Detector:
         if self._fused_index is not None:
             return list(self._fused_index)
         return sorted(self.artifacts.prompts.classes)
+
+    def class_memory(self, cls: str) -> ClassMemory | None:
+        """The memory the memory branch compares ``cls``'s patches with (None: the branch is off for it)."""
+        bank = self.artifacts.memory
+        if self.memory == "off" or (self.memory == "auto" and (bank is None or cls not in bank.classes)):
+            return None
+        if bank is None:
+            from .memory import MemoryBank
+
+            bank = MemoryBank({}, "", 0)
+        return bank.get(cls, self.artifacts.folder)
 
     def class_prompts(self, cls: str) -> ClassPrompts:
         if self._fused_index is not None:
@@ -193,6 +223,7 @@ class Detector:
             raise ValueError("no class given")
         for name in names:
             self.class_prompts(name)
+            self.class_memory(name)  # --memory on|only: a class without a memory fails before any image is read
         return names
 
     def threshold_for(self, cls: str, image: float | None = None, pixel: float | None = None) -> ClassThreshold | None:
@@ -265,7 +296,8 @@ class Detector:
             layouts.append(layout)
             sizes.append(rgb.shape[:2])
         t1 = time.perf_counter()
-        outputs = self._run(np.concatenate(batches), tta_config is not None)
+        memory = any(self.class_memory(name) is not None for name in classes)
+        outputs = self._run(np.concatenate(batches), tta_config is not None or memory)
         t2 = time.perf_counter()
         n = len(images)
         results, start = [], 0
@@ -294,14 +326,14 @@ class Detector:
         result.anomalous, result.regions = decide(result.score, result.anomaly_map_full, result.threshold)
 
     def _run(self, batch: np.ndarray, tokens: bool) -> dict[str, np.ndarray]:
-        """The model's outputs by name (``tokens``: the patch tokens are needed, for TTA)."""
+        """The model's outputs by name (``tokens``: the patch tokens are needed, for TTA or the memory)."""
         if self._fused_index is None:
             return dict(zip(("image_embeds", "patch_embeds"), self.backend.run(batch)))
         outputs = self.backend.run_all(batch)
         if tokens and "patch_embeds" not in outputs:
             raise ArtifactError(f"the fused model of {self.artifacts.folder} has no patch tokens for test-time "
-                                f"adaptation; make it with `anoclip fuse --artifacts {self.artifacts.folder} "
-                                "--patch-embeds`, or use --model visual")
+                                f"adaptation or the memory of normal frames; make it with `anoclip fuse --artifacts "
+                                f"{self.artifacts.folder} --patch-embeds`, or use --model visual")
         return outputs
 
     def _class_result(self, outputs: dict[str, np.ndarray], tiles: slice, cls: str, layout: TileLayout,
@@ -321,7 +353,21 @@ class Detector:
         else:
             probs = abnormal_probability(outputs["patch_embeds"][tiles], text)  # [tiles, M]
         score = outputs["scores"][tiles, k] if k is not None else abnormal_probability(outputs["image_embeds"][tiles], text)
-        result = self._maps(float(np.mean(score)), probs, tile_maps, layout, size, cls)
+        score = float(np.mean(score))
+        memory = self.class_memory(cls)
+        if memory is None:
+            result = self._maps(score, probs, tile_maps, layout, size, cls)
+        else:  # the raw V-V tokens against the memory (which holds raw tokens; TTA adapts the zero-shot branch only)
+            s = memory_scores(outputs["patch_embeds"][tiles], memory.patches)  # [tiles, M]
+            memory_score = float(np.max(s))
+            if self.memory == "only":
+                result = self._maps(memory_score, s, None, layout, size, cls)
+                result.branches = ("memory",)
+            else:
+                result = self._maps(float(combine(score, memory_score, self.memory_weight)),
+                                    combine(probs, s, self.memory_weight), None, layout, size, cls)
+                result.branches = ("zero_shot", "memory")
+            result.zero_shot_score, result.memory_score = score, memory_score
         timings["scoring"] = (time.perf_counter() - started) * 1e3 - timings.get("tta", 0.0)
         result.timings = timings
         return result

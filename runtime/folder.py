@@ -155,8 +155,12 @@ class FolderTransaction:
         engines = self._carry_engines(manifest, known, report)
         if not manifest.thresholds and self.old is not None and self.old.thresholds:
             manifest.thresholds = self.old.thresholds
+        if not manifest.memory and self.old is not None and self.old.memory:
+            manifest.memory = self.old.memory
+        self._check_memory(manifest, known, report)
         named = [entry.file for entry in manifest.models.values()] + [manifest.prompts]
         named += [manifest.thresholds] if manifest.thresholds else []
+        named += [manifest.memory] if manifest.memory else []
         named += [n for engine in engines for n in (engine, engine + ".json")]
         # files a manifest lists that are no kind of ours (external data of a graph) stay while listed
         named += [n for n in (self.old.files if self.old else {}) if file_kind(n) is None]
@@ -238,6 +242,24 @@ class FolderTransaction:
                 report.stale.append(f"the fused model's baked thresholds of {', '.join(moved)} are no longer the "
                                     f"folder's calibrated ones; `{remake} --classes {','.join(baked)} --thresholds` "
                                     "bakes the current ones")
+
+    def _check_memory(self, manifest: Manifest, known: dict[str, str], report: CommitReport) -> None:
+        """The memory holds tokens of one visual model: it goes (with the command that remakes it)
+        when the folder's visual model is another."""
+        from .memory import memory_metadata
+
+        if not manifest.memory:
+            return
+        visual = manifest.models.get(VISUAL)
+        visual_sha = known.get(visual.file, "") if visual is not None else ""
+        try:
+            made_from = memory_metadata(resolve_inside(self.folder, manifest.memory)).get("visual_sha256", "")
+        except Exception as exc:  # noqa: BLE001 - safetensors' own error type for a damaged header
+            made_from = f"unreadable ({exc})"
+        if made_from != visual_sha:
+            report.dropped.append(f"dropping {manifest.memory}: it holds tokens of another visual model; make each "
+                                  f"class's memory anew with `{remake_command('memory', self.folder)}`")
+            manifest.memory = ""
 
     def _prompts(self, manifest: Manifest):
         from .prompt_weights import read_prompts

@@ -88,6 +88,20 @@ def detector_options(command):
     return command
 
 
+def memory_options(command):
+    """--memory and --memory-weight: the memory branch of the scores (`anoclip calibrate memory`),
+    passed as ``memory`` and ``memory_weight``."""
+    from .memory import DEFAULT_WEIGHT, MEMORY_MODES
+
+    command = click.option("--memory-weight", default=DEFAULT_WEIGHT, show_default=True, type=click.FloatRange(0, 1),
+                           help="Weight w of the memory branch: score and map are w * memory + (1 - w) * zero-shot.")(
+        command)
+    return click.option("--memory", default="auto", show_default=True, type=click.Choice(MEMORY_MODES),
+                        help="The memory of normal frames (`anoclip calibrate memory`): auto uses it for the classes "
+                             "that have one; on requires it; off scores zero-shot only; only scores with the memory "
+                             "alone. Thresholds hold for the memory setting they were calibrated with.")(command)
+
+
 def threshold_options(command):
     """--threshold (passed as ``image_threshold``) and --pixel-threshold: overrides of the calibrated thresholds."""
     command = click.option("--pixel-threshold", default=None, type=float, callback=_finite,
@@ -100,7 +114,8 @@ def threshold_options(command):
 
 # Options that set up a model run here; with --server the servers' own settings apply instead.
 LOCAL_MODEL_OPTIONS = ("artifacts_dir", "backend", "model", "precision", "tiling", "smoothing_sigma", "tta", "tta_backend",
-                       "tta_steps", "tta_adapter", "tta_init", "tta_state", "seed", "threads", "no_verify")
+                       "tta_steps", "tta_adapter", "tta_init", "tta_state", "seed", "threads", "no_verify", "memory",
+                       "memory_weight")
 
 
 def server_option(command):

@@ -42,6 +42,11 @@ def make_record(result: Any, source: str, *, frame: int = 0, captured: float | N
         "timings_ms": {k: round(float(v), 3) for k, v in timings.items()},
         "error": None,
     }
+    branches = getattr(result, "branches", None)
+    if branches:
+        record["branches"] = list(branches)
+    if getattr(result, "memory_score", None) is not None:
+        record["branch_scores"] = {"zero_shot": float(result.zero_shot_score), "memory": float(result.memory_score)}
     if files:
         record.update(files)
     return record

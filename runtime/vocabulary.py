@@ -57,7 +57,8 @@ class FileKind:
         ``thresholds``, ``engine``, ``engine_sidecar``).
     pattern: the file names of this kind.
     made_from: "" (written by the export itself), ``visual`` (made from the fp32 visual model: kept
-        while that file is unchanged), ``model`` (an engine: kept while the model file it was built
+        while that file is unchanged), ``tokens`` (holds patch tokens of the visual model: dropped
+        when that model is replaced), ``model`` (an engine: kept while the model file it was built
         from is in the folder), ``engine`` (a sidecar: goes with its engine), ``classes`` (per-class
         records, stale when a class's model or embeddings change).
     remake: the command that makes it anew (``{folder}``, ``{precision}`` filled in).
@@ -85,6 +86,8 @@ FILE_KINDS: tuple[FileKind, ...] = (
     _kind(FUSED, "anoclip", ".onnx", VISUAL, "anoclip fuse --artifacts {folder}"),
     _kind("thresholds", "thresholds", ".json", "classes",
           "anoclip calibrate threshold --artifacts {folder} --class {cls} --normal <normal frames>"),
+    _kind("memory", "memory", ".safetensors", "tokens",
+          "anoclip calibrate memory --artifacts {folder} --class {cls} --normal <normal frames>"),
     FileKind("engine", re.compile(r"^visual_(fp32|fp16|int8)\.[0-9a-f]{12}\.engine$"), "model",
              "anoclip build-engine --artifacts {folder} --precision {precision}"),
     FileKind("engine_sidecar", re.compile(r"^visual_(fp32|fp16|int8)\.[0-9a-f]{12}\.engine\.json$"), "engine",
