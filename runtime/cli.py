@@ -11,8 +11,9 @@ from pathlib import Path
 import click
 
 from .errors import AnoclipError
-from .options import (detector_options, load_detector, max_output_pixels_option, max_pixels_option, no_verify_option, server_option, threads_option,
-                      threshold_options, tta_config_from, verbose_option)
+from .options import (detector_options, load_detector, max_output_pixels_option, max_pixels_option, memory_options,
+                      no_verify_option, server_option, threads_option, threshold_options, tta_config_from,
+                      verbose_option)
 from .plumbing import configure_logging, run_guarded
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ def cli():
               help="Folder for results.jsonl and, per run, a folder <run>/ of overlays (<name>_overlay.png) "
                    "and raw maps (<name>_map.npy; <name>_<class>_... with several classes).")
 @detector_options
+@memory_options
 @click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(0, 1), help="Heat-map opacity.")
 @threshold_options
 @threads_option()
@@ -78,7 +80,7 @@ def cli():
 @verbose_option
 @click.argument("paths", nargs=-1, required=True)
 def predict_command(artifacts_dir, servers, cls, out_dir, backend, model, precision, tiling, smoothing_sigma, tta, tta_backend, tta_steps, tta_adapter,
-                    tta_init, tta_state, seed, alpha, image_threshold, pixel_threshold, threads, stride, max_pixels,
+                    tta_init, tta_state, seed, memory, memory_weight, alpha, image_threshold, pixel_threshold, threads, stride, max_pixels,
                     max_output_pixels, no_verify, as_json, verbose, paths):
     """Score images and videos (image files, folders of images, quoted glob patterns, video files)
     and write anomaly maps: the finite case of `anoclip stream`, with the same reader, scoring and
@@ -114,7 +116,8 @@ def predict_command(artifacts_dir, servers, cls, out_dir, backend, model, precis
     inputs = tuple(plan_inputs(paths, stride, exclude=out))
     detector = load_detector(artifacts_dir, servers, backend=backend, model=model, precision=precision, tiling=tiling,
                              smoothing_sigma=smoothing_sigma, verify=not no_verify, threads=threads,
-                             tta=tta_config or False, tta_backend=tta_backend, max_pixels=max_pixels)
+                             tta=tta_config or False, tta_backend=tta_backend, max_pixels=max_pixels,
+                             memory=memory, memory_weight=memory_weight)
     classes = detector.resolve_classes([c.strip() for c in cls.split(",") if c.strip()] if "," in cls else cls)
     for name in classes if tta_config is not None else ():
         detector.tta_adapter(name, tta_config)  # a TTA graph that does not fit: fail before any image too
