@@ -1,7 +1,7 @@
 """The artifact folder's one transaction, seen from every writer.
 
 A folder holding every kind of file (visual, visual_qkv, tta, prompts, int8, fp16, fused,
-thresholds, TensorRT engines of the fp32 and int8 models) is written by each writer in turn; what the
+thresholds, the memory of normal frames, TensorRT engines of the fp32 and int8 models) is written by each writer in turn; what the
 writer keeps, replaces, drops (with a line naming the command that remakes it) or marks stale is
 asserted for every file kind. Engines are stored with placeholder plan bytes through
 ``store_engine``, the commit half of ``anoclip build-engine`` (building needs TensorRT): what is
@@ -28,7 +28,7 @@ from click.testing import CliRunner
 
 from conftest import TINY_CONFIG, copy_artifacts
 
-KINDS = ("visual", "visual_qkv", "tta", "prompts", "visual_int8", "visual_fp16", "fused", "thresholds",
+KINDS = ("visual", "visual_qkv", "tta", "prompts", "visual_int8", "visual_fp16", "fused", "thresholds", "memory",
          "engine fp32", "engine int8")
 
 
@@ -75,6 +75,7 @@ def full(tiny_artifacts, frames, tmp_path_factory) -> Path:
     folder = copy_artifacts(tiny_artifacts, tmp_path_factory.mktemp("full") / "a")
     steps = [("calibrate", "int8", "--artifacts", folder, "--images", frames, "--n", "8", "--parity-frames", "2"),
              ("calibrate", "fp16", "--artifacts", folder, "--parity-frames", "2"),
+             ("calibrate", "memory", "--artifacts", folder, "--class", "bottle", "--normal", frames),
              ("fuse", "--artifacts", folder, "--classes", "bottle,carpet"),
              ("calibrate", "threshold", "--artifacts", folder, "--class", "bottle", "--normal", frames)]
     for args in steps:
@@ -94,6 +95,8 @@ def kinds_of(folder: Path) -> dict[str, str]:
     found["prompts"] = manifest.prompts
     if manifest.thresholds:
         found["thresholds"] = manifest.thresholds
+    if manifest.memory:
+        found["memory"] = manifest.memory
     for name in manifest.files:
         if name.endswith(".engine"):
             found[f"engine {name.split('.')[0].removeprefix('visual_')}"] = name
@@ -109,6 +112,8 @@ WRITERS = {
     "calibrate fp16": lambda f, frames: anoclip("calibrate", "fp16", "--artifacts", f, "--parity-frames", "2"),
     "calibrate threshold": lambda f, frames: anoclip("calibrate", "threshold", "--artifacts", f, "--class", "carpet",
                                                      "--normal", frames),
+    "calibrate memory": lambda f, frames: anoclip("calibrate", "memory", "--artifacts", f, "--class", "carpet",
+                                                  "--normal", frames, "--max-patches", "64"),
     "build-engine fp16": lambda f, frames: placeholder_engine(f, "fp16", "visual_fp16", b"placeholder fp16 plan"),
     "fuse": lambda f, frames: anoclip("fuse", "--artifacts", f, "--classes", "bottle"),
 }
@@ -120,15 +125,17 @@ K, N, D, S = "same", "new", "dropped", "stale"
 EXPECTED = {
     "export +class": {"prompts": N, "fused": S},
     "export new visual": {"visual": N, "visual_qkv": D, "prompts": N, "visual_int8": D, "visual_fp16": D, "fused": D,
-                          "thresholds": S, "engine fp32": D, "engine int8": D},
+                          "thresholds": S, "memory": D, "engine fp32": D, "engine int8": D},
     "calibrate int8": {"visual_int8": N, "engine int8": D},
     "calibrate fp16": {},  # the fp16 conversion is deterministic: the same file, nothing changes
     "calibrate threshold": {"thresholds": N},
+    "calibrate memory": {"memory": N},
     "build-engine fp16": {"engine fp16": N},
     "fuse": {"fused": N},
 }
 LINES = {"visual_qkv": "--qkv-tokens model", "visual_int8": "calibrate int8", "visual_fp16": "calibrate fp16", "fused": "anoclip fuse",
-         "engine fp32": "build-engine", "engine int8": "build-engine", "thresholds": "calibrate threshold"}
+         "engine fp32": "build-engine", "engine int8": "build-engine", "thresholds": "calibrate threshold",
+         "memory": "calibrate memory"}
 
 
 def export(folder: Path, *args: str):
@@ -235,7 +242,7 @@ def without_fp16(full, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("writer", ["export new visual", "calibrate int8", "calibrate fp16", "calibrate threshold",
-                                    "build-engine fp16", "fuse"])  # an export adding a class commits the same way
+                                    "calibrate memory", "build-engine fp16", "fuse"])  # an export adding a class commits the same way
 def test_a_writer_killed_at_any_point_leaves_the_old_or_the_new_folder(full, without_fp16, frames, tmp_path, writer):
     pytest.importorskip("open_clip")
     from anoclip.runtime.artifacts import load_artifacts, read_manifest
