@@ -32,6 +32,13 @@ pretrained tag, graph and its sha256, the class's prompt embeddings, TTA, views,
 format, number of test images) match the current run, so interrupted evaluations continue where
 they stopped and changed artifacts are evaluated afresh. The records are :mod:`.results`, the
 printed tables :mod:`.report`.
+
+Few-shot protocol (``--memory-shots K``, :mod:`.fewshot`): per class, K normal training images drawn
+with each ``--memory-seeds`` seed become an in-memory memory of normal frames (as `anoclip calibrate
+memory` builds one; the artifact folder is never written), and the test split is scored zero-shot,
+by the memory alone and combined (weight ``--memory-weight``) from one run of the visual model per
+test image; the means over seeds and their spread go beside WinCLIP+'s published few-shot figures
+(``fewshot.json`` in --out).
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ import numpy as np
 
 from anoclip.runtime.backends import BACKEND_CHOICES
 from anoclip.runtime.errors import AnoclipError
+from anoclip.runtime.memory import DEFAULT_MAX_PATCHES, DEFAULT_WEIGHT
 from anoclip.runtime.options import no_verify_option, threads_option, verbose_option
 from anoclip.runtime.plumbing import ensure_writable_folder
 
@@ -298,16 +306,40 @@ def _relative(path: Path, root: str | Path) -> str:
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Reuse class results in --out that were made with the same settings.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout (the table goes to stderr).")
+@click.option("--memory-shots", "memory_shots", multiple=True, metavar="K[,K...]",
+              help="Few-shot protocol: per class, K normal training images (MVTec AD train/good; VisA the train, "
+                   "normal rows of 1cls.csv) drawn per seed become a memory of normal frames, built as `anoclip "
+                   "calibrate memory` builds one and held in memory (the artifact folder is not written); the test "
+                   "split is then scored zero-shot, by the memory only and combined, from one run of the visual model "
+                   "per image. Repeatable or comma-separated, e.g. 1,4,8. Results: fewshot.json in --out, with "
+                   "WinCLIP+'s published few-shot figures beside (not measured here).")
+@click.option("--memory-seeds", default="0,1,2", show_default=True, metavar="S[,S...]",
+              help="Seeds of the few-shot draws: a seed shuffles the class's normal images and the first K are "
+                   "taken (the same seed draws the same images; a seed's draws are nested in K). Tables show the "
+                   "mean over seeds ± the sample standard deviation.")
+@click.option("--memory-weight", default=DEFAULT_WEIGHT, show_default=True, type=click.FloatRange(0, 1),
+              help="Weight w of the memory in the combined rows: w * memory + (1 - w) * zero-shot.")
+@click.option("--memory-max-patches", default=DEFAULT_MAX_PATCHES, show_default=True, type=click.IntRange(min=1),
+              help="Rows a few-shot memory keeps (greedy k-center coreset above it), as `anoclip calibrate memory`.")
 @no_verify_option
 @verbose_option
 def eval_command(artifacts_dir, dataset, root, classes, tta, image_views, backend, model, batch_size, threads,
-                 out_dir, resume, as_json, no_verify, verbose):
+                 out_dir, resume, as_json, memory_shots, memory_seeds, memory_weight, memory_max_patches, no_verify,
+                 verbose):
     """Evaluate on MVTec AD or VisA: per-class pixel AUROC / AP / F1-max, PRO (authors' and
     AUPRO@0.3), image AUROC / F1-max / AUPR, and their mean beside the paper's Tables 1 and 2.
 
     Maps are compared with the masks at model resolution (240x240 for the default model on MVTec
     AD; the resized, tiled frame on VisA). One JSON file per class and summary.json go to --out; an
     interrupted run continues where it stopped.
+
+    With --memory-shots K: the few-shot protocol instead. Per class and seed, K normal training
+    images become a memory of normal frames held in memory (the artifact folder is not written);
+    every test image runs the visual model once and is scored three ways: zero-shot (memory off),
+    memory only, and combined (--memory-weight). Per class and mean: pixel AUROC, AUPRO@0.3, PRO
+    (authors) and image AUROC, mean over seeds ± sample standard deviation, beside the AnoCLIP
+    paper's zero-shot and WinCLIP / WinCLIP+'s published figures (published, not measured here).
+    fewshot.json in --out holds every row (per class, mode, K and seed).
     """
     from anoclip.runtime.plumbing import configure_logging
     from anoclip.runtime.detector import Detector
@@ -317,6 +349,10 @@ def eval_command(artifacts_dir, dataset, root, classes, tta, image_views, backen
     if classes is not None and not names:
         raise AnoclipError("--classes is empty: give comma-separated class names, e.g. --classes bottle,cable")
     plan = plan_classes(dataset, root, names)
+    if memory_shots:
+        return _fewshot(artifacts_dir, dataset, root, plan, memory_shots, memory_seeds, memory_weight,
+                        memory_max_patches, tta=tta, image_views=int(image_views), backend=backend, model=model,
+                        batch_size=batch_size, threads=threads, out_dir=out_dir, as_json=as_json, verify=not no_verify)
     detector = Detector.load(artifacts_dir, backend=backend, tta=tta, model=model, verify=not no_verify,
                              threads=threads)
     check_prompt_classes(detector, list(plan), artifacts_dir)
@@ -327,3 +363,29 @@ def eval_command(artifacts_dir, dataset, root, classes, tta, image_views, backen
     click.echo(format_report(summary), err=as_json)
     if as_json:
         click.echo(json.dumps(summary.to_json(), indent=2))
+
+
+def _fewshot(artifacts_dir, dataset, root, plan, memory_shots, memory_seeds, memory_weight, max_patches, *, tta,
+             image_views, backend, model, batch_size, threads, out_dir, as_json, verify) -> None:
+    """``anoclip eval --memory-shots``: the few-shot protocol of :mod:`.fewshot`, its tables and JSON."""
+    from anoclip.runtime.detector import Detector
+
+    from .fewshot import evaluate_fewshot, fewshot_json, format_fewshot, parse_int_list
+
+    shots = parse_int_list(memory_shots, "--memory-shots", 1)
+    seeds = parse_int_list(memory_seeds, "--memory-seeds", 0)
+    if tta:
+        raise AnoclipError("--memory-shots compares zero-shot AnoCLIP with the memory branch: drop --tta")
+    if image_views != 1:
+        raise AnoclipError("--memory-shots scores one view per image: drop --image-views")
+    if model != "visual":
+        raise AnoclipError("--memory-shots needs the V-V tokens of the visual model: drop --model visual_qkv")
+    detector = Detector.load(artifacts_dir, backend=backend, model=model, verify=verify, threads=threads,
+                             memory="off")
+    check_prompt_classes(detector, list(plan), artifacts_dir)
+    record = evaluate_fewshot(detector, dataset, root, plan, shots=shots, seeds=seeds, weight=memory_weight,
+                              max_patches=max_patches, out_dir=out_dir, batch_size=batch_size,
+                              artifacts_dir=artifacts_dir)
+    click.echo(format_fewshot(record), err=as_json)
+    if as_json:
+        click.echo(fewshot_json(record))

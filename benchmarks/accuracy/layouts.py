@@ -4,6 +4,10 @@
   ``<root>/<class>/ground_truth/<defect>/<name>_mask.png``.
 * VisA: ``<root>/split_csv/1cls.csv`` with columns object, split, label, image, mask (label
   ``normal`` / ``anomaly``; paths relative to ``<root>``; mask empty for normal images).
+
+The normal training images (the few-shot protocol draws its shots from them): MVTec AD
+``<root>/<class>/train/good/``; VisA the rows of ``1cls.csv`` with split ``train`` and label
+``normal`` (:func:`load_normal_train`).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ __all__ = [
     "Sample",
     "list_classes",
     "load_mvtec",
+    "load_normal_train",
     "load_visa",
     "read_mask",
 ]
@@ -195,6 +200,33 @@ def load_visa(root: str | Path, cls: str) -> list[Sample]:
     if not samples:
         raise ValueError(f"class {cls!r} has no test rows in {root / VISA_CSV}: check the split")
     return samples
+
+
+def load_normal_train(root: str | Path, dataset: str, cls: str) -> list[Path]:
+    """The normal training images of one class, in name order (MVTec AD: ``<class>/train/good/``)
+    or in the order of ``split_csv/1cls.csv`` (VisA: split ``train``, label ``normal``)."""
+    root = _check_root(root, dataset)
+    if dataset == "mvtec":
+        folder = root / cls / "train" / "good"
+        images = _images_in(folder) if folder.is_dir() else []
+        if not images:
+            raise FileNotFoundError(f"class {cls!r} has no normal training images in {folder}: the few-shot "
+                                    f"protocol draws its shots there; restore the class's train/good folder")
+        return images
+    if dataset != "visa":
+        raise ValueError(f"unknown dataset {dataset!r}: use one of {', '.join(DATASETS)}")
+    images = []
+    for row in _read_visa_csv(root):
+        if row["object"] == cls and row["split"] == "train" and row["label"] == "normal":
+            image = root / row["image"]
+            if not image.is_file():
+                raise FileNotFoundError(f"image {image} listed in {root / VISA_CSV} is missing: "
+                                        f"re-extract the {cls!r} folder")
+            images.append(image)
+    if not images:
+        raise ValueError(f"class {cls!r} has no normal training rows (split train, label normal) in "
+                         f"{root / VISA_CSV}: the few-shot protocol draws its shots there")
+    return images
 
 
 def list_classes(root: str | Path, dataset: str) -> list[str]:
