@@ -35,7 +35,8 @@ import numpy as np
 from anoclip.runtime.artifacts import FUSED, FUSED_FILE, VISUAL, ModelEntry, load_artifacts
 from anoclip.runtime.errors import AnoclipError
 from anoclip.runtime.folder import store_derived_model
-from anoclip.runtime.fused import DECISION_OUTPUTS, METHOD_VERSION, OUTPUTS
+from anoclip.runtime.fused import BRANCH_MAP_OUTPUTS, DECISION_OUTPUTS, MEMORY_OUTPUTS, METHOD_VERSION, OUTPUTS
+from anoclip.runtime.memory import DEFAULT_WEIGHT, check_weight
 from anoclip.runtime.scoring import l2_normalise, map_matrices
 from anoclip.runtime.thresholds import text_features_sha256
 from anoclip.runtime.vocabulary import remake_command
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 
 EPS = 1e-12  # as the runtime's l2_normalise (torch.nn.functional.normalize)
 PREFIX = "anoclip_scoring/"  # names of the appended nodes and constants
+FUSE_MEMORY_MODES = ("auto", "on", "off", "only")  # `anoclip fuse --memory`
 
 
 def class_directions(text_features: Sequence[np.ndarray]) -> np.ndarray:
@@ -72,12 +74,17 @@ def _unit_rows(nodes: list, graph_input: str, name: str, opset: int) -> str:
 
 def fuse_graph(visual, classes: Sequence[str], text_features: Sequence[np.ndarray], grid: tuple[int, int],
                image_size: tuple[int, int], metadata: dict[str, str], *, patch_embeds: bool = False,
-               batch: int | None = None, thresholds: tuple[np.ndarray, np.ndarray] | None = None):
+               batch: int | None = None, thresholds: tuple[np.ndarray, np.ndarray] | None = None,
+               memory: dict[str, np.ndarray] | None = None, memory_weight: float = DEFAULT_WEIGHT,
+               memory_only: bool = False, branch_maps: bool = False):
     """The fused ModelProto: ``visual`` (an onnx ModelProto with outputs image_embeds [B,D] and
     patch_embeds [B,M,D]) with the scoring of ``classes`` appended. ``batch`` fixes the batch axis
     of a dynamic-batch model (None: as the visual model has it). ``thresholds``: per class (image
     [K], pixel [K]) thresholds, which add the outputs ``anomalous`` (scores > image) and ``mask``
-    (maps > pixel)."""
+    (maps > pixel). ``memory``: class -> its memory of normal frames (unit rows [N, D]), combined
+    with the zero-shot branch with ``memory_weight`` (``memory_only``: the memory branch alone) for
+    those classes; adds the outputs ``zero_shot_scores`` and ``memory_scores`` [B,K], and with
+    ``branch_maps`` ``memory_maps`` and ``zero_shot_maps`` [B,K,H,W]."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -90,6 +97,9 @@ def fuse_graph(visual, classes: Sequence[str], text_features: Sequence[np.ndarra
             raise AnoclipError(f"the visual model has no output '{required}' (has {names}); re-export it")
     if not classes:
         raise AnoclipError("no classes to fuse")
+    memory = {c: m for c, m in (memory or {}).items() if c in classes}
+    if branch_maps and not memory:
+        raise AnoclipError("--branch-maps needs a class with a memory of normal frames in the graph")
     opset = _opset(model)
     batch_dim = graph.input[0].type.tensor_type.shape.dim[0]
     dynamic = not batch_dim.HasField("dim_value")
@@ -107,20 +117,19 @@ def fuse_graph(visual, classes: Sequence[str], text_features: Sequence[np.ndarra
     if thresholds is not None:
         constants["image_thresholds"] = np.asarray(thresholds[0], dtype=np.float32).reshape(count)
         constants["pixel_thresholds"] = np.asarray(thresholds[1], dtype=np.float32).reshape(1, count, 1, 1)
+    if memory:
+        constants.update(_memory_constants(classes, memory, memory_weight, memory_only))
     graph.initializer.extend(numpy_helper.from_array(v, PREFIX + k) for k, v in constants.items()
-                             if k != "last_axis" or opset >= 18)
+                             if k not in ("last_axis", "patch_axis") or opset >= 18)
     nodes: list = []
+    zero_shot = ("zero_shot_scores", f"{PREFIX}zero_shot_probs") if memory else ("scores", f"{PREFIX}patch_probs")
     for stream, out in (("image_embeds", "scores"), ("patch_embeds", "patch_logits")):
         unit = _unit_rows(nodes, stream, stream, opset)
         nodes.append(helper.make_node("MatMul", [unit, PREFIX + "directions"], [f"{PREFIX}{out}_cos"]))
-        nodes.append(helper.make_node("Sigmoid", [f"{PREFIX}{out}_cos"],
-                                      ["scores" if out == "scores" else f"{PREFIX}patch_probs"]))
-    nodes += [
-        helper.make_node("Transpose", [f"{PREFIX}patch_probs"], ["patch_scores"], perm=[0, 2, 1]),
-        helper.make_node("Reshape", ["patch_scores", PREFIX + "grid_shape"], [f"{PREFIX}grid"]),
-        helper.make_node("MatMul", [PREFIX + "map_rows", f"{PREFIX}grid"], [f"{PREFIX}rows_done"]),
-        helper.make_node("MatMul", [f"{PREFIX}rows_done", PREFIX + "map_cols"], ["maps"]),
-    ]
+        nodes.append(helper.make_node("Sigmoid", [f"{PREFIX}{out}_cos"], [zero_shot[0] if out == "scores" else zero_shot[1]]))
+    if memory:
+        nodes += _memory_nodes(classes, memory, f"{PREFIX}patch_embeds_unit", zero_shot[1], branch_maps, opset)
+    nodes += _map_nodes(f"{PREFIX}patch_probs", "patch_scores", "maps")
     if thresholds is not None:
         nodes += [helper.make_node("Greater", ["scores", PREFIX + "image_thresholds"], ["anomalous"]),
                   helper.make_node("Greater", ["maps", PREFIX + "pixel_thresholds"], ["mask"])]
@@ -129,8 +138,11 @@ def fuse_graph(visual, classes: Sequence[str], text_features: Sequence[np.ndarra
     graph.node.extend(nodes)
     kept = [o for o in graph.output if patch_embeds and o.name == "patch_embeds"]
     del graph.output[:]
-    shapes = {"scores": [b, count], "maps": [b, count, height, width], "patch_scores": [b, count, gh * gw]}
-    graph.output.extend(helper.make_tensor_value_info(name, TensorProto.FLOAT, shapes[name]) for name in OUTPUTS)
+    shapes = {"scores": [b, count], "maps": [b, count, height, width], "patch_scores": [b, count, gh * gw],
+              "zero_shot_scores": [b, count], "memory_scores": [b, count],
+              "memory_maps": [b, count, height, width], "zero_shot_maps": [b, count, height, width]}
+    names = list(OUTPUTS) + (list(MEMORY_OUTPUTS) if memory else []) + (list(BRANCH_MAP_OUTPUTS) if branch_maps else [])
+    graph.output.extend(helper.make_tensor_value_info(name, TensorProto.FLOAT, shapes[name]) for name in names)
     if thresholds is not None:
         shapes.update(anomalous=[b, count], mask=[b, count, height, width])
         graph.output.extend(helper.make_tensor_value_info(name, TensorProto.BOOL, shapes[name])
@@ -147,6 +159,83 @@ def fuse_graph(visual, classes: Sequence[str], text_features: Sequence[np.ndarra
     model.producer_name = "anoclip-fuse"
     onnx.checker.check_model(model)
     return model
+
+
+def _memory_constants(classes: Sequence[str], memory: dict[str, np.ndarray], weight: float,
+                      only: bool) -> dict[str, np.ndarray]:
+    """The memories (transposed, [D, N_c]), the selection of the memory classes' columns among the K
+    ([K_m, K], one-hot), which classes have a memory ([K], 1/0), and the per-class weights of the
+    memory branch (w, or 1 with ``only``; 0 without a memory) and of the zero-shot branch (1 - w)."""
+    weight = 1.0 if only else float(weight)
+    have = [c for c in classes if c in memory]
+    select = np.zeros((len(have), len(classes)), dtype=np.float32)
+    for i, cls in enumerate(have):
+        select[i, list(classes).index(cls)] = 1.0
+    has = np.array([1.0 if c in memory else 0.0 for c in classes], dtype=np.float32)
+    out = {f"memory_{i}": np.ascontiguousarray(np.asarray(memory[c], dtype=np.float32).T) for i, c in enumerate(have)}
+    out.update(memory_select=select, memory_has=has, half=np.array(0.5, dtype=np.float32),
+               memory_weight=np.array([weight if c in memory else 0.0 for c in classes], dtype=np.float32),
+               zero_shot_weight=np.array([1.0 - weight if c in memory else 1.0 for c in classes], dtype=np.float32),
+               patch_axis=np.array([1], dtype=np.int64))
+    return out
+
+
+def _reduce_max(source: str, target: str, axis: str, keepdims: int, opset: int):
+    """ReduceMax over one axis (``last_axis`` or ``patch_axis``): its axes are an input from opset 18 on."""
+    from onnx import helper
+
+    if opset >= 18:
+        return helper.make_node("ReduceMax", [source, PREFIX + axis], [target], keepdims=keepdims)
+    return helper.make_node("ReduceMax", [source], [target], axes=[-1 if axis == "last_axis" else 1], keepdims=keepdims)
+
+
+def _memory_nodes(classes: Sequence[str], memory: dict[str, np.ndarray], unit: str, zero_shot_probs: str,
+                  branch_maps: bool, opset: int) -> list:
+    """Nodes of the memory branch on the unit patch tokens ``unit`` [B,M,D]: per memory class the
+    largest cosine to its rows (MatMul with [D, N_c], ReduceMax), placed among the K classes (MatMul
+    with the one-hot selection), s = (1/2 - 1/2 max) on the classes with a memory (0 elsewhere),
+    the image's memory score max_i s_i, and the combinations ``scores`` and ``patch_probs`` [B,M,K]."""
+    from onnx import helper
+
+    have = [c for c in classes if c in memory]
+    nodes, best = [], []
+    for i, _ in enumerate(have):
+        nodes.append(helper.make_node("MatMul", [unit, f"{PREFIX}memory_{i}"], [f"{PREFIX}memory_{i}_cos"]))
+        nodes.append(_reduce_max(f"{PREFIX}memory_{i}_cos", f"{PREFIX}memory_{i}_best", "last_axis", 1, opset))
+        best.append(f"{PREFIX}memory_{i}_best")
+    p = PREFIX
+    if len(best) > 1:
+        nodes.append(helper.make_node("Concat", best, [f"{p}memory_best"], axis=-1))
+    nodes += [
+        helper.make_node("MatMul", [f"{p}memory_best" if len(best) > 1 else best[0], f"{p}memory_select"],
+                         [f"{p}memory_best_k"]),  # [B,M,K]
+        helper.make_node("Mul", [f"{p}memory_best_k", f"{p}half"], [f"{p}memory_half_best"]),
+        helper.make_node("Sub", [f"{p}half", f"{p}memory_half_best"], [f"{p}memory_s_all"]),
+        helper.make_node("Mul", [f"{p}memory_s_all", f"{p}memory_has"], [f"{p}memory_s"]),  # 0 without a memory
+        _reduce_max(f"{p}memory_s", "memory_scores", "patch_axis", 0, opset),
+        helper.make_node("Mul", [f"{p}memory_s", f"{p}memory_weight"], [f"{p}memory_s_w"]),
+        helper.make_node("Mul", [zero_shot_probs, f"{p}zero_shot_weight"], [f"{p}zero_shot_probs_w"]),
+        helper.make_node("Add", [f"{p}memory_s_w", f"{p}zero_shot_probs_w"], [f"{p}patch_probs"]),
+        helper.make_node("Mul", ["memory_scores", f"{p}memory_weight"], [f"{p}memory_scores_w"]),
+        helper.make_node("Mul", ["zero_shot_scores", f"{p}zero_shot_weight"], [f"{p}zero_shot_scores_w"]),
+        helper.make_node("Add", [f"{p}memory_scores_w", f"{p}zero_shot_scores_w"], ["scores"]),
+    ]
+    if branch_maps:
+        nodes += _map_nodes(f"{p}memory_s", f"{p}memory_patch_scores", "memory_maps")
+        nodes += _map_nodes(zero_shot_probs, f"{p}zero_shot_patch_scores", "zero_shot_maps")
+    return nodes
+
+
+def _map_nodes(probs: str, patch_scores: str, maps: str) -> list:
+    """Per-patch values [B,M,K] -> ``patch_scores`` [B,K,M] -> ``maps`` [B,K,H,W] (``rows @ P @ cols``)."""
+    from onnx import helper
+
+    return [
+        helper.make_node("Transpose", [probs], [patch_scores], perm=[0, 2, 1]),
+        helper.make_node("Reshape", [patch_scores, PREFIX + "grid_shape"], [f"{PREFIX}{maps}_grid"]),
+        helper.make_node("MatMul", [PREFIX + "map_rows", f"{PREFIX}{maps}_grid"], [f"{PREFIX}{maps}_rows_done"]),
+        helper.make_node("MatMul", [f"{PREFIX}{maps}_rows_done", PREFIX + "map_cols"], [maps]),
+    ]
 
 
 def calibrated_thresholds(artifacts, classes: Sequence[str], features: Sequence[np.ndarray]) -> dict:
@@ -177,15 +266,25 @@ def calibrated_thresholds(artifacts, classes: Sequence[str], features: Sequence[
 
 
 def fuse_folder(folder: str | Path, classes: Sequence[str] | None = None, *, patch_embeds: bool = False,
-                batch: int | None = None, thresholds: bool = False, command: str = "anoclip fuse",
+                batch: int | None = None, thresholds: bool = False, memory: str = "auto",
+                memory_weight: float = DEFAULT_WEIGHT, branch_maps: bool = False, command: str = "anoclip fuse",
                 report=log.info) -> tuple[str, ModelEntry]:
     """Write the fused model of ``classes`` (default: every class of the prompt weights, sorted) into
     an artifact folder as model ``fused`` (file ``anoclip.<sha>.onnx``); the file name and its entry.
-    ``thresholds``: bake the classes' calibrated thresholds in (outputs ``anomalous`` and ``mask``)."""
+    ``thresholds``: bake the classes' calibrated thresholds in (outputs ``anomalous`` and ``mask``).
+    ``memory``: ``auto`` bakes the memory of normal frames of every class that has one (combined
+    with ``memory_weight``), ``on`` likewise but every class must have one, ``only`` the memory
+    branch alone (every class must have one), ``off`` none; ``branch_maps`` adds each branch's map."""
     import onnx
 
     folder = Path(folder)
-    artifacts = load_artifacts(folder, models=[VISUAL], load_thresholds=thresholds)
+    if memory not in FUSE_MEMORY_MODES:
+        raise AnoclipError(f"--memory must be one of {', '.join(FUSE_MEMORY_MODES)}, got {memory!r}")
+    try:
+        memory_weight = check_weight(memory_weight)
+    except ValueError as exc:
+        raise AnoclipError(str(exc)) from None
+    artifacts = load_artifacts(folder, models=[VISUAL], load_thresholds=thresholds, load_memory=memory != "off")
     manifest, bank = artifacts.manifest, artifacts.prompts
     chosen = list(dict.fromkeys(classes)) if classes else sorted(bank.classes)
     missing = [c for c in chosen if c not in bank.classes]
@@ -196,6 +295,17 @@ def fuse_folder(folder: str | Path, classes: Sequence[str] | None = None, *, pat
     features = [bank.get(c).text_features for c in chosen]
     source_sha = artifacts.model_sha256(VISUAL)
     baked = calibrated_thresholds(artifacts, chosen, features) if thresholds else None
+    memories = {} if memory == "off" or artifacts.memory is None else {
+        c: artifacts.memory.classes[c] for c in chosen if c in artifacts.memory.classes}
+    lacking = [c for c in chosen if c not in memories]
+    if memory in ("on", "only") and lacking:
+        raise AnoclipError(f"class {lacking[0]} has no memory of normal frames in {folder} (--memory {memory} needs one "
+                           f"for every fused class); make it with `anoclip calibrate memory --artifacts {folder} --class "
+                           f"{lacking[0]} --normal <normal frames>`, or fuse with --memory auto")
+    if branch_maps and not memories:
+        raise AnoclipError(f"--branch-maps needs a class with a memory of normal frames, and no fused class has one in "
+                           f"{folder}; make one with `anoclip calibrate memory --artifacts {folder} --class ... --normal ...`")
+    baked_memory = {c: {"sha256": m.sha256, "rows": int(m.patches.shape[0])} for c, m in memories.items()}
     metadata = {
         "anoclip.classes": json.dumps(chosen), "anoclip.mean": json.dumps(list(manifest.mean)),
         "anoclip.std": json.dumps(list(manifest.std)), "anoclip.image_size": json.dumps(list(manifest.image_size)),
@@ -206,28 +316,42 @@ def fuse_folder(folder: str | Path, classes: Sequence[str] | None = None, *, pat
     }
     if baked is not None:
         metadata["anoclip.thresholds"] = json.dumps(baked)
+    memory_record = {}
+    if baked_memory:
+        memory_record = {"memory": baked_memory, "memory_weight": memory_weight,
+                         "memory_mode": "only" if memory == "only" else "combined"}
+        metadata["anoclip.memory"] = json.dumps(memory_record)
+        rows = ", ".join(f"{c} ({r['rows']} rows)" for c, r in baked_memory.items())
+        how = " alone" if memory == "only" else f", weight {memory_weight:g}"
+        report(f"with the memory of normal frames of {rows}{how}")
     report(f"fusing {len(chosen)} class(es) into the visual model: {', '.join(chosen)}")
     started = time.perf_counter()
     visual = onnx.load(str(artifacts.model_path(VISUAL)))
     model = fuse_graph(visual, chosen, features, tuple(manifest.grid), tuple(manifest.image_size), metadata,
                        patch_embeds=patch_embeds, batch=batch, thresholds=None if baked is None else (
-                           [baked["classes"][c]["image"] for c in chosen], [baked["classes"][c]["pixel"] for c in chosen]))
+                           [baked["classes"][c]["image"] for c in chosen], [baked["classes"][c]["pixel"] for c in chosen]),
+                       memory={c: m.patches for c, m in memories.items()}, memory_weight=memory_weight,
+                       memory_only=memory == "only", branch_maps=branch_maps)
     del visual
     visual_entry = manifest.models[VISUAL]
     b = batch if batch is not None else visual_entry.inputs["image"][0]
     count, (height, width), m = len(chosen), manifest.image_size, manifest.num_patches
     outputs = {"scores": [b, count], "maps": [b, count, height, width], "patch_scores": [b, count, m]}
-    if patch_embeds:
-        outputs["patch_embeds"] = [b, m, manifest.embed_dim]
+    if baked_memory:
+        outputs.update(zero_shot_scores=[b, count], memory_scores=[b, count])
+    if branch_maps:
+        outputs.update(memory_maps=[b, count, height, width], zero_shot_maps=[b, count, height, width])
     if baked is not None:
         outputs.update(anomalous=[b, count], mask=[b, count, height, width])
+    if patch_embeds:
+        outputs["patch_embeds"] = [b, m, manifest.embed_dim]
     entry = ModelEntry(
         file="", inputs={"image": [b, *visual_entry.inputs["image"][1:]]}, outputs=outputs,
         patch_tokens=visual_entry.patch_tokens if patch_embeds else "", vv_blocks=visual_entry.vv_blocks,
         opset=_opset(model), source_sha256=source_sha,
         provenance={"classes": chosen, "text_sha256": {c: text_features_sha256(f) for c, f in zip(chosen, features)},
                     "method_version": METHOD_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "command": command, **({"thresholds": baked} if baked is not None else {})})
+                    "command": command, **({"thresholds": baked} if baked is not None else {}), **memory_record})
     with tempfile.TemporaryDirectory(prefix="anoclip-fuse-") as tmp:
         staged = Path(tmp) / FUSED_FILE
         onnx.save(model, str(staged))
@@ -254,6 +378,16 @@ def _fuse_options(command):
         click.option("--batch", default=None, type=click.IntRange(min=1),
                      help="Fix the batch axis of a dynamic-batch visual model to this size (default: as the visual "
                           "model has it)."),
+        click.option("--memory", "memory", default="auto", show_default=True, type=click.Choice(FUSE_MEMORY_MODES),
+                     help="The memory of normal frames (`anoclip calibrate memory`): auto bakes the memory of every "
+                          "fused class that has one, combined with the zero-shot branch (classes without one stay "
+                          "zero-shot); on: the same, every class must have one; only: the memory branch alone; off: "
+                          "zero-shot only. Predict with the same --memory and --memory-weight."),
+        click.option("--memory-weight", default=DEFAULT_WEIGHT, show_default=True, type=click.FloatRange(0.0, 1.0),
+                     help="Weight w of the memory branch: w * memory + (1 - w) * zero-shot, baked into the graph."),
+        click.option("--branch-maps", is_flag=True,
+                     help="Also output each branch's map: memory_maps and zero_shot_maps [B,K,H,W] (memory_maps is 0 "
+                          "for a class without a memory); needs a class with a memory."),
         click.option("--thresholds", is_flag=True,
                      help="Bake the classes' calibrated thresholds (`anoclip calibrate threshold`, without --tta and "
                           "smoothing) into the graph: outputs anomalous [B,K] (score > image threshold) and mask "
@@ -268,7 +402,7 @@ def _fuse_options(command):
               help="Artifact folder written by anoclip-export.")
 @_fuse_options
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def fuse_command(artifacts_dir, classes, patch_embeds, batch, thresholds, verbose):
+def fuse_command(artifacts_dir, classes, patch_embeds, batch, memory, memory_weight, branch_maps, thresholds, verbose):
     """Write anoclip.onnx: one graph from the normalised image to scores [B,K] and anomaly maps
     [B,K,H,W] of K classes (and patch_scores [B,K,M]), for any ONNX consumer: trtexec, Triton,
     DeepStream, OpenVINO, onnxruntime. Runs `anoclip predict --model fused` too.
@@ -283,4 +417,4 @@ def fuse_command(artifacts_dir, classes, patch_embeds, batch, thresholds, verbos
 
     configure_logging(verbose)
     fuse_folder(artifacts_dir, parse_class_list(classes), patch_embeds=patch_embeds, batch=batch, thresholds=thresholds,
-                command=given_command(click.get_current_context(), "anoclip", "fuse"), report=click.echo)
+                memory=memory, memory_weight=memory_weight, branch_maps=branch_maps, command=given_command(click.get_current_context(), "anoclip", "fuse"), report=click.echo)

@@ -13,7 +13,7 @@ import numpy as np
 from .artifacts import FUSED, TTA_GRAPH, VISUAL, Artifacts, load_artifacts
 from .backends import Backend, backend_model, create_backend
 from .errors import ArtifactError, BackendError
-from .fused import OUTPUTS as FUSED_OUTPUTS, check_fused_holds, fused_classes
+from .fused import OUTPUTS as FUSED_OUTPUTS, baked_memory, check_fused_holds, fused_classes
 from .memory import DEFAULT_WEIGHT, MEMORY_MODES, ClassMemory, check_weight, combine, memory_scores
 from .preprocess import DEFAULT_MAX_PIXELS, TileLayout, as_rgb_uint8, merge_tiles, preprocess, read_image
 from .prompt_weights import ClassPrompts
@@ -133,6 +133,7 @@ class Detector:
         self.mean, self.std = manifest.mean, manifest.std
         # The fused model scores its own classes in the graph: class -> its index there.
         self._fused_index = {c: k for k, c in enumerate(fused_classes(artifacts))} if model == FUSED else None
+        self._fused_memory: dict[str, bool] = {}  # class -> the fused graph's outputs hold its memory branch
 
     @property
     def precision(self) -> str:
@@ -224,6 +225,7 @@ class Detector:
         for name in names:
             self.class_prompts(name)
             self.class_memory(name)  # --memory on|only: a class without a memory fails before any image is read
+            self.memory_in_graph(name)  # so does a fused model that baked another memory than these settings ask
         return names
 
     def threshold_for(self, cls: str, image: float | None = None, pixel: float | None = None) -> ClassThreshold | None:
@@ -296,7 +298,7 @@ class Detector:
             layouts.append(layout)
             sizes.append(rgb.shape[:2])
         t1 = time.perf_counter()
-        memory = any(self.class_memory(name) is not None for name in classes)
+        memory = any(self.class_memory(name) is not None and not self.memory_in_graph(name) for name in classes)
         outputs = self._run(np.concatenate(batches), tta_config is not None or memory)
         t2 = time.perf_counter()
         n = len(images)
@@ -325,6 +327,17 @@ class Detector:
         result.threshold = self.threshold_for(result.cls)
         result.anomalous, result.regions = decide(result.score, result.anomaly_map_full, result.threshold)
 
+    def memory_in_graph(self, cls: str) -> bool:
+        """Whether the fused model baked ``cls``'s memory of normal frames as this detector's memory
+        settings ask (its scores and maps are then the combined ones); an ArtifactError naming
+        `anoclip fuse` when it baked one they do not match (see ``fused.baked_memory``)."""
+        if self._fused_index is None:
+            return False
+        if cls not in self._fused_memory:
+            self._fused_memory[cls] = baked_memory(self.artifacts, cls, self.memory, self.memory_weight,
+                                                   self.class_memory(cls))
+        return self._fused_memory[cls]
+
     def _run(self, batch: np.ndarray, tokens: bool) -> dict[str, np.ndarray]:
         """The model's outputs by name (``tokens``: the patch tokens are needed, for TTA or the memory)."""
         if self._fused_index is None:
@@ -332,8 +345,9 @@ class Detector:
         outputs = self.backend.run_all(batch)
         if tokens and "patch_embeds" not in outputs:
             raise ArtifactError(f"the fused model of {self.artifacts.folder} has no patch tokens for test-time "
-                                f"adaptation or the memory of normal frames; make it with `anoclip fuse --artifacts "
-                                f"{self.artifacts.folder} --patch-embeds`, or use --model visual")
+                                f"adaptation and no memory of normal frames of the classes asked; make it with "
+                                f"`anoclip fuse --artifacts {self.artifacts.folder}` (bakes the folder's memory; add "
+                                "--patch-embeds for test-time adaptation), or use --model visual")
         return outputs
 
     def _class_result(self, outputs: dict[str, np.ndarray], tiles: slice, cls: str, layout: TileLayout,
@@ -342,6 +356,7 @@ class Detector:
         started = time.perf_counter()
         text = self.class_prompts(cls).text_features
         k = self._fused_index[cls] if self._fused_index is not None else None
+        in_graph = self.memory_in_graph(cls)  # scores, maps and patch_scores of the graph are the combined ones
         tile_maps = None
         timings = {}
         if tta_config is not None:
@@ -352,11 +367,19 @@ class Detector:
             probs, tile_maps = outputs["patch_scores"][tiles, k], outputs["maps"][tiles, k]
         else:
             probs = abnormal_probability(outputs["patch_embeds"][tiles], text)  # [tiles, M]
-        score = outputs["scores"][tiles, k] if k is not None else abnormal_probability(outputs["image_embeds"][tiles], text)
+        score = (outputs["zero_shot_scores" if in_graph else "scores"][tiles, k] if k is not None
+                 else abnormal_probability(outputs["image_embeds"][tiles], text))
         score = float(np.mean(score))
         memory = self.class_memory(cls)
         if memory is None:
             result = self._maps(score, probs, tile_maps, layout, size, cls)
+        elif in_graph and tta_config is None:  # per tile each branch's score: the mean of one, the max of the other
+            memory_score = float(np.max(outputs["memory_scores"][tiles, k]))
+            only = self.memory == "only"
+            result = self._maps(memory_score if only else float(combine(score, memory_score, self.memory_weight)),
+                                probs, tile_maps, layout, size, cls)
+            result.branches = ("memory",) if only else ("zero_shot", "memory")
+            result.zero_shot_score, result.memory_score = score, memory_score
         else:  # the raw V-V tokens against the memory (which holds raw tokens; TTA adapts the zero-shot branch only)
             s = memory_scores(outputs["patch_embeds"][tiles], memory.patches)  # [tiles, M]
             memory_score = float(np.max(s))

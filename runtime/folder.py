@@ -207,7 +207,8 @@ class FolderTransaction:
     def _check_fused(self, entry, manifest: Manifest, report: CommitReport) -> None:
         """The fused graph bakes classes' text features: a class re-encoded or dropped makes it
         wrong (dropped); a class added makes it partial (said); thresholds baked into it (``fuse
-        --thresholds``) that are no longer the folder's calibrated ones make it stale (said)."""
+        --thresholds``) that are no longer the folder's calibrated ones make it stale (said); so do
+        memories of normal frames baked into it that are no longer the folder's (said)."""
         from .thresholds import text_features_sha256
 
         bank = self._prompts(manifest)
@@ -242,6 +243,21 @@ class FolderTransaction:
                 report.stale.append(f"the fused model's baked thresholds of {', '.join(moved)} are no longer the "
                                     f"folder's calibrated ones; `{remake} --classes {','.join(baked)} --thresholds` "
                                     "bakes the current ones")
+        remembered = entry.provenance.get("memory")
+        if remembered and entry.file not in self.written:  # memories baked in: still the folder's?
+            from .memory import read_memory
+
+            try:
+                current = read_memory(resolve_inside(self.folder, manifest.memory)).classes if manifest.memory else {}
+            except (ArtifactError, OSError, ValueError):
+                current = {}
+            moved = [c for c, m in remembered.items() if c not in current or current[c].sha256 != m.get("sha256")]
+            if moved:
+                how = (" --memory only" if entry.provenance.get("memory_mode") == "only" else
+                       f" --memory-weight {entry.provenance.get('memory_weight'):g}")
+                report.stale.append(f"the fused model's baked memory of normal frames of {', '.join(moved)} is no "
+                                    f"longer the folder's; `{remake} --classes {','.join(baked)}{how}` bakes the "
+                                    "current one (predicting with it is refused until then)")
 
     def _check_memory(self, manifest: Manifest, known: dict[str, str], report: CommitReport) -> None:
         """The memory holds tokens of one visual model: it goes (with the command that remakes it)

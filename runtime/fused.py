@@ -7,14 +7,21 @@ checked like any model made from it (``source_sha256``); the text features here,
 fused model made before classes were added to the folder (or of chosen classes) is partial: asking
 it for every class, or for one it lacks, is refused with the ``anoclip fuse`` command that makes it
 (:func:`check_fused_holds`).
+
+A fused model may bake classes' memories of normal frames (provenance ``memory``: per class the
+sha256 and row count of the memory, ``memory_weight``, ``memory_mode`` ``combined`` or ``only``):
+its scores and maps then hold the memory branch, and hold only for that memory, weight and mode
+(:func:`baked_memory`).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 from .artifacts import FUSED, MAKE_MODEL, Artifacts
 from .errors import ArtifactError
+from .memory import ClassMemory
 from .thresholds import text_features_sha256
 
 METHOD_VERSION = "1"  # of the scoring in the graph; fused files of another version are made anew
@@ -22,6 +29,11 @@ OUTPUTS = ("scores", "maps", "patch_scores")  # [B,K], [B,K,H,W], [B,K,M]; patch
 # optional, `anoclip fuse --thresholds`: bool [B,K] score > image threshold, [B,K,H,W] map > pixel threshold
 # (the thresholds baked in: the entry's provenance "thresholds" and the graph's metadata)
 DECISION_OUTPUTS = ("anomalous", "mask")
+# with a memory of normal frames baked in (`anoclip fuse`, provenance "memory"): each branch's image
+# score [B,K] (memory_scores: 0 for a class without a memory; zero_shot_scores: the global token's
+# p_abnormal), and with `--branch-maps` each branch's map [B,K,H,W] (memory_maps: 0 without a memory)
+MEMORY_OUTPUTS = ("zero_shot_scores", "memory_scores")
+BRANCH_MAP_OUTPUTS = ("memory_maps", "zero_shot_maps")
 
 
 def fused_classes(artifacts: Artifacts) -> list[str]:
@@ -67,3 +79,37 @@ def check_fused_holds(artifacts: Artifacts, fused: Sequence[str], asked: Sequenc
             artifacts.prompts.get(cls)  # a class the folder lacks too: the prompt weights' error
             raise ArtifactError(f"class {cls!r} is not in the fused model of {folder} (has: {', '.join(fused)}); "
                                 f"make it with `{make} --classes {','.join([*fused, cls])}`")
+
+
+def baked_memory(artifacts: Artifacts, cls: str, mode: str, weight: float, memory: ClassMemory | None) -> bool:
+    """Whether the fused model's outputs for ``cls`` hold the memory branch as the runtime's memory
+    setting ``mode`` (auto, on, off, only) with ``weight`` and the folder's memory of the class
+    (``memory``, None when the branch is off for it) ask: True when the graph baked that memory,
+    False when it baked none for the class; one ArtifactError naming `anoclip fuse` when the graph
+    baked a memory these settings or the folder's current memory do not match."""
+    folder = artifacts.folder
+    entry = artifacts.manifest.models[FUSED]
+    baked = (entry.provenance.get("memory") or {}).get(cls)
+    if baked is None:
+        return False
+    make = MAKE_MODEL[FUSED].format(folder=folder)
+    only = entry.provenance.get("memory_mode") == "only"
+    if mode == "off":
+        raise ArtifactError(f"the fused model of {folder} has the memory of normal frames of class {cls} baked in and "
+                            f"cannot leave it out (--memory off); make it without with `{make} --memory off`, or use "
+                            "--model visual")
+    if memory is None:
+        raise ArtifactError(f"the memory of normal frames of class {cls} was removed from {folder} since its fused "
+                            f"model baked it; make it anew with `{make}`")
+    if memory.sha256 != baked.get("sha256"):
+        raise ArtifactError(f"the memory of normal frames of class {cls} in {folder} changed since its fused model "
+                            f"baked it; make it anew with `{make}`")
+    if only != (mode == "only"):
+        raise ArtifactError(f"the fused model of {folder} bakes --memory {'only' if only else 'auto'} and this runs "
+                            f"--memory {mode}; make it with `{make} --memory {mode}`, or predict with "
+                            f"--memory {'only' if only else 'auto'}")
+    made = entry.provenance.get("memory_weight")
+    if not only and not (isinstance(made, (int, float)) and math.isclose(made, weight, rel_tol=0.0, abs_tol=1e-9)):
+        raise ArtifactError(f"the fused model of {folder} bakes memory weight {made} and this runs {weight:g}; make "
+                            f"it with `{make} --memory-weight {weight:g}`, or predict with --memory-weight {made}")
+    return True
