@@ -483,3 +483,52 @@ def test_clients_wait_a_bounded_time_for_a_server_still_loading(monkeypatch):
     with pytest.raises(AnoclipError, match="Connection refused"):
         remote.classes  # nothing there: not waited for
     assert remote.pool.calls == 1
+
+
+def _mapped_shm_bytes(pid: int, prefix: str) -> int:
+    """Bytes in use (st_blocks) of the /dev/shm files whose name starts with ``prefix`` that process
+    ``pid`` maps."""
+    import os
+
+    names = set()
+    with open(f"/proc/{pid}/maps") as maps:
+        for line in maps:
+            fields = line.split(None, 5)
+            if len(fields) == 6 and fields[5].strip().startswith(f"/dev/shm/{prefix}"):
+                names.add(fields[5].strip())
+    return sum(os.stat(name).st_blocks * 512 for name in names if os.path.exists(name))
+
+
+def test_an_oversized_raw_frame_is_refused_and_its_shared_memory_given_back(start_server, tiny_artifacts):
+    """A 6000x6000 frame (108 MB) to a server of --max-pixels 1000000: an error of that request, the
+    next frame answered, and PyTriton's tensor store (the psm_* files the server's Python process
+    maps) does not keep the 108 MB: before, it held the largest request's pages until the server
+    stopped. Triton's own python-backend region keeps its copy (no request-size limit in the Triton
+    PyTriton 0.7 bundles), so the bound is on the tensor store, not on the whole process group."""
+    import tritonclient.http as http
+
+    try:
+        server = start_server(tiny_artifacts, "--max-pixels", "1000000")
+    except AnoclipError as exc:
+        pytest.skip(f"the Triton Inference Server did not start here: {exc}")
+    client = http.InferenceServerClient(server.http_url.split("://")[1], network_timeout=120, connection_timeout=120)
+
+    def infer(frame):
+        inputs = [http.InferInput("frame", [1, *frame.shape], "UINT8"), http.InferInput("class", [1, 1], "BYTES")]
+        inputs[0].set_data_from_numpy(frame[None])
+        inputs[1].set_data_from_numpy(np.array([[b"bottle"]], dtype=object))
+        out = client.infer(FRAME_MODEL, inputs, outputs=[http.InferRequestedOutput("error"),
+                                                         http.InferRequestedOutput("score")])
+        return bytes(out.as_numpy("error").reshape(-1)[0]).decode(), float(out.as_numpy("score").reshape(-1)[0])
+
+    try:
+        huge = np.full((6000, 6000, 3), 7, np.uint8)
+        error, score = infer(huge)
+        assert error.startswith("ImageError: the frame is 6000x6000, above the server's --max-pixels 1000000")
+        assert np.isnan(score)
+        held = _mapped_shm_bytes(server.process.pid, "psm_")
+        assert held < 16 * 2**20, f"the tensor store holds {held / 2**20:.0f} MB after the refusal"
+        error, score = infer(np.zeros((64, 64, 3), np.uint8))
+        assert error == "" and np.isfinite(score)
+    finally:
+        client.close()

@@ -8,7 +8,11 @@ that cannot be scored gets its own error text (see ``anoclip.runtime.serving.ser
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import json
+import logging
+import mmap
 import threading
 from collections import defaultdict
 
@@ -20,6 +24,12 @@ from anoclip.runtime.preprocess import DEFAULT_MAX_PIXELS, as_rgb_uint8
 from anoclip.runtime.thresholds import tta_settings
 
 NO_DECISION = -1  # "anomalous" of a class without an image threshold
+# A raw frame of at least this many bytes has its shared-memory pages given back once it is answered
+RELEASE_BYTES = 16 * 2**20
+MADV_REMOVE = 9  # Linux: free the range of a shared mapping and its backing store (tmpfs pages)
+
+log = logging.getLogger(__name__)
+_libc = None
 
 
 def decode_image(raw: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -36,6 +46,46 @@ def check_frame(frame: np.ndarray, max_pixels: int | None) -> np.ndarray:
         raise ImageError(f"the frame is {width}x{height}, above the server's --max-pixels {max_pixels}; send it "
                          "scaled down, or start the server with a larger --max-pixels")
     return as_rgb_uint8(frame)
+
+
+def release_pages(array: np.ndarray) -> int:
+    """Give back the memory of a request's raw frame once it is answered; the bytes released.
+
+    PyTriton hands a request's tensors to this process in shared memory (its tensor store, a
+    /dev/shm/psm_* file) that keeps the pages of the largest request it ever carried: one
+    16000x16000 frame left some 730 MB there until the server stopped. (Triton's python-backend
+    region, /dev/shm/pytrtion*, keeps as much again; it is not mapped here and the Triton that
+    PyTriton 0.7 bundles has no request-size limit, so that copy stays.) The whole pages inside the
+    frame are removed from that file (madvise MADV_REMOVE): the frame is not read again, and the
+    block it occupied is refilled, like any new page, when a later request needs it. Only a C-contiguous view on a shared file mapping
+    qualifies; anything else (an array of this process) is left alone, and so is a system that
+    refuses (0 is returned)."""
+    global _libc
+    if array.nbytes < mmap.PAGESIZE or not array.flags.c_contiguous or not _on_shared_file_mapping(array):
+        return 0
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        except (OSError, AttributeError):
+            _libc = False
+    if not _libc:
+        return 0
+    address = array.__array_interface__["data"][0]
+    start = -(-address // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the frame only
+    end = (address + array.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end <= start or _libc.madvise(start, end - start, MADV_REMOVE) != 0:
+        return 0
+    return end - start
+
+
+def _on_shared_file_mapping(array: np.ndarray) -> bool:
+    base = array
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if isinstance(base, memoryview):
+        base = base.obj
+    return isinstance(base, mmap.mmap)
 
 
 def _text(value) -> str:
@@ -128,7 +178,16 @@ class AnoclipModel:
 
     def infer_frames(self, requests) -> list[dict]:
         with self.drain.batch():
-            return self._infer(requests, "frame")
+            try:
+                return self._infer(requests, "frame")
+            finally:  # answered (or failed): large frames give their shared memory back
+                released = 0
+                for request in requests:
+                    frames = request.data.get("frame")
+                    if isinstance(frames, np.ndarray) and frames.nbytes >= RELEASE_BYTES:
+                        released += release_pages(frames)
+                if released:
+                    log.debug("gave back %.0f MB of request memory", released / 2**20)
 
     def _infer(self, requests, key: str) -> list[dict]:
         # per image: [request index, image, class, stream, result or error text, (image, pixel) thresholds, reset]

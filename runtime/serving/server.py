@@ -28,7 +28,9 @@ The request handling itself is ``anoclip.runtime.serving.model``.
 When every model is loaded and ready (Triton's ``/v2/health/ready`` can answer before), the server
 says so in one line (``on_ready``). What servers killed before left in ``/dev/shm`` and PyTriton's
 workspaces is swept at start, this server's own at stop (``anoclip.runtime.serving.sweep``). A raw
-frame above ``--max-pixels`` is refused by its shape, as an error of its request.
+frame above ``--max-pixels`` is refused by its shape, as an error of its request; a large raw frame
+gives its pages in PyTriton's shared memory back once answered (``model.release_pages``), while
+Triton's python-backend region keeps the largest request's size (this Triton has no request-size limit).
 
 SIGINT or SIGTERM stops gracefully: new batches are refused with a server error (a client with
 several servers sends them to another one), the batches running are answered, the models are
