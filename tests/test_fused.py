@@ -107,6 +107,42 @@ def test_vit_b16_plus_fused_graph_matches_the_runtime(real_fused, count):
     assert np.abs(got["maps"] - maps).max() <= TOL
 
 
+@pytest.fixture(scope="module")
+def real_fused_memory(real_fused):
+    """The same visual model fused with memories of two of the three classes (the model's unit patch
+    tokens of random images; coreset off): combined with weight 0.3 and both branch maps, and alone."""
+    from anoclip.export.fused import fuse_graph
+
+    visual, fused, text = real_fused
+    _, patches = OnnxRuntimeBackend(visual, providers="cpu").run(inputs((3, 3, 240, 240), 3, seed=20))
+    rows = patches / np.linalg.norm(patches, axis=-1, keepdims=True)
+    memories = {CLASSES[0]: rows[:2].reshape(-1, 640), CLASSES[1]: rows[2]}
+    model = onnx.load(str(visual))
+    graphs = {}
+    for mode in ("combined", "only"):
+        graphs[mode] = visual.parent / f"anoclip-memory-{mode}.onnx"
+        onnx.save(fuse_graph(model, CLASSES, text, (15, 15), (240, 240), {}, memory=memories, memory_weight=0.3,
+                             memory_only=mode == "only", branch_maps=mode == "combined"), str(graphs[mode]))
+    return visual, graphs, text, memories
+
+
+@pytest.mark.parametrize("count", [1, 4])
+@pytest.mark.parametrize("mode", ["combined", "only"])
+def test_vit_b16_plus_fused_memory_graph_equals_the_formula(real_fused_memory, mode, count):
+    """The memory branch in the graph against test_fused_memory's plain-numpy formula; one class
+    without a memory in the same graph stays zero-shot."""
+    from test_fused_memory import assert_graph_equals_formula
+
+    visual, graphs, text, memories = real_fused_memory
+    batch = inputs((count, 3, 240, 240), count, seed=30 + count)
+    image_embeds, patch_embeds = OnnxRuntimeBackend(visual, providers="cpu").run(batch)
+    got = run_plain(graphs[mode], batch)
+    assert got["maps"].shape == (count, 3, 240, 240) and got["memory_scores"].shape == (count, 3)
+    assert_graph_equals_formula(got, image_embeds, patch_embeds, CLASSES, text, memories, (15, 15), (240, 240), 0.3,
+                                mode == "only", label=f"ViT-B-16-plus-240 {mode}")
+    assert np.ptp(got["maps"]) > 1e-4
+
+
 def test_fused_graph_metadata_and_manifest_entry(fused_artifacts):
     manifest = read_manifest(fused_artifacts)
     entry = manifest.models["fused"]
