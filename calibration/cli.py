@@ -42,12 +42,22 @@ def calibrate_group():
                    "detector will watch. Images that cannot be read are skipped, and counted at the end.")
 @click.option("--quantile", default=DEFAULT_QUANTILE, show_default=True, type=click.FloatRange(0, 1),
               help="The image threshold is this quantile of the normal frames' scores (plus --margin): a share of "
-                   "about 1-Q of normal frames will be called anomalous. Needs at least 1/(1-Q) frames to mean that.")
+                   "about 1-Q of normal frames will be called anomalous. Needs at least 1/(1-Q) frames to mean that. "
+                   "Not with --false-alarm-rate.")
+@click.option("--false-alarm-rate", "false_alarm_rate", default=None,
+              type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Instead of --quantile: a stated false-alarm rate A in (0, 1). With n normal frames the image "
+                   "threshold is the k-th smallest of their scores, k = ceil((n+1)(1-A)) (split conformal "
+                   "prediction), plus --margin: a new normal frame exchangeable with the calibration frames (same "
+                   "scene, camera and settings, not picked or ordered by their scores) scores above it with "
+                   "probability at most A. Needs at least ceil(1/A)-1 frames (99 for 0.01); fewer is refused "
+                   "before any frame is scored when the count is known (images), else after reading them.")
 @click.option("--margin", default=0.0, show_default=True, type=float,
               help="Added to the score quantile, in score units (p_abnormal). Default 0: the quantile already sets "
                    "the false-alarm rate, and scores have no fixed scale (they stay near 0.5), so choose a margin "
                    "against the spread of normal scores this command reports; positive: fewer false alarms, more "
-                   "missed defects.")
+                   "missed defects. With --false-alarm-rate it is added on top of the k-th score and must be >= 0: "
+                   "the rate then stays at most A (lower, by an amount the margin does not state).")
 @click.option("--pixel-quantile", default=DEFAULT_PIXEL_QUANTILE, show_default=True, type=click.FloatRange(0, 1),
               help="The pixel threshold is this quantile of all normal map values (plus --pixel-margin); map "
                    "pixels above it form the reported regions. The default 1 takes the largest value any normal "
@@ -67,9 +77,10 @@ def calibrate_group():
 @max_pixels_option("Largest image (width x height) decoded; larger files are refused unread.")
 @click.option("--json", "as_json", is_flag=True, help="Print the stored thresholds and their provenance as JSON.")
 @verbose_option
-def threshold_command(artifacts_dir, cls, normal, quantile, margin, pixel_quantile, pixel_margin, stride, max_frames,
-                      replace_file, backend, model, precision, tiling, smoothing_sigma, tta, tta_backend, tta_steps,
-                      tta_adapter, tta_init, tta_state, seed, threads, max_pixels, as_json, verbose):
+def threshold_command(artifacts_dir, cls, normal, quantile, false_alarm_rate, margin, pixel_quantile, pixel_margin,
+                      stride, max_frames, replace_file, backend, model, precision, tiling, smoothing_sigma, tta,
+                      tta_backend, tta_steps, tta_adapter, tta_init, tta_state, seed, threads, max_pixels, as_json,
+                      verbose):
     """Thresholds of a class from normal frames.
 
     An image-score threshold (a frame scoring above it is anomalous) and a pixel threshold (map
@@ -81,8 +92,14 @@ def threshold_command(artifacts_dir, cls, normal, quantile, margin, pixel_quanti
     (thresholds.<sha>.json, named and hashed by the manifest); predict and stream then use them.
     Thresholds measured on another visual model or other prompts of the class are not applied
     either: re-run this command after such an export.
+
+    With --false-alarm-rate A the image threshold carries a guarantee instead of an estimate: for
+    normal frames exchangeable with those calibrated on, at most a share A of them is called
+    anomalous (in expectation over calibration and new frames). The stored record says which rule
+    made the threshold (quantile or conformal), A, the rank k and that assumption.
     """
     from anoclip.runtime.detector import Detector
+    from anoclip.runtime.errors import AnoclipError
     from anoclip.runtime.plumbing import ensure_writable_folder
 
     from anoclip.runtime.inputs import FrameReader, plan_inputs
@@ -90,12 +107,19 @@ def threshold_command(artifacts_dir, cls, normal, quantile, margin, pixel_quanti
     from .threshold import ThresholdSettings, calibrate_threshold
 
     configure_logging(verbose)
+    ctx = click.get_current_context()
+    if false_alarm_rate is not None and ctx.get_parameter_source("quantile") != click.core.ParameterSource.DEFAULT:
+        raise AnoclipError("--false-alarm-rate and --quantile both set the image threshold; give one of them")
     try:
-        settings = ThresholdSettings(quantile, margin, pixel_quantile, pixel_margin)
+        settings = ThresholdSettings(quantile, margin, pixel_quantile, pixel_margin, false_alarm_rate)
     except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
+        raise AnoclipError(f"{exc}; see --help") from None
     tta_config = tta_config_from(tta, tta_steps, tta_adapter, tta_init, tta_state, seed)
-    reader = FrameReader(plan_inputs(normal, stride, "--normal"), stride, max_pixels)
+    sources = plan_inputs(normal, stride, "--normal")
+    reader = FrameReader(sources, stride, max_pixels)
+    if false_alarm_rate is not None:  # too few frames for the conformal rank: refused before any is scored
+        known = None if any(s.video for s in sources) else len(sources)  # a video's frame count is an estimate
+        settings.check_frame_count(min(known, max_frames) if known is not None else max_frames)
     detector = Detector.load(artifacts_dir, backend=backend, model=model, precision=precision, tiling=tiling,
                              smoothing_sigma=smoothing_sigma, threads=threads, tta=tta_config or False,
                              tta_backend=tta_backend, max_pixels=max_pixels,
@@ -109,9 +133,16 @@ def threshold_command(artifacts_dir, cls, normal, quantile, margin, pixel_quanti
         command=_command_line(), total=reader.expected, max_frames=max_frames,
         replace_file=replace_file)
     folder = Path(artifacts_dir)
+    if record.rank is None:
+        image_line = (f"{cls}: image threshold {record.image:.6g} = quantile {record.quantile:g} of {record.frames} "
+                      f"normal scores ({record.image_quantile_value:.6g}) + margin {record.margin:g}")
+    else:
+        image_line = (f"{cls}: image threshold {record.image:.6g} = the k = {record.rank}-th smallest of n = "
+                      f"{record.frames} normal scores ({record.image_quantile_value:.6g}) + margin {record.margin:g}; "
+                      f"k = ceil((n+1)(1-α)) with α = {record.false_alarm_rate:g}: a new normal frame exchangeable "
+                      f"with these scores above it with probability at most {record.false_alarm_rate:g}")
     for line in (
-        f"{cls}: image threshold {record.image:.6g} = quantile {record.quantile:g} of {record.frames} normal scores "
-        f"({record.image_quantile_value:.6g}) + margin {record.margin:g}",
+        image_line,
         f"{cls}: pixel threshold {record.pixel:.6g} = quantile {record.pixel_quantile:g} of {record.pixel_values} "
         f"map values ({record.pixel_quantile_value:.6g}) + margin {record.pixel_margin:g}",
         f"{cls}: normal scores min {record.score_min:.6g}, mean {record.score_mean:.6g}, max {record.score_max:.6g}",

@@ -1,6 +1,9 @@
 """Score thresholds from normal frames: measure them with a Detector, then store them in its folder.
 
-image threshold = the ``quantile`` of the normal frames' scores + ``margin``;
+image threshold = the ``quantile`` of the normal frames' scores + ``margin``, or, with a
+``false_alarm_rate`` α (split conformal prediction), the k-th smallest of the n normal scores,
+k = ⌈(n+1)(1−α)⌉, + ``margin`` (>= 0): a new normal frame exchangeable with the calibration frames
+scores above it with probability at most α (over the draw of calibration and new frame together);
 pixel threshold = the ``pixel_quantile`` of their map values + ``pixel_margin``.
 
 Storing goes through the folder's transaction (``anoclip.runtime.folder``): the thresholds file
@@ -29,8 +32,9 @@ from anoclip.runtime.errors import AnoclipError
 from anoclip.runtime.integrity import resolve_inside
 from anoclip.runtime.folder import transaction
 from anoclip.runtime.prompt_weights import read_prompts
-from anoclip.runtime.thresholds import (THRESHOLDS, ClassCalibration, ThresholdTable, read_thresholds,
-                                        text_features_sha256, threshold_bytes, tta_settings)
+from anoclip.runtime.thresholds import (CONFORMAL_RULE, QUANTILE_RULE, THRESHOLDS, ClassCalibration, ThresholdTable,
+                                        conformal_assumption, conformal_frames_needed, conformal_rank,
+                                        read_thresholds, text_features_sha256, threshold_bytes, tta_settings)
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +49,19 @@ CALIBRATION_STATE = "calibration"  # the TTA state key the calibration adapts (t
 
 @dataclass(frozen=True)
 class ThresholdSettings:
-    """How the thresholds are taken from the normal frames (margins in score units, p_abnormal)."""
+    """How the thresholds are taken from the normal frames (margins in score units, p_abnormal).
+
+    ``false_alarm_rate`` (α in (0, 1)) replaces ``quantile`` by the conformal rule: the image
+    threshold is the ⌈(n+1)(1−α)⌉-th smallest of the n normal scores, plus ``margin``, which must
+    then be >= 0 (it only raises the threshold, so the guarantee P(normal score > threshold) <= α
+    still holds; a negative one would void it).
+    """
 
     quantile: float = DEFAULT_QUANTILE
     margin: float = 0.0
     pixel_quantile: float = DEFAULT_PIXEL_QUANTILE
     pixel_margin: float = 0.0
+    false_alarm_rate: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("quantile", "pixel_quantile"):
@@ -60,6 +71,43 @@ class ThresholdSettings:
         for name in ("margin", "pixel_margin"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number")
+        if self.false_alarm_rate is not None:
+            if not 0.0 < self.false_alarm_rate < 1.0:
+                raise ValueError(f"false_alarm_rate must lie in (0, 1), got {self.false_alarm_rate!r}")
+            if self.margin < 0:
+                raise ValueError(f"margin must be >= 0 with a false-alarm rate (got {self.margin!r}): a negative "
+                                 "margin lowers the threshold below the conformal rank and voids the guarantee")
+
+    @property
+    def rule(self) -> str:
+        return QUANTILE_RULE if self.false_alarm_rate is None else CONFORMAL_RULE
+
+    def frames_needed(self) -> int:
+        """The fewest normal frames the image threshold can be taken from (conformal: ⌈1/α⌉ − 1)."""
+        return 1 if self.false_alarm_rate is None else max(1, conformal_frames_needed(self.false_alarm_rate))
+
+    def check_frame_count(self, frames: int) -> None:
+        """An AnoclipError when ``frames`` normal frames are too few for the conformal rank."""
+        needed = self.frames_needed()
+        if self.false_alarm_rate is not None and frames < needed:
+            alpha = self.false_alarm_rate
+            raise AnoclipError(
+                f"--false-alarm-rate {alpha:g} needs at least {needed} normal frames (the threshold is the "
+                f"ceil((n+1)(1-{alpha:g}))-th smallest of n scores, which exists only from n = {needed}), "
+                f"{frames} given; give more normal frames or a larger --false-alarm-rate; nothing was written")
+
+
+def image_threshold_value(scores: np.ndarray, settings: ThresholdSettings) -> tuple[float, int | None]:
+    """(the score the image threshold is taken at, before the margin; the conformal rank k or None).
+
+    Quantile rule: numpy's linear-interpolated ``settings.quantile`` of the scores. Conformal rule:
+    the k-th smallest score, k = ⌈(n+1)(1−α)⌉ (an order statistic, no interpolation)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if settings.false_alarm_rate is None:
+        return float(np.quantile(scores, settings.quantile)), None
+    settings.check_frame_count(scores.size)
+    rank = conformal_rank(scores.size, settings.false_alarm_rate)
+    return float(np.partition(scores, rank - 1)[rank - 1]), rank
 
 
 def calibrate_threshold(detector: Detector, cls: str, frames: Iterable[np.ndarray],
@@ -91,6 +139,8 @@ def measure_threshold(detector: Detector, cls: str, frames: Iterable[np.ndarray]
     from tqdm import tqdm
 
     text = detector.class_prompts(cls).text_features  # an unknown class fails before any frame is read
+    if max_frames is not None:  # too few frames allowed for the conformal rank: refused before any is scored
+        settings.check_frame_count(max_frames)
     source = iter(frames)
     used = itertools.islice(source, max_frames) if max_frames is not None else source
     scores: list[float] = []
@@ -109,7 +159,8 @@ def measure_threshold(detector: Detector, cls: str, frames: Iterable[np.ndarray]
         raise AnoclipError("no normal frames were read; give normal images, folders of them or videos with --normal")
     if max_frames is not None and len(scores) == max_frames and _more(source):
         log.warning("stopped after %d frames (max_frames); the later ones were not used", max_frames)
-    if len(scores) < MIN_RELIABLE_FRAMES:
+    settings.check_frame_count(len(scores))
+    if settings.false_alarm_rate is None and len(scores) < MIN_RELIABLE_FRAMES:
         log.warning("only %d normal frame(s): the %g quantile of so few scores is unreliable; give at least %d "
                     "(better a few hundred)", len(scores), settings.quantile, MIN_RELIABLE_FRAMES)
     values = np.concatenate(samples)
@@ -117,18 +168,21 @@ def measure_threshold(detector: Detector, cls: str, frames: Iterable[np.ndarray]
     if not (np.all(np.isfinite(score_array)) and np.all(np.isfinite(values))):
         raise AnoclipError("the normal frames' scores or maps hold NaN or infinity; the model or its artifacts are "
                            "damaged, re-export them")
-    image_q = float(np.quantile(score_array, settings.quantile))
+    image_q, rank = image_threshold_value(score_array, settings)
+    normal_inputs = [str(n) for n in normal]
     pixel_q = float(np.quantile(values, settings.pixel_quantile))
     return ClassCalibration(
         image=image_q + settings.margin, pixel=pixel_q + settings.pixel_margin, frames=len(scores),
-        quantile=settings.quantile, margin=settings.margin, image_quantile_value=image_q,
+        quantile=settings.quantile if rank is None else 1 - settings.false_alarm_rate, margin=settings.margin,
+        image_quantile_value=image_q,
         pixel_quantile=settings.pixel_quantile, pixel_margin=settings.pixel_margin, pixel_quantile_value=pixel_q,
         pixel_values=int(values.size), score_min=float(score_array.min()), score_max=float(score_array.max()),
         score_mean=float(score_array.mean()), model=detector.model,
         model_sha256=detector.artifacts.model_sha256(detector.model), text_features_sha256=text_features_sha256(text),
         tta=detector.tta is not None, tta_settings=tta_settings(detector.tta), tiling=detector.tiling,
         smoothing_sigma=float(detector.smoothing_sigma), created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        command=command, normal=[str(n) for n in normal],
+        command=command, normal=normal_inputs, rule=settings.rule, false_alarm_rate=settings.false_alarm_rate,
+        rank=rank, assumption=conformal_assumption(normal_inputs) if rank is not None else "",
     )
 
 

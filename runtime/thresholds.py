@@ -4,8 +4,16 @@
 writes ``thresholds.<sha>.json`` (content-addressed like the folder's other files, named by the
 manifest's ``thresholds`` field and hashed with the rest)::
 
-    {"format": "anoclip-thresholds", "format_version": 1,
-     "classes": {"bottle": {"image": 0.5031, "pixel": 0.5102, "frames": 200, "quantile": 0.995, ...}}}
+    {"format": "anoclip-thresholds", "format_version": 2,
+     "classes": {"bottle": {"image": 0.5031, "pixel": 0.5102, "frames": 200, "quantile": 0.995,
+                            "rule": "quantile", ...}}}
+
+Each class says how its image threshold was chosen (``rule``): ``quantile`` (the ``quantile`` of the
+normal scores, numpy's linear interpolation) or ``conformal`` (split conformal prediction: with n
+normal frames and a false-alarm rate α, the k-th smallest normal score, k = ⌈(n+1)(1−α)⌉ (``rank``);
+for a normal frame exchangeable with the calibration frames, P(its score > the threshold) ≤ α, the
+``assumption`` the record states). Version 1 files (written before the rule was recorded) are read as
+``quantile`` records.
 
 Each class also records what its numbers are only valid for: the visual model file (sha256), the
 class's text embeddings t+/t- (sha256: re-encoding another class leaves this one valid), the model
@@ -18,20 +26,44 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .errors import AnoclipError, ArtifactError
-from .strict_json import (Check, build, either, flag, header, integer, list_of, need, null, number, plain_object, sha256,
-                          text)
+from .strict_json import (Check, build, choice, either, flag, integer, list_of, need, null, number, plain_object,
+                          sha256, text)
 
 THRESHOLDS = "thresholds.json"  # content-addressed on disk: thresholds.<first 12 hex of sha256>.json
 THRESHOLDS_FORMAT = "anoclip-thresholds"
-THRESHOLDS_FORMAT_VERSION = 1
+THRESHOLDS_FORMAT_VERSION = 2  # 2: each class records its rule (quantile or conformal)
+READABLE_FORMAT_VERSIONS = (1, 2)
+RULE_FIELDS = ("rule", "false_alarm_rate", "rank", "assumption")  # added in version 2
+QUANTILE_RULE = "quantile"
+CONFORMAL_RULE = "conformal"
+
+
+def conformal_rank(frames: int, false_alarm_rate: float) -> int:
+    """k = ⌈(n+1)(1−α)⌉: the image threshold of the conformal rule is the k-th smallest of the n
+    normal scores (it exists only when k <= n). α is taken as the decimal it prints as (0.01 is
+    1/100 exactly), so that (n+1)(1−α) landing on a whole number is not pushed up by float rounding."""
+    alpha = Fraction(repr(float(false_alarm_rate)))
+    return math.ceil((frames + 1) * (1 - alpha))
+
+
+def conformal_frames_needed(false_alarm_rate: float) -> int:
+    """The fewest normal frames n with ⌈(n+1)(1−α)⌉ <= n, i.e. n >= 1/α − 1: ⌈1/α⌉ − 1."""
+    return math.ceil(1 / Fraction(repr(float(false_alarm_rate)))) - 1
+
+
+def conformal_assumption(normal: list[str]) -> str:
+    """The assumption the conformal guarantee rests on, naming the frames calibrated on."""
+    return ("normal frames exchangeable with those calibrated on: " + (", ".join(normal) or "the frames given"))
 
 
 @dataclass
@@ -41,9 +73,9 @@ class ClassCalibration:
     image: float  # image_quantile_value + margin
     pixel: float  # pixel_quantile_value + pixel_margin
     frames: int  # normal frames scored
-    quantile: float  # q of the image scores
+    quantile: float  # q of the image scores (rule conformal: 1 − α, for reference only; rank says which score)
     margin: float  # added to the image quantile, in score units
-    image_quantile_value: float  # the q-quantile of the normal scores itself
+    image_quantile_value: float  # the q-quantile of the normal scores itself (conformal: the rank-th smallest score)
     pixel_quantile: float  # q of the map values
     pixel_margin: float
     pixel_quantile_value: float
@@ -61,6 +93,11 @@ class ClassCalibration:
     created: str  # UTC, ISO 8601
     command: str
     normal: list[str]  # the normal inputs as given
+    # how the image threshold was chosen (absent from version 1 files: the quantile rule)
+    rule: str = QUANTILE_RULE  # "quantile" or "conformal"
+    false_alarm_rate: float | None = None  # conformal: α
+    rank: int | None = None  # conformal: k = ⌈(frames+1)(1−α)⌉, image_quantile_value is the k-th smallest score
+    assumption: str = ""  # conformal: what the guarantee P(normal score > image threshold) <= α rests on
 
     def mismatches(self, model: str, model_sha256: str, text_sha256: str, tta: dict[str, Any] | None,
                    tiling: str, smoothing_sigma: float) -> list[str]:
@@ -109,7 +146,11 @@ class ThresholdTable:
     @classmethod
     def from_dict(cls, data: Any) -> "ThresholdTable":
         """Build a table from parsed JSON, checking the type of every field; ValueError if malformed."""
-        header(data, THRESHOLDS_FORMAT, THRESHOLDS_FORMAT_VERSION)
+        need(isinstance(data, dict), f"a JSON {type(data).__name__}, not an object")
+        need(data.get("format") == THRESHOLDS_FORMAT, f"format is {data.get('format')!r}, not {THRESHOLDS_FORMAT!r}")
+        version = data.get("format_version")
+        need(version in READABLE_FORMAT_VERSIONS and type(version) is int,
+             f"format version {version!r}, this runtime reads {' and '.join(map(str, READABLE_FORMAT_VERSIONS))}")
         need(set(data) == {"format", "format_version", "classes"}, f"fields {sorted(data)}, not format, "
                                                                    "format_version and classes")
         classes = data["classes"]
@@ -117,6 +158,13 @@ class ThresholdTable:
         table = {}
         for name, record in classes.items():
             try:
+                if isinstance(record, dict):  # version 1 has none of the rule fields, version 2 all of them
+                    present = [f for f in RULE_FIELDS if f in record]
+                    if version == 1:
+                        need(not present, f"unknown fields {present} (format version 1)")
+                    else:
+                        need(len(present) == len(RULE_FIELDS),
+                             f"missing fields {[f for f in RULE_FIELDS if f not in record]}")
                 table[name] = _consistent(build(ClassCalibration, record, _FIELD_CHECKS))
             except ValueError as exc:
                 raise ValueError(f"classes.{name}: {exc}") from None
@@ -174,6 +222,8 @@ _FIELD_CHECKS: dict[str, Check] = {  # scores and map values are probabilities: 
     "score_max": number(0, 1), "score_mean": number(0, 1), "model": text(), "model_sha256": sha256, "text_features_sha256": sha256, "tta": flag,
     "tta_settings": either(null, plain_object), "tiling": text(), "smoothing_sigma": number(0), "created": text(),
     "command": text(), "normal": list_of(text(), "strings"),
+    "rule": choice((QUANTILE_RULE, CONFORMAL_RULE)), "false_alarm_rate": either(null, number(0, 1)),
+    "rank": either(null, integer(1)), "assumption": text(),
 }
 
 
@@ -193,4 +243,22 @@ def _consistent(record: ClassCalibration) -> ClassCalibration:
         need(record.score_min - SUM_TOLERANCE <= getattr(record, name) <= record.score_max + SUM_TOLERANCE,
              f"{name} {getattr(record, name)!r} lies outside score_min..score_max "
              f"({record.score_min!r}..{record.score_max!r})")
+    if record.rule == QUANTILE_RULE:
+        need(record.false_alarm_rate is None and record.rank is None,
+             "false_alarm_rate and rank must be null with rule quantile")
+        return record
+    alpha, rank = record.false_alarm_rate, record.rank
+    need(alpha is not None and 0 < alpha < 1, f"rule conformal needs a false_alarm_rate in (0, 1), got {alpha!r}")
+    expected_rank = conformal_rank(record.frames, alpha)
+    need(rank == expected_rank, f"rank {rank!r} is not ceil((frames+1)(1-false_alarm_rate)) = {expected_rank} "
+                                f"for {record.frames} frames at {alpha!r}")
+    need(rank <= record.frames, f"rank {rank} exceeds the {record.frames} frames: no such order statistic")
+    for end, value in ((record.frames, record.score_max), (1, record.score_min)):  # the largest or smallest score
+        need(rank != end or record.image_quantile_value == value,
+             f"image_quantile_value {record.image_quantile_value!r} is not the score of rank {rank} ({value!r})")
+    need(abs(record.quantile - (1 - alpha)) <= SUM_TOLERANCE,
+         f"quantile {record.quantile!r} is not 1 - false_alarm_rate ({1 - alpha!r}) with rule conformal")
+    need(record.margin >= 0, f"margin {record.margin!r} is negative: below the conformal order statistic the "
+                             "false-alarm guarantee does not hold")
+    need(record.assumption != "", "rule conformal needs the assumption its guarantee rests on")
     return record

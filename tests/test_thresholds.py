@@ -256,7 +256,7 @@ def test_malformed_thresholds_file_is_one_line(folder, tmp_path):
             read_thresholds(path)
         message = str(info.value)
         assert "\n" not in message and "not a valid thresholds file" in message and "--replace-file" in message
-    path.write_text('{"format": "anoclip-thresholds", "format_version": 2, "classes": {}}')
+    path.write_text('{"format": "anoclip-thresholds", "format_version": 3, "classes": {}}')
     with pytest.raises(ArtifactError, match="format version"):
         read_thresholds(path)
 
@@ -295,6 +295,7 @@ def test_calibrate_command_stores_the_thresholds_of_a_video(calibrated, clip):
     folder, proc = calibrated
     out = json.loads(proc.stdout)
     assert out["class"] == "bottle" and out["frames"] == 12 and out["quantile"] == 0.995
+    assert (out["rule"], out["false_alarm_rate"], out["rank"]) == ("quantile", None, None)
     assert "image threshold" in proc.stderr and "pixel threshold" in proc.stderr and "12 normal" in proc.stderr
     assert "only 12 normal frame(s)" in proc.stderr  # the quantile of so few is unreliable
     manifest = read_manifest(folder)
@@ -413,6 +414,69 @@ def test_thresholds_outside_0_1_or_off_their_quantiles_are_refused_on_load(calib
         assert "\n" not in str(info.value) and expected in str(info.value), str(info.value)
     _hand_edit(folder, {k: getattr(record, k) for k in ("image", "pixel", "image_quantile_value", "score_max")})
     assert load_artifacts(folder).thresholds.classes["bottle"] == record  # as calibrated: accepted
+
+
+def _as_version_1(folder: Path) -> dict:
+    """Rewrite the folder's thresholds file as format version 1 wrote it (no rule fields), with the
+    manifest's sha256 updated to match; the version 1 data."""
+    manifest = read_manifest(folder)
+    path = folder / manifest.thresholds
+    data = json.loads(path.read_text())
+    data["format_version"] = 1
+    for record in data["classes"].values():
+        for key in ("rule", "false_alarm_rate", "rank", "assumption"):
+            del record[key]
+    path.write_text(json.dumps(data, indent=2))
+    manifest.files[manifest.thresholds] = sha256_file(path)
+    write_manifest(folder, manifest)
+    return data
+
+
+def test_a_version_1_thresholds_file_still_loads_as_the_quantile_rule(calibrated, images, tmp_path):
+    folder = copy_artifacts(calibrated[0], tmp_path / "artifacts")
+    stored = read_thresholds(folder / read_manifest(folder).thresholds).classes["bottle"]
+    assert (stored.rule, stored.false_alarm_rate, stored.rank, stored.assumption) == ("quantile", None, None, "")
+    old = _as_version_1(folder)
+    assert "rule" not in old["classes"]["bottle"] and old["format_version"] == 1
+    record = load_artifacts(folder).thresholds.classes["bottle"]
+    assert record == stored  # the missing fields read as the quantile rule
+    detector = Detector.load(folder, backend="cpu")
+    assert detector.threshold_for("bottle") == ClassThreshold(stored.image, stored.pixel, "calibrated")
+    proc = run_cli("predict", "--artifacts", str(folder), "--class", "bottle", "--out", str(tmp_path / "out"),
+                   str(images))
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert all(line["threshold"] is not None and line["anomalous"] is not None for line in lines)
+    # calibrating another class writes the current version, the old class kept as it was
+    proc = calibrate(folder, "--class", "carpet", "--normal", str(images))
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((folder / read_manifest(folder).thresholds).read_text())
+    assert data["format_version"] == 2 and data["classes"]["bottle"]["rule"] == "quantile"
+    assert load_artifacts(folder).thresholds.classes["bottle"] == stored
+
+
+def test_rule_fields_must_match_the_file_version(calibrated, tmp_path):
+    data = json.loads((calibrated[0] / read_manifest(calibrated[0]).thresholds).read_text())
+    path = tmp_path / "thresholds.json"
+    for version, drop, keep, expected in ((2, ("rank",), (), "missing fields ['rank']"),
+                                          (1, ("rule", "false_alarm_rate", "rank"), ("assumption",),
+                                           "unknown fields ['assumption'] (format version 1)")):
+        broken = json.loads(json.dumps(data))
+        broken["format_version"] = version
+        for key in drop:
+            del broken["classes"]["bottle"][key]
+        path.write_text(json.dumps(broken))
+        with pytest.raises(ArtifactError, match="not a valid thresholds file") as info:
+            read_thresholds(path)
+        assert expected in str(info.value), str(info.value)
+    for damage, expected in (({"rule": "median"}, "rule must be one of quantile, conformal"),
+                             ({"rank": 3}, "false_alarm_rate and rank must be null with rule quantile"),
+                             ({"false_alarm_rate": 0.01}, "must be null with rule quantile")):
+        broken = json.loads(json.dumps(data))
+        broken["classes"]["bottle"].update(damage)
+        path.write_text(json.dumps(broken))
+        with pytest.raises(ArtifactError, match=expected):
+            read_thresholds(path)
 
 
 def test_margin_moving_a_threshold_outside_0_1_is_one_line(calibrated, images, tmp_path):
