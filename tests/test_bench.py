@@ -27,7 +27,7 @@ def test_bench_rows_json_markdown_and_readme(tiny_artifacts, tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(result.output[result.output.index("{"):])
     rows = {r["name"]: r for r in data["rows"]}
-    assert {name for name, r in rows.items() if r["status"] == "ok"} == METHOD_ROWS
+    assert {name for name, r in rows.items() if r["status"] == "ok"} == METHOD_ROWS | {"AnoCLIP + memory (4096 rows)"}
     assert rows["AnoCLIP (int8)"]["status"] == (
         f"skipped: no visual_int8 (make it with `{remake_command('visual_int8', tiny_artifacts)}`)")
     assert rows["AnoCLIP (fp16)"]["status"] == (
@@ -219,3 +219,52 @@ def test_module_entry_points_run_under_their_new_paths(tmp_path):
                            "--out", str(tmp_path / "m"), "--classes", "bottle", "--size", "32", "--n-normal", "1",
                            "--n-anomalous", "1"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and (tmp_path / "m" / "bottle" / "ground_truth").is_dir(), proc.stderr
+
+
+def test_bench_memory_rows_time_anoclip_with_a_memory_beside_without(tiny_artifacts):
+    from anoclip.benchmarks.latency.bench import bench_memory
+    from anoclip.runtime.artifacts import load_artifacts
+    from anoclip.runtime.memory import DEFAULT_MAX_PATCHES, memory_bytes
+
+    before = {p.name: p.stat().st_mtime_ns for p in tiny_artifacts.iterdir()}
+    result = CliRunner().invoke(cli, ["bench", "--artifacts", str(tiny_artifacts), "--runs", "3", "--warmup", "0",
+                                      "--image-size", "32", "--backends", "cpu", "--memory-patches", "64,256",
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    rows = {r["name"]: r for r in data["rows"]}
+    artifacts = load_artifacts(tiny_artifacts, verify=False)
+    for size in (64, 256):
+        row = rows[f"AnoCLIP + memory ({size} rows)"]
+        assert row["status"] == "ok" and row["precision"] == "fp32" and row["ms"]["p50"] > 0
+        assert row["memory_rows"] == size
+        assert row["memory_bytes"] == len(memory_bytes(bench_memory(artifacts, "bottle", size)))
+        assert row["vs_without_memory"] == pytest.approx(row["ms"]["p50"] / rows["AnoCLIP"]["ms"]["p50"])
+        assert row["size_mb"] == pytest.approx(rows["AnoCLIP"]["size_mb"] + row["memory_bytes"] / 1e6)
+        int8 = rows[f"AnoCLIP (int8) + memory ({size} rows)"]
+        assert int8["status"].startswith("skipped: no visual_int8") and not int8["ms"]
+    assert rows["AnoCLIP"]["memory_rows"] is None
+    names = [r["name"] for r in data["rows"]]
+    assert names.index("AnoCLIP + memory (64 rows)") == names.index("AnoCLIP") + 1
+    note = data["method"]["memory"]["note"]
+    assert f"not checked ({DEFAULT_MAX_PATCHES} rows not timed)" in note and "64 rows" in note
+    assert data["method"]["memory"]["file_bytes"]["256"] == rows["AnoCLIP + memory (256 rows)"]["memory_bytes"]
+    assert {p.name: p.stat().st_mtime_ns for p in tiny_artifacts.iterdir()} == before  # nothing written
+
+    text = CliRunner().invoke(cli, ["bench", "--artifacts", str(tiny_artifacts), "--runs", "3", "--warmup", "0",
+                                    "--image-size", "32", "--backends", "cpu"])  # the default size
+    assert text.exit_code == 0, text.output
+    line = next(line for line in text.output.splitlines() if line.startswith("memory: "))
+    assert f"target <= 1.10x per image at the default {DEFAULT_MAX_PATCHES} rows: " in line
+    assert ": met (" in line or ": NOT met (" in line
+    assert f"AnoCLIP + memory ({DEFAULT_MAX_PATCHES} rows)" in text.output
+    header = next(line for line in text.output.splitlines() if line.startswith("row "))
+    assert header.split() == ["row", "backend", "prec", "status", "MB", "fidelity", "vs", "fp32", "mean", "p50",
+                              "p90", "p99", "preprocess", "model", "scoring", "tta", "postprocess", "x", "CLIP",
+                              "paper", "ms", "paper", "x", "CLIP"]
+
+    none = CliRunner().invoke(cli, ["bench", "--artifacts", str(tiny_artifacts), "--runs", "3", "--warmup", "0",
+                                    "--image-size", "32", "--backends", "cpu", "--memory-patches", "none", "--json"])
+    assert not any("memory" in r["name"] for r in json.loads(none.stdout)["rows"])
+    bad = CliRunner().invoke(cli, ["bench", "--artifacts", str(tiny_artifacts), "--memory-patches", "4k"])
+    assert bad.exit_code != 0 and "--memory-patches 4k" in (bad.output + str(bad.exception))

@@ -22,10 +22,19 @@ so the shortcut's "x CLIP" is smaller than Table 7's. An export with ``--qkv-tok
 every token in the last block; its AnoCLIP rows are labelled "full last block", and
 ``--full-last-block DIR`` adds such a row beside the others. The header says which rows take the
 shortcut and what the full last block cost where it was measured.
+
+Memory rows (``--memory-patches N[,N...]``, default ``runtime.memory.DEFAULT_MAX_PATCHES``): AnoCLIP
+at fp32 and int8 with a memory of normal frames of N rows for the benchmarked class (random unit
+rows of the model's width, seed 0: the memory branch costs the same whatever the rows hold), held
+in memory (the folder is not written), timed round-robin with the rows without memory. Their "MB"
+adds the memory file (``runtime.memory.memory_bytes``) to the model; the memory line under the
+method says each memory row's per-image time over the same precision's row without memory, and
+whether the target (at most 1.10x at the default size) was met.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -40,6 +49,7 @@ from anoclip.runtime.artifacts import load_artifacts
 from anoclip.runtime.backends import PROVIDER_ALIASES
 from anoclip.runtime.detector import Detector
 from anoclip.runtime.errors import AnoclipError
+from anoclip.runtime.memory import DEFAULT_MAX_PATCHES, DEFAULT_WEIGHT, ClassMemory, MemoryBank, memory_bytes
 from anoclip.runtime.overlay import overlay
 from anoclip.runtime.plumbing import atomic_write_bytes, configure_logging, ensure_writable_folder
 from anoclip.runtime.vocabulary import (ENGINE, FUSED, ONNXRUNTIME_BACKENDS, PRECISION_MODELS, PRECISIONS,
@@ -47,7 +57,8 @@ from anoclip.runtime.vocabulary import (ENGINE, FUSED, ONNXRUNTIME_BACKENDS, PRE
                                         remake_command)
 
 from .. import paper
-from .bench_report import FULL, STAGES, markdown, method_lines, shortcut_note, table_lines, update_readme
+from .bench_report import (FULL, MEMORY_TARGET, STAGES, markdown, memory_note, method_lines, shortcut_note,
+                           table_lines, update_readme)
 from .timing import machine_info
 
 log = logging.getLogger(__name__)
@@ -70,6 +81,9 @@ class Row:
     vs_clip: float | None = None
     paper_ms: float | None = None
     paper_vs_clip: float | None = None
+    memory_rows: int | None = None  # rows of the memory of normal frames (memory rows only)
+    memory_bytes: int | None = None  # bytes of its file (runtime.memory.memory_bytes)
+    vs_without_memory: float | None = None  # median / median of the same precision's row without memory
 
 
 @dataclass
@@ -81,6 +95,8 @@ class Variant:
     paper: str = "AnoCLIP"  # its row in the paper's Table 7
     folder: str = "main"  # "main": --artifacts; "full": --full-last-block
     precision: str = "fp32"  # of the visual model (int8, fp16: the calibrated models)
+    memory: int = 0  # rows of a memory of normal frames (0: none)
+    base: str = ""  # a memory row: the row of the same model without memory
 
 
 VARIANTS = (
@@ -96,14 +112,25 @@ def full_last_block(manifest) -> bool:
     return "qkv_patch_embeds" in manifest.models[VISUAL].outputs
 
 
+def memory_name(name: str, size: int) -> str:
+    """"AnoCLIP (int8)", 4096 -> "AnoCLIP (int8) + memory (4096 rows)" (a full-last-block folder's:
+    "AnoCLIP (int8) + memory (4096 rows, full last block)")."""
+    return f"{name} + memory ({size} rows)"
+
+
 def variants(main_full: bool, with_full_folder: bool, precisions: tuple[str, ...] = (),
-             fused_classes: int = 0) -> list[Variant]:
+             fused_classes: int = 0, memory_sizes: tuple[int, ...] = ()) -> list[Variant]:
     """The rows to time: AnoCLIP rows of a full-last-block folder say so in their name; one AnoCLIP
     row per reduced precision in ``precisions`` follows the fp32 one; the fused row names the
-    ``fused_classes`` of the folder's fused model (0: it has none)."""
+    ``fused_classes`` of the folder's fused model (0: it has none); the fp32 and int8 AnoCLIP rows
+    are followed by one row per memory size in ``memory_sizes``."""
     rows = [Variant(full_name(v.name) if main_full and v.model == VISUAL else v.name, v.model, v.tta, v.tta_backend,
                     v.paper) for v in VARIANTS]
     at = 2
+    for size in memory_sizes:
+        name = memory_name("AnoCLIP", size)
+        rows.insert(at, Variant(full_name(name) if main_full else name, VISUAL, False, memory=size, base=rows[1].name))
+        at += 1
     name = bench_row(FUSED, "fp32")
     name = f"{name[:-1]}, {fused_classes} class{'es' if fused_classes > 1 else ''})" if fused_classes else name
     rows.insert(at, Variant(full_name(name) if main_full else name, FUSED, False))
@@ -112,9 +139,37 @@ def variants(main_full: bool, with_full_folder: bool, precisions: tuple[str, ...
         name = bench_row(VISUAL, precision)
         rows.insert(at, Variant(full_name(name) if main_full else name, VISUAL, False, precision=precision))
         at += 1
+        for size in memory_sizes if precision == "int8" else ():
+            with_memory = memory_name(name, size)
+            rows.insert(at, Variant(full_name(with_memory) if main_full else with_memory, VISUAL, False,
+                                    precision=precision, memory=size, base=rows[at - 1].name))
+            at += 1
     if with_full_folder:
         rows.insert(at, Variant(full_name("AnoCLIP"), VISUAL, False, folder="full"))
     return rows
+
+
+def memory_sizes(requested: str) -> tuple[int, ...]:
+    """``--memory-patches``: "4096,16384" -> (4096, 16384); "none" or "" -> ()."""
+    if requested.strip().lower() in ("", "none", "0"):
+        return ()
+    sizes = []
+    for part in (p.strip() for p in requested.split(",") if p.strip()):
+        if not part.isdigit() or int(part) < 1:
+            raise AnoclipError(f"--memory-patches {part}: give row counts >= 1, e.g. 4096,16384, or none")
+        sizes.append(int(part))
+    return tuple(dict.fromkeys(sizes))
+
+
+def bench_memory(artifacts, cls: str, size: int) -> MemoryBank:
+    """A memory of ``size`` random unit rows (seed 0) of the model's width for ``cls``, held in memory:
+    the memory branch's cost depends on the rows' count and width, not on what they hold."""
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((size, artifacts.manifest.embed_dim)).astype(np.float32)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    provenance = {"frames": 0, "patches": size, "kept": size, "source": "anoclip bench: random unit rows, seed 0"}
+    return MemoryBank({cls: ClassMemory(cls, rows, provenance)}, artifacts.model_sha256(VISUAL),
+                      artifacts.manifest.embed_dim)
 
 
 def bench_precisions(manifest, requested: str) -> tuple[str, ...]:
@@ -235,25 +290,28 @@ def _engine_of(artifacts, precision: str):
 
 
 def group_variants(backend: str, main_full: bool, with_full_folder: bool, precisions: tuple[str, ...],
-                   fused_classes: int) -> list[Variant]:
+                   fused_classes: int, memory: tuple[int, ...] = ()) -> list[Variant]:
     """The rows of one backend: every method row (CLIP, AnoCLIP and its reduced precisions, the
     fused graph, AnoCLIP+) where the backend runs model files; the engine of each precision for
     tensorrt-native (see runtime.vocabulary.DEPLOYMENTS)."""
     if backend == "tensorrt-native":
         return [Variant(d.row, d.model, False, precision=d.precision) for d in deployments(backend)
                 if d.precision == "fp32" or d.precision in precisions]
-    return variants(main_full, with_full_folder, precisions, fused_classes)
+    return variants(main_full, with_full_folder, precisions, fused_classes, memory)
 
 
 def run_bench(artifacts_dir: str, backends: list[str], runs: int, warmup: int, frame: np.ndarray, cls: str | None,
               threads: int | None, progress=None, full_dir: str | None = None,
-              precisions: str = "auto") -> tuple[list[Row], dict]:
+              precisions: str = "auto", memory_patches: str = "none") -> tuple[list[Row], dict]:
     """Time every variant on every backend; return the rows and the method description. Rows that
     cannot run here are "skipped: why", rows that could and did not "failed: why"."""
     artifacts = load_artifacts(artifacts_dir, verify=True, models=[VISUAL])
     manifest = artifacts.manifest
     reduced = bench_precisions(manifest, precisions)
+    sizes = memory_sizes(memory_patches)
     cls = cls or sorted(artifacts.prompts.classes)[0]
+    banks = {size: bench_memory(artifacts, cls, size) for size in sizes}
+    bank_bytes = {size: len(memory_bytes(bank)) for size, bank in banks.items()}
     fused = manifest.models.get(FUSED)
     fused_classes = fused.provenance.get("classes", []) if fused is not None else []
     folders = {"main": (artifacts_dir, manifest, artifacts.folder)}
@@ -265,10 +323,15 @@ def run_bench(artifacts_dir: str, backends: list[str], runs: int, warmup: int, f
         unavailable = backend_unavailable(backend)
         detectors: dict[str, Detector] = {}
         group: list[Row] = []
+        bases: dict[str, str] = {}  # memory row -> its row without memory
         for variant in group_variants(backend, full_last_block(manifest), full_dir is not None, reduced,
-                                      len(fused_classes)):
-            row = Row(variant.name, BACKEND_LABELS[backend], variant.precision, paper_ms=paper.LATENCY_MS[variant.paper],
+                                      len(fused_classes), sizes):
+            row = Row(variant.name, BACKEND_LABELS[backend], variant.precision,
+                      paper_ms=None if variant.memory else paper.LATENCY_MS[variant.paper],
                       fidelity="-" if variant.model == VISUAL_QKV else "reference")
+            if variant.memory:
+                row.memory_rows, row.memory_bytes = variant.memory, bank_bytes[variant.memory]
+                bases[row.name] = variant.base
             group.append(row)
             if unavailable:
                 row.status = f"skipped: {unavailable}"
@@ -293,10 +356,14 @@ def run_bench(artifacts_dir: str, backends: list[str], runs: int, warmup: int, f
                                   for m in needed) / 1e6
                 if variant.precision != "fp32":
                     row.fidelity = fidelity(source_manifest.models[model].provenance.get("parity"))
+                row.size_mb += (row.memory_bytes or 0) / 1e6
             try:
-                detectors[variant.name] = Detector.load(source, backend=backend, model=variant.model,
-                                                        precision=variant.precision, tta=variant.tta,
-                                                        tta_backend=variant.tta_backend, verify=False, threads=threads)
+                detector = Detector.load(source, backend=backend, model=variant.model, precision=variant.precision,
+                                         tta=variant.tta, tta_backend=variant.tta_backend, verify=False,
+                                         threads=threads, memory="on" if variant.memory else "off")
+                if variant.memory:  # an in-memory copy of the artifacts holds the memory: the folder is not written
+                    detector.artifacts = dataclasses.replace(detector.artifacts, memory=banks[variant.memory])
+                detectors[variant.name] = detector
             except AnoclipError as exc:
                 row.status = f"failed: {exc}"
         by_name = {row.name: row for row in group}
@@ -333,6 +400,9 @@ def run_bench(artifacts_dir: str, backends: list[str], runs: int, warmup: int, f
         for row in group:
             if clip is not None and row.ms:
                 row.vs_clip = row.ms["p50"] / clip.ms["p50"]
+            base = by_name.get(bases.get(row.name, ""))
+            if base is not None and base.ms and row.ms:
+                row.vs_without_memory = row.ms["p50"] / base.ms["p50"]
             if row.paper_ms is not None:
                 row.paper_vs_clip = row.paper_ms / paper.CLIP_MS
         rows += group
@@ -358,6 +428,10 @@ def run_bench(artifacts_dir: str, backends: list[str], runs: int, warmup: int, f
         "paper": paper.LATENCY_SOURCE,
         "last_block": shortcut_note(rows),
         "full_last_block_artifacts": full_dir,
+        "memory": {"rows": list(sizes), "file_bytes": {str(n): b for n, b in bank_bytes.items()},
+                   "default_rows": DEFAULT_MAX_PATCHES, "target_ratio": MEMORY_TARGET, "weight": DEFAULT_WEIGHT,
+                   "source": f"random unit rows (seed 0), {manifest.embed_dim} wide, class {cls}, held in memory",
+                   "note": memory_note(rows, sizes, bank_bytes)},
     }
     return rows, method
 
@@ -402,12 +476,18 @@ def resolve_backends(backends: str) -> list[str]:
               help="Reduced precisions of the visual model to time beside fp32, as 'AnoCLIP (int8)' / 'AnoCLIP "
                    "(fp16)' rows: a comma-separated list of int8, fp16, or auto = both (a row whose model or engine "
                    "the folder lacks is skipped, naming `anoclip calibrate int8|fp16` or `anoclip build-engine`).")
+@click.option("--memory-patches", default=str(DEFAULT_MAX_PATCHES), show_default=True,
+              help="Memory rows: AnoCLIP (fp32, and int8 when the folder has visual_int8) with a memory of normal "
+                   "frames of each of these sizes (comma-separated rows, e.g. 4096,16384; none: no memory rows), "
+                   "random unit rows for the class, held in memory (the folder is not written). A line under the "
+                   f"method gives each one's time over the row without memory against the target (<= "
+                   f"{1.10:.2f}x at {DEFAULT_MAX_PATCHES} rows) and the memory file's bytes.")
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the table as Markdown to this file.")
 @click.option("--readme", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Replace the block between the anoclip bench markers in this README with the Markdown table.")
 def bench_command(artifacts_dir, backends, runs, warmup, image, image_size, cls, threads, as_json, full_dir,
-                  precisions, markdown_path, readme):
+                  precisions, memory_patches, markdown_path, readme):
     """One table: a row per backend x precision (and method: CLIP, AnoCLIP, the fused graph,
     AnoCLIP+) with status, file size, fidelity against fp32 and ms per image per stage, beside the
     paper's Table 7.
@@ -422,10 +502,11 @@ def bench_command(artifacts_dir, backends, runs, warmup, image, image_size, cls,
     if markdown_path:  # fail now, not after the runs
         ensure_writable_folder(Path(markdown_path).parent, "--markdown folder")
     chosen = resolve_backends(backends)
+    memory_sizes(memory_patches)  # a malformed list fails now
     frame = _frame(image, image_size)
     with tqdm(total=runs * len(chosen), desc="bench", unit="round", file=sys.stderr, disable=None) as bar:
         rows, method = run_bench(artifacts_dir, chosen, runs, warmup, frame, cls, threads, bar.update, full_dir,
-                                 precisions)
+                                 precisions, memory_patches)
     md = markdown(rows, method)
     if markdown_path:
         atomic_write_bytes(markdown_path, md.encode())

@@ -12,6 +12,7 @@ FULL = "full last block"  # rows that compute every token of the last block
 STAGES = ("preprocess", "model", "scoring", "tta", "postprocess")
 README_START = "<!-- anoclip bench: start -->"
 README_END = "<!-- anoclip bench: end -->"
+MEMORY_TARGET = 1.10  # a memory row's per-image time over its row without memory, at the default size
 
 
 def _fmt(value: float | None, spec: str = ".1f") -> str:
@@ -48,6 +49,7 @@ def method_lines(method: dict) -> list[str]:
         f"timing: {method['timing']}. {method['ratio']}. Paper: {method['paper']}.",
         f"fidelity: {method['fidelity']}; fp32 rows are the reference.",
         f"last block: {method['last_block']}",
+        *([f"memory: {method['memory']['note']}"] if method.get("memory", {}).get("note") else []),
         "Stage columns are medians in ms; mean/p50/p90/p99 cover the whole call.",
     ]
 
@@ -66,6 +68,34 @@ def update_readme(path: Path, text: str) -> None:
     atomic_write_bytes(path, (head + README_START + "\n" + text + README_END + tail).encode())
 
 
+def memory_note(rows: list, sizes: tuple[int, ...], file_bytes: dict[int, int]) -> str:
+    """The memory rows against the rows without memory, and the target at the default size."""
+    from anoclip.runtime.memory import DEFAULT_MAX_PATCHES
+
+    if not sizes:
+        return ""
+    parts = []
+    verdicts = []
+    for row in (r for r in rows if r.memory_rows):
+        where = f"{row.backend} {row.precision} {row.memory_rows} rows"
+        if row.vs_without_memory is None:
+            parts.append(f"{where}: {row.status if row.status != 'ok' else 'not timed'}")
+            continue
+        parts.append(f"{where}: {row.vs_without_memory:.3f}x")
+        if row.memory_rows == DEFAULT_MAX_PATCHES:
+            verdicts.append(row.vs_without_memory <= MEMORY_TARGET)
+    target = f"target <= {MEMORY_TARGET:.2f}x per image at the default {DEFAULT_MAX_PATCHES} rows"
+    if DEFAULT_MAX_PATCHES not in sizes:
+        verdict = f"{target}: not checked ({DEFAULT_MAX_PATCHES} rows not timed)"
+    elif not verdicts:
+        verdict = f"{target}: not checked (no {DEFAULT_MAX_PATCHES}-row memory row ran)"
+    else:
+        verdict = f"{target}: {'met' if all(verdicts) else 'NOT met'} ({sum(verdicts)} of {len(verdicts)} rows within it)"
+    files = ", ".join(f"{n} rows {file_bytes[n]:,} bytes" for n in sizes)
+    return (f"p50 with memory / p50 without, same backend and precision: {'; '.join(parts)}. {verdict}. "
+            f"Memory file: {files}.")
+
+
 def shortcut_note(rows: list) -> str:
     """Which rows take the last-block shortcut, and how to time the full last block beside them."""
     anoclip = [r.name for r in rows if r.name.startswith("AnoCLIP") and FULL not in r.name]
@@ -74,7 +104,7 @@ def shortcut_note(rows: list) -> str:
     measured = "" if any(FULL in r.name for r in rows) else (
         " This run has no such row: pass --full-last-block DIR, or run python -m "
         "anoclip.benchmarks.latency.visual_latency, to measure it")
-    return (f"{', '.join(dict.fromkeys(r.split(' (')[0] for r in anoclip))} rows use the last-block shortcut (the last "
+    return (f"{', '.join(dict.fromkeys(r.split(' (')[0].split(' + memory')[0] for r in anoclip))} rows use the last-block shortcut (the last "
             "block runs its query and MLP on the class token only: same outputs, less work); the authors' code timed "
             "in Table 7 runs the full last block, so these rows' x CLIP is below Table 7's. Rows marked 'full last "
             "block' compute every token (export with --qkv-tokens add; bench --full-last-block DIR)." + measured)
