@@ -8,6 +8,10 @@ any ONNX consumer (trtexec, DeepStream, Triton, OpenVINO, onnxruntime) runs the 
     maps         [B, K, H, W]  p_abnormal per patch -> 3x3 mean filter (replicate) -> bilinear
                                upsampling with align_corners to H x W
     patch_scores [B, K, M]     p_abnormal per patch, before the filter (row-major over the grid)
+    zero_shot_scores [B, K]    only with a memory baked in: each branch's image score (memory_scores:
+    memory_scores    [B, K]    max_i s_i; 0 for a class without a memory)
+    memory_maps  [B, K, H, W]  only with ``--branch-maps``: each branch's map (memory_maps: 0 for a
+    zero_shot_maps             class without a memory)
     patch_embeds [B, M, D]     only when asked: the unnormalised V-V tokens (for test-time adaptation)
     anomalous    [B, K] bool   only with ``--thresholds``: scores > the class's calibrated image threshold
     mask         [B, K, H, W]  only with ``--thresholds``: maps > the class's calibrated pixel threshold
@@ -16,8 +20,26 @@ any ONNX consumer (trtexec, DeepStream, Triton, OpenVINO, onnxruntime) runs the 
 p_abnormal(x) = softmax([cos(x, t+), cos(x, t-)])[1] = sigmoid(x/|x| . (t- - t+)): one MatMul with a
 [D, K] constant for all K classes. The filter and the upsampling are linear and separable, so the map
 is ``rows @ P @ cols`` with the two constant matrices of ``scoring.map_matrices`` (exact, not an
-approximation of the runtime's steps). Every operator is one TensorRT's ONNX parser takes
-(ReduceL2, Max, Div, MatMul, Sigmoid, Transpose, Reshape).
+approximation of the runtime's steps).
+
+The memory of normal frames (``runtime/memory.py``): each fused class with a memory in the folder
+(``--memory auto``; ``on`` insists on one for every class, ``only`` uses the memory branch alone,
+``off`` bakes none) gets one MatMul of the unit patch tokens [B,M,D] (the zero-shot branch's own)
+with its rows [D, N_c] and a ReduceMax over them; a one-hot [K_m, K] MatMul places the K_m maxima
+among the K classes, s = 1/2 - 1/2 max on the classes with a memory (0 elsewhere). Then, with the
+weight w a constant ([K]: w for a class with a memory, 1 with ``only``, 0 without one)::
+
+    patch values = w * s + (1 - w) * p_abnormal      -> patch_scores, and maps as above
+    scores       = w * max_i s_i + (1 - w) * zero-shot score
+
+so ``scores``, ``maps`` and ``patch_scores`` are the combined ones, a class without a memory keeps its
+zero-shot values exactly. The manifest entry's provenance records ``memory`` ({class: {sha256, rows}}),
+``memory_weight`` and ``memory_mode`` (``combined`` or ``only``), as does the metadata key
+``anoclip.memory``; ``--model fused`` holds the graph to them (``runtime/fused.py``). s is not clipped
+to [0, 1] (the runtime clips the cosine; it differs by float32 rounding only).
+
+Every operator is one TensorRT's ONNX parser takes (10.3 and 11.1: ReduceL2, Max, Div, MatMul,
+Sigmoid, Transpose, Reshape, and for the memory ReduceMax, Concat, Mul, Sub, Add).
 """
 
 from __future__ import annotations
@@ -411,7 +433,9 @@ def fuse_command(artifacts_dir, classes, patch_embeds, batch, memory, memory_wei
     filter and the align-corners upsampling as two constant matrix products): the same numbers as
     the runtime, to float32 rounding. Made again when the visual model or a class's prompts change.
     With --thresholds it also decides (anomalous, mask), as `anoclip predict` does with the same
-    thresholds; recalibrating afterwards makes it stale until fused again.
+    thresholds; recalibrating afterwards makes it stale until fused again. With a memory of normal
+    frames in the folder (`anoclip calibrate memory`) its scores and maps are those of `anoclip
+    predict --memory auto --memory-weight W` (see --memory); a new memory makes it stale likewise.
     """
     from anoclip.runtime.plumbing import configure_logging, given_command
 

@@ -331,3 +331,21 @@ def test_triton_repository_declares_the_memory_outputs(memory_folder, tmp_path):
     assert_config_matches_onnx(config, repo / "anoclip_fused" / "1" / "model.onnx")
     assert {o.name for o in config.output} >= {"zero_shot_scores", "memory_scores", "memory_maps", "zero_shot_maps"}
     assert json.loads(config.parameters["anoclip.classes"].string_value) == sorted(FUSED_CLASSES)
+
+
+def test_triton_config_declares_the_decision_as_bool():
+    pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="Triton's model-config schema (dev extra)")
+    from google.protobuf import text_format
+    from test_triton_repository import model_config_pb2
+
+    from anoclip.runtime.artifacts import ModelEntry
+    from anoclip.runtime.serving.model_repository import model_config
+
+    entry = ModelEntry(file="", inputs={"image": [-1, 3, 32, 32]}, patch_tokens="", outputs={
+        "scores": [-1, 2], "memory_scores": [-1, 2], "anomalous": [-1, 2], "mask": [-1, 2, 32, 32]})
+
+    config = text_format.Parse(model_config("anoclip_fused", "onnxruntime_onnx", entry, max_batch=8, queue_delay_us=0,
+                                            instances=1, kind="KIND_CPU", parameters={}),
+                               model_config_pb2.ModelConfig())
+    kinds = {o.name: model_config_pb2.DataType.Name(o.data_type) for o in config.output}
+    assert kinds == {"scores": "TYPE_FP32", "memory_scores": "TYPE_FP32", "anomalous": "TYPE_BOOL", "mask": "TYPE_BOOL"}

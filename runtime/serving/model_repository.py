@@ -3,8 +3,10 @@
 ``tritonserver --model-repository REPO`` then serves the folder's graphs with no Python of ours::
 
     REPO/
-      anoclip_fused/             the fused graph (image -> scores, maps, patch_scores of K classes),
-        config.pbtxt             or anoclip_visual/ (image -> embeddings) when the folder has none
+      anoclip_fused/             the fused graph (image -> scores, maps, patch_scores of K classes, and
+        config.pbtxt             every further output its manifest entry lists: the branch scores and
+                                 maps of a baked memory, the decision of baked thresholds), or
+                                 anoclip_visual/ (image -> embeddings) when the folder has none
         classes.txt              class order of the scores output (Triton's label file)
         1/model.onnx
       anoclip_visual_trt_<precision>/   per TensorRT engine of the folder (``anoclip build-engine``):
@@ -32,7 +34,7 @@ import click
 
 from anoclip.runtime.artifacts import FUSED, VISUAL, Artifacts, ModelEntry, load_artifacts, read_manifest, verify_files
 from anoclip.runtime.errors import AnoclipError
-from anoclip.runtime.fused import fused_classes
+from anoclip.runtime.fused import DECISION_OUTPUTS, fused_classes
 from anoclip.runtime.integrity import resolve_inside
 from anoclip.runtime.plumbing import configure_logging, sync_folder
 
@@ -47,7 +49,8 @@ def _dims(shape: list[int]) -> str:
 
 def _tensor(name: str, shape: list[int], batched: bool, extra: str = "") -> str:
     dims = shape[1:] if batched else shape
-    return f'  {{ name: "{name}" data_type: TYPE_FP32 dims: {_dims(dims)}{extra} }}'
+    kind = "TYPE_BOOL" if name in DECISION_OUTPUTS else "TYPE_FP32"  # the fused graph's decision is bool
+    return f'  {{ name: "{name}" data_type: {kind} dims: {_dims(dims)}{extra} }}'
 
 
 def model_config(name: str, platform: str, entry: ModelEntry, *, max_batch: int, queue_delay_us: int,
