@@ -12,7 +12,8 @@ from pathlib import Path
 
 import click
 
-from anoclip.runtime.options import detector_options, max_pixels_option, threads_option, tta_config_from, verbose_option
+from anoclip.runtime.options import (detector_options, max_pixels_option, memory_options, threads_option,
+                                     tta_config_from, verbose_option)
 from anoclip.runtime.plumbing import configure_logging, given_command, run_guarded
 
 from .threshold import DEFAULT_PIXEL_QUANTILE, DEFAULT_QUANTILE, PIXELS_PER_FRAME
@@ -73,14 +74,15 @@ def calibrate_group():
               help="Start a new thresholds file holding only this class; the way out when the current one fails "
                    "its check. Without it, the other classes' thresholds are kept.")
 @detector_options
+@memory_options
 @threads_option()
 @max_pixels_option("Largest image (width x height) decoded; larger files are refused unread.")
 @click.option("--json", "as_json", is_flag=True, help="Print the stored thresholds and their provenance as JSON.")
 @verbose_option
 def threshold_command(artifacts_dir, cls, normal, quantile, false_alarm_rate, margin, pixel_quantile, pixel_margin,
                       stride, max_frames, replace_file, backend, model, precision, tiling, smoothing_sigma, tta,
-                      tta_backend, tta_steps, tta_adapter, tta_init, tta_state, seed, threads, max_pixels, as_json,
-                      verbose):
+                      tta_backend, tta_steps, tta_adapter, tta_init, tta_state, seed, memory, memory_weight, threads,
+                      max_pixels, as_json, verbose):
     """Thresholds of a class from normal frames.
 
     An image-score threshold (a frame scoring above it is anomalous) and a pixel threshold (map
@@ -123,8 +125,8 @@ def threshold_command(artifacts_dir, cls, normal, quantile, false_alarm_rate, ma
     detector = Detector.load(artifacts_dir, backend=backend, model=model, precision=precision, tiling=tiling,
                              smoothing_sigma=smoothing_sigma, threads=threads, tta=tta_config or False,
                              tta_backend=tta_backend, max_pixels=max_pixels,
-                             load_thresholds=False)
-    detector.class_prompts(cls)  # unknown class: fail before reading any frame
+                             load_thresholds=False, memory=memory, memory_weight=memory_weight)
+    detector.resolve_classes([cls])  # an unknown class, or --memory on without a memory: fail before any frame
     if tta_config is not None:
         detector.tta_adapter(cls, tta_config)  # a TTA graph that does not fit: fail before any frame too
     ensure_writable_folder(artifacts_dir, "--artifacts")
@@ -146,6 +148,9 @@ def threshold_command(artifacts_dir, cls, normal, quantile, false_alarm_rate, ma
         f"{cls}: pixel threshold {record.pixel:.6g} = quantile {record.pixel_quantile:g} of {record.pixel_values} "
         f"map values ({record.pixel_quantile_value:.6g}) + margin {record.pixel_margin:g}",
         f"{cls}: normal scores min {record.score_min:.6g}, mean {record.score_mean:.6g}, max {record.score_max:.6g}",
+        f"{cls}: scored " + ("zero-shot (no memory of normal frames)" if record.memory == "off" else
+                             f"with the memory of normal frames {record.memory_sha256[:12]}" +
+                             (f" at weight {record.memory_weight:g}" if record.memory == "on" else " alone")),
         f"stored in {folder / name}; `anoclip predict --artifacts {folder} --class {cls} ...` now decides with them",
     ):
         click.echo(line, err=True)

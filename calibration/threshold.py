@@ -139,6 +139,11 @@ def measure_threshold(detector: Detector, cls: str, frames: Iterable[np.ndarray]
     from tqdm import tqdm
 
     text = detector.class_prompts(cls).text_features  # an unknown class fails before any frame is read
+    memory = detector.class_memory(cls)
+    shared = sorted(set(map(str, normal)) & set(memory.provenance.get("normal", []))) if memory is not None else []
+    if shared:
+        log.warning("%s also made the memory of class %s: its frames score near 0 against their own tokens, so these "
+                    "thresholds come out too low (false alarms); calibrate on other normal frames", ", ".join(shared), cls)
     if max_frames is not None:  # too few frames allowed for the conformal rank: refused before any is scored
         settings.check_frame_count(max_frames)
     source = iter(frames)
@@ -183,6 +188,7 @@ def measure_threshold(detector: Detector, cls: str, frames: Iterable[np.ndarray]
         smoothing_sigma=float(detector.smoothing_sigma), created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         command=command, normal=normal_inputs, rule=settings.rule, false_alarm_rate=settings.false_alarm_rate,
         rank=rank, assumption=conformal_assumption(normal_inputs) if rank is not None else "",
+        **dict(zip(("memory", "memory_weight", "memory_sha256"), detector.memory_setting(cls))),
     )
 
 
@@ -239,8 +245,15 @@ def _check_unchanged(folder: Path, manifest, cls: str, record: ClassCalibration)
     entry = manifest.models.get(record.model)
     model_sha = manifest.files.get(entry.file, "") if entry is not None else ""
     text = read_prompts(resolve_inside(folder, manifest.prompts)).get(cls).text_features
+    memory = record.memory_setting
+    if record.memory != "off":  # the class's memory now, against the one the frames were scored with
+        from anoclip.runtime.memory import read_memory
+
+        bank = read_memory(resolve_inside(folder, manifest.memory)) if manifest.memory else None
+        now = bank.classes[cls].sha256 if bank is not None and cls in bank.classes else ""
+        memory = (record.memory, record.memory_weight, now) if now else ("off", None, "")
     reasons = record.mismatches(record.model, model_sha, text_features_sha256(text), record.tta_settings,
-                                record.tiling, record.smoothing_sigma)
+                                record.tiling, record.smoothing_sigma, memory)
     if reasons:
         raise AnoclipError(f"{folder} changed while calibrating ({'; '.join(reasons)}); nothing was written, "
                            "run the calibration again")

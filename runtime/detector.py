@@ -19,7 +19,7 @@ from .preprocess import DEFAULT_MAX_PIXELS, TileLayout, as_rgb_uint8, merge_tile
 from .prompt_weights import ClassPrompts
 from .scoring import abnormal_probability, gaussian_smooth, patch_grid, upsample_bilinear
 from .decision import ClassThreshold, decide
-from .thresholds import ClassCalibration, ThresholdTable, text_features_sha256, tta_settings
+from .thresholds import ClassCalibration, ThresholdTable, memory_setting, text_features_sha256, tta_settings
 from .tta import OnnxTTARunner, TTAAdapter, TTAConfig
 from .vocabulary import TTA_BACKENDS, model_precision
 
@@ -205,6 +205,13 @@ class Detector:
             bank = MemoryBank({}, "", 0)
         return bank.get(cls, self.artifacts.folder)
 
+    def memory_setting(self, cls: str) -> tuple[str, float | None, str]:
+        """The memory branch in force for ``cls`` as a thresholds record states it (mode, weight, sha256)."""
+        memory = self.class_memory(cls)
+        if memory is None:
+            return memory_setting("off", self.memory_weight, "")
+        return memory_setting("only" if self.memory == "only" else "on", self.memory_weight, memory.sha256)
+
     def class_prompts(self, cls: str) -> ClassPrompts:
         if self._fused_index is not None:
             check_fused_holds(self.artifacts, list(self._fused_index), [cls])
@@ -254,7 +261,8 @@ class Detector:
             record = self.thresholds.classes.get(cls) if self.thresholds is not None else None
             text = text_features_sha256(self.class_prompts(cls).text_features)
             reasons = record.mismatches(self.model, self.artifacts.model_sha256(self.model), text, tta_settings(self.tta),
-                                        self.tiling, self.smoothing_sigma) if record is not None else []
+                                        self.tiling, self.smoothing_sigma,
+                                        self.memory_setting(cls)) if record is not None else []
             if reasons:
                 log.warning("threshold of class %s not applied: it was calibrated on other artifacts or settings (%s); "
                             "re-run `%s`", cls, "; ".join(reasons), self._calibrate_hint(cls))

@@ -277,6 +277,18 @@ class FolderTransaction:
                                   f"class's memory anew with `{remake_command('memory', self.folder)}`")
             manifest.memory = ""
 
+    def _memories(self, manifest: Manifest) -> dict[str, str]:
+        """class -> sha256 of its memory rows, in the memory file ``manifest`` names."""
+        from .memory import read_memory
+
+        if not manifest.memory:
+            return {}
+        try:
+            return {c: m.sha256 for c, m in read_memory(resolve_inside(self.folder, manifest.memory)).classes.items()}
+        except ArtifactError as exc:
+            log.warning("%s", exc)
+            return {}
+
     def _prompts(self, manifest: Manifest):
         from .prompt_weights import read_prompts
 
@@ -314,7 +326,8 @@ class FolderTransaction:
     def _report_stale_thresholds(self, manifest: Manifest, report: CommitReport) -> None:
         """Classes whose calibrated thresholds no longer fit the model file or class embeddings."""
         if not manifest.thresholds or (self.old is not None and manifest.thresholds == self.old.thresholds
-                                       and manifest.models == self.old.models and manifest.prompts == self.old.prompts):
+                                       and manifest.models == self.old.models and manifest.prompts == self.old.prompts
+                                       and manifest.memory == self.old.memory):
             return
         from .thresholds import read_thresholds, text_features_sha256
 
@@ -324,9 +337,13 @@ class FolderTransaction:
             report.stale.append(str(exc))
             return
         bank = self._prompts(manifest)
+        memories = self._memories(manifest)
         for cls, record in table.classes.items():
             entry = manifest.models.get(record.model)
             reasons = []
+            if record.memory != "off" and (cls not in memories or memories[cls] != record.memory_sha256):
+                reasons.append("the class's memory of normal frames changed" if cls in memories
+                               else "the memory of normal frames it was calibrated with is gone")
             if entry is None or manifest.files.get(entry.file) != record.model_sha256:
                 reasons.append(f"the {record.model} model changed")
             if bank is not None and (cls not in bank.classes or text_features_sha256(

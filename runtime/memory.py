@@ -22,6 +22,7 @@ PatchCore) keeps the memory within ``max_patches`` rows.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -50,7 +51,7 @@ class ClassMemory:
     patches: np.ndarray
     provenance: dict[str, Any] = field(default_factory=dict)
 
-    @property
+    @functools.cached_property
     def sha256(self) -> str:
         """sha256 of the rows as float32 (shape included): what a calibration with this memory depends on."""
         import hashlib

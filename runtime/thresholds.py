@@ -44,6 +44,8 @@ THRESHOLDS_FORMAT = "anoclip-thresholds"
 THRESHOLDS_FORMAT_VERSION = 2  # 2: each class records its rule (quantile or conformal)
 READABLE_FORMAT_VERSIONS = (1, 2)
 RULE_FIELDS = ("rule", "false_alarm_rate", "rank", "assumption")  # added in version 2
+MEMORY_FIELDS = ("memory", "memory_weight", "memory_sha256")  # added in version 2
+VERSION_2_FIELDS = RULE_FIELDS + MEMORY_FIELDS
 QUANTILE_RULE = "quantile"
 CONFORMAL_RULE = "conformal"
 
@@ -98,14 +100,28 @@ class ClassCalibration:
     false_alarm_rate: float | None = None  # conformal: α
     rank: int | None = None  # conformal: k = ⌈(frames+1)(1−α)⌉, image_quantile_value is the k-th smallest score
     assumption: str = ""  # conformal: what the guarantee P(normal score > image threshold) <= α rests on
+    # the memory branch the scores were measured with (absent from version 1 files: none)
+    memory: str = "off"  # "off" (zero-shot alone), "on" (combined) or "only"
+    memory_weight: float | None = None  # with memory "on": w
+    memory_sha256: str = ""  # of the class's memory rows (runtime.memory.ClassMemory.sha256)
+
+    @property
+    def memory_setting(self) -> tuple[str, float | None, str]:
+        """(memory, memory_weight, memory_sha256): the memory branch the scores were measured with."""
+        return (self.memory, self.memory_weight, self.memory_sha256)
 
     def mismatches(self, model: str, model_sha256: str, text_sha256: str, tta: dict[str, Any] | None,
-                   tiling: str, smoothing_sigma: float) -> list[str]:
+                   tiling: str, smoothing_sigma: float,
+                   memory: tuple[str, float | None, str] = ("off", None, "")) -> list[str]:
         """Why this record does not hold for the given artifacts and settings (empty: it holds).
 
-        The TTA seed is not compared: it changes single draws, not what maps look like.
+        ``memory``: the memory branch in force for the class (mode, weight, memory sha256), as
+        :meth:`memory_setting` writes it. The TTA seed is not compared: it changes single draws,
+        not what maps look like.
         """
         reasons = []
+        if memory != self.memory_setting:
+            reasons.append(_memory_change(self.memory_setting, memory))
         if (tiling, smoothing_sigma) != (self.tiling, self.smoothing_sigma):
             reasons.append(f"calibrated with tiling {self.tiling} and smoothing {self.smoothing_sigma:g}, used with "
                            f"{tiling} and {smoothing_sigma:g}")
@@ -120,6 +136,23 @@ class ClassCalibration:
         elif tta is not None and _without_seed(tta) != _without_seed(self.tta_settings or {}):
             reasons.append("calibrated with other TTA settings")
         return reasons
+
+
+def memory_setting(mode: str, weight: float, sha: str) -> tuple[str, float | None, str]:
+    """(memory, memory_weight, memory_sha256) as a record stores them for the memory branch in force:
+    ``mode`` off, on or only (auto resolved for the class), ``sha`` of its memory rows."""
+    if mode == "off":
+        return ("off", None, "")
+    return (mode, float(weight) if mode == "on" else None, sha)
+
+
+def _memory_change(calibrated: tuple, used: tuple) -> str:
+    def said(setting):
+        mode, weight, sha = setting
+        if mode == "off":
+            return "without the memory of normal frames"
+        return f"with memory {sha[:12]}" + (f" at weight {weight:g}" if mode == "on" else " alone")
+    return f"calibrated {said(calibrated)}, used {said(used)}"
 
 
 @dataclass
@@ -158,13 +191,13 @@ class ThresholdTable:
         table = {}
         for name, record in classes.items():
             try:
-                if isinstance(record, dict):  # version 1 has none of the rule fields, version 2 all of them
-                    present = [f for f in RULE_FIELDS if f in record]
+                if isinstance(record, dict):  # version 1 has none of the rule and memory fields, version 2 all
+                    present = [f for f in VERSION_2_FIELDS if f in record]
                     if version == 1:
                         need(not present, f"unknown fields {present} (format version 1)")
                     else:
-                        need(len(present) == len(RULE_FIELDS),
-                             f"missing fields {[f for f in RULE_FIELDS if f not in record]}")
+                        need(len(present) == len(VERSION_2_FIELDS),
+                             f"missing fields {[f for f in VERSION_2_FIELDS if f not in record]}")
                 table[name] = _consistent(build(ClassCalibration, record, _FIELD_CHECKS))
             except ValueError as exc:
                 raise ValueError(f"classes.{name}: {exc}") from None
@@ -224,6 +257,8 @@ _FIELD_CHECKS: dict[str, Check] = {  # scores and map values are probabilities: 
     "command": text(), "normal": list_of(text(), "strings"),
     "rule": choice((QUANTILE_RULE, CONFORMAL_RULE)), "false_alarm_rate": either(null, number(0, 1)),
     "rank": either(null, integer(1)), "assumption": text(),
+    "memory": choice(("off", "on", "only")), "memory_weight": either(null, number(0, 1)),
+    "memory_sha256": either(choice([""]), sha256),
 }
 
 
@@ -235,6 +270,10 @@ def _consistent(record: ClassCalibration) -> ClassCalibration:
     """``record`` when its numbers agree with each other (each threshold is its measured quantile
     value plus its margin; the image quantile lies within the scores' range, the mean too); a
     ValueError naming the disagreement."""
+    need(record.memory_setting == memory_setting(record.memory, record.memory_weight or 0.0, record.memory_sha256)
+         and (record.memory == "off") == (record.memory_sha256 == ""),
+         f"memory {record.memory!r} with weight {record.memory_weight!r} and sha256 {record.memory_sha256!r} do not "
+         "go together (off: null and empty; on: a weight and the memory's sha256; only: null weight)")
     for threshold, value, margin in (("image", "image_quantile_value", "margin"),
                                      ("pixel", "pixel_quantile_value", "pixel_margin")):
         got, expected = getattr(record, threshold), getattr(record, value) + getattr(record, margin)

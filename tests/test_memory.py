@@ -240,3 +240,63 @@ def test_a_new_visual_model_drops_the_memory(with_memory, export_cli, tmp_path, 
     assert "dropping memory" in said and "anoclip calibrate memory --artifacts" in said
     assert not list(folder.glob("memory.*"))
     assert load_artifacts(folder).memory is None
+
+
+# ----------------------------------------------------------------------------------------------
+# Thresholds remember the memory they were calibrated with
+
+
+def test_thresholds_hold_for_the_memory_they_were_calibrated_with(with_memory, tmp_path, caplog):
+    import cv2
+
+    folder = copy_artifacts(with_memory, tmp_path / "a")
+    other = tmp_path / "other"
+    other.mkdir()
+    for i in range(8):
+        cv2.imwrite(str(other / f"o{i}.png"), np.random.default_rng(100 + i).integers(0, 256, (48, 48, 3), np.uint8))
+    result = anoclip("calibrate", "threshold", "--artifacts", folder, "--class", "bottle", "--normal", other,
+                     "--memory-weight", "0.25")
+    assert result.exit_code == 0, result.output
+    assert "with the memory of normal frames" in result.output and "at weight 0.25" in result.output
+    record = load_artifacts(folder).thresholds.classes["bottle"]
+    memory = load_artifacts(folder).memory.classes["bottle"]
+    assert (record.memory, record.memory_weight, record.memory_sha256) == ("on", 0.25, memory.sha256)
+    assert Detector.load(folder, backend="cpu", memory_weight=0.25).calibration("bottle") == record
+    for options, said in (({"memory": "off"}, "used without the memory"), ({"memory_weight": 0.5}, "at weight 0.5"),
+                          ({"memory": "only"}, "alone")):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert Detector.load(folder, backend="cpu", **options).calibration("bottle") is None
+        assert "not applied" in caplog.text and said in caplog.text, caplog.text
+    # a new memory of the class makes them stale
+    result = anoclip("calibrate", "memory", "--artifacts", folder, "--class", "bottle", "--normal", other, "--extend")
+    assert result.exit_code == 0, result.output
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert Detector.load(folder, backend="cpu", memory_weight=0.25).calibration("bottle") is None
+    assert "calibrated with memory" in caplog.text
+
+
+def test_calibrating_thresholds_on_the_memorys_own_frames_is_warned(with_memory, tmp_path, caplog):
+    folder = copy_artifacts(with_memory, tmp_path / "a")
+    normal = load_artifacts(folder).memory.classes["bottle"].provenance["normal"]
+    with caplog.at_level(logging.WARNING):
+        result = anoclip("calibrate", "threshold", "--artifacts", folder, "--class", "bottle", "--normal", *normal)
+    assert result.exit_code == 0, result.output
+    assert "also made the memory of class bottle" in caplog.text
+
+
+def test_a_new_memory_says_which_thresholds_it_made_stale(with_memory, tmp_path, caplog):
+    import cv2
+
+    folder = copy_artifacts(with_memory, tmp_path / "a")
+    cv2.imwrite(str(tmp_path / "o.png"), np.random.default_rng(9).integers(0, 256, (48, 48, 3), np.uint8))
+    for cls in ("bottle", "carpet"):
+        assert anoclip("calibrate", "threshold", "--artifacts", folder, "--class", cls, "--normal",
+                       tmp_path / "o.png").exit_code == 0
+    with caplog.at_level(logging.WARNING):
+        result = anoclip("calibrate", "memory", "--artifacts", folder, "--class", "bottle", "--normal",
+                         tmp_path / "o.png")
+    assert result.exit_code == 0, result.output
+    stale = [line for line in caplog.text.splitlines() if "are stale" in line]
+    assert len(stale) == 1 and "thresholds of bottle" in stale[0] and "memory of normal frames changed" in stale[0]

@@ -424,7 +424,7 @@ def _as_version_1(folder: Path) -> dict:
     data = json.loads(path.read_text())
     data["format_version"] = 1
     for record in data["classes"].values():
-        for key in ("rule", "false_alarm_rate", "rank", "assumption"):
+        for key in ("rule", "false_alarm_rate", "rank", "assumption", "memory", "memory_weight", "memory_sha256"):
             del record[key]
     path.write_text(json.dumps(data, indent=2))
     manifest.files[manifest.thresholds] = sha256_file(path)
@@ -459,7 +459,8 @@ def test_rule_fields_must_match_the_file_version(calibrated, tmp_path):
     data = json.loads((calibrated[0] / read_manifest(calibrated[0]).thresholds).read_text())
     path = tmp_path / "thresholds.json"
     for version, drop, keep, expected in ((2, ("rank",), (), "missing fields ['rank']"),
-                                          (1, ("rule", "false_alarm_rate", "rank"), ("assumption",),
+                                          (1, ("rule", "false_alarm_rate", "rank", "memory", "memory_weight",
+                                               "memory_sha256"), ("assumption",),
                                            "unknown fields ['assumption'] (format version 1)")):
         broken = json.loads(json.dumps(data))
         broken["format_version"] = version
@@ -471,7 +472,9 @@ def test_rule_fields_must_match_the_file_version(calibrated, tmp_path):
         assert expected in str(info.value), str(info.value)
     for damage, expected in (({"rule": "median"}, "rule must be one of quantile, conformal"),
                              ({"rank": 3}, "false_alarm_rate and rank must be null with rule quantile"),
-                             ({"false_alarm_rate": 0.01}, "must be null with rule quantile")):
+                             ({"false_alarm_rate": 0.01}, "must be null with rule quantile"),
+                             ({"memory": "on"}, "memory 'on' with weight None"),
+                             ({"memory_weight": 0.5}, "do not go together")):
         broken = json.loads(json.dumps(data))
         broken["classes"]["bottle"].update(damage)
         path.write_text(json.dumps(broken))
