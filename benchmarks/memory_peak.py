@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 MB = 2**20
 SAMPLE_S = 0.02
 DEFAULT_VIDEO_FPS = 10.0
+REQUEST_TIMEOUT_S = 600.0  # a large model on a few cores: a batch of 8 can take tens of seconds
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,7 +245,7 @@ def run_serve(artifacts: str, cls: str | None, backend: str, threads: int | None
         try:
             pgid = server.process.pid
             result["after_start"] = group_memory(pgid)
-            remote = RemoteDetector([server.http_url], workers=8)
+            remote = RemoteDetector([server.http_url], workers=8, timeout=REQUEST_TIMEOUT_S)
             cls = cls or remote.classes[0]
             result["class"] = cls
             if huge:
@@ -268,6 +269,8 @@ def run_serve(artifacts: str, cls: str | None, backend: str, threads: int | None
             result["requests_s"] = round(time.perf_counter() - started, 2)
             result[f"after_{done}_requests"] = group_memory(pgid)
             remote.close()
+        except AnoclipError as exc:
+            raise AnoclipError(f"{exc}\nthe server's log ends with:\n{server.log()[-3000:]}") from exc
         finally:
             server.stop()
     result["client_peak_rss_MB"] = _mb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
