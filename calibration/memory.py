@@ -12,28 +12,23 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
-from anoclip.runtime.artifacts import VISUAL, read_manifest
+from anoclip.runtime.artifacts import VISUAL
 from anoclip.runtime.detector import Detector
 from anoclip.runtime.errors import AnoclipError
-from anoclip.runtime.folder import transaction
-from anoclip.runtime.integrity import resolve_inside
-from anoclip.runtime.memory import (MEMORY, ClassMemory, MemoryBank, augmented, covering_radius, greedy_coreset,
-                                    memory_bytes, read_memory, unit_rows)
+from anoclip.runtime.memory import ClassMemory, augmented, unit_rows
+from anoclip.runtime.normal_frames import build_class_memory, current_memory, store_normal_frames
 from anoclip.runtime.preprocess import preprocess
 
 log = logging.getLogger(__name__)
 
 BATCH = 8  # frames per model run
-LOCK_WAIT_S = 5.0
 
 
 @dataclass
@@ -72,20 +67,6 @@ def patch_tokens(detector: Detector, frames: Iterable[np.ndarray], augment: tupl
     return np.concatenate(rows), count
 
 
-def build_class_memory(rows: np.ndarray, max_patches: int, old: ClassMemory | None = None) -> tuple[np.ndarray, int, float]:
-    """(memory rows, rows before the coreset, covering radius) of new ``rows`` plus ``old``'s."""
-    from tqdm import tqdm
-
-    if old is not None:
-        rows = np.concatenate([old.patches, rows])
-    if len(rows) <= max_patches:
-        return rows, len(rows), 0.0
-    with tqdm(total=max_patches, desc="coreset", unit="patch", file=sys.stderr, disable=None) as bar:
-        kept = greedy_coreset(rows, max_patches, progress=lambda k: bar.update(k - bar.n))
-        bar.update(max_patches - bar.n)
-    return np.ascontiguousarray(rows[kept]), len(rows), covering_radius(rows, kept)
-
-
 def calibrate_memory(detector: Detector, cls: str, frames: Iterable[np.ndarray], *, max_patches: int,
                      augment: tuple[str, ...] = (), extend: bool = False, normal: Sequence[str] = (),
                      command: str = "", total: int | None = None) -> MemoryReport:
@@ -94,7 +75,7 @@ def calibrate_memory(detector: Detector, cls: str, frames: Iterable[np.ndarray],
     detector.class_prompts(cls)  # an unknown class fails before any frame is read
     folder = detector.artifacts.folder
     visual_sha = detector.artifacts.model_sha256(VISUAL)
-    old = _current_bank(folder).classes.get(cls) if extend else None
+    old = current_memory(folder).classes.get(cls) if extend else None
     rows, count = patch_tokens(detector, frames, augment, total, desc=f"memory {cls}")
     memory_rows, before, radius = build_class_memory(rows, max_patches, old)
     previous_frames = int(old.provenance.get("frames", 0)) if old is not None else 0
@@ -106,32 +87,6 @@ def calibrate_memory(detector: Detector, cls: str, frames: Iterable[np.ndarray],
         "extended": old is not None, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": command, "normal": [str(n) for n in normal],
     }
-    name = store_class_memory(folder, ClassMemory(cls, memory_rows, provenance), visual_sha, detector.artifacts.manifest
-                              .embed_dim, command or f"calibrate memory --class {cls}")
+    name, _ = store_normal_frames(folder, cls, memory=ClassMemory(cls, memory_rows, provenance), visual_sha256=visual_sha,
+                                  command=command or f"calibrate memory --class {cls}")
     return MemoryReport(count, before, len(memory_rows), radius, name)
-
-
-def store_class_memory(folder: str | os.PathLike, memory: ClassMemory, visual_sha256: str, embed_dim: int,
-                       command: str) -> str:
-    """Commit ``memory`` as its class's memory (the other classes kept); the file's name. The folder's
-    visual model must still be the one the tokens came from."""
-    with transaction(folder, wait=LOCK_WAIT_S) as tx:
-        tx.require_source(VISUAL, visual_sha256, f"anoclip calibrate memory --artifacts {folder} --class "
-                                                 f"{memory.name} --normal ...")
-        bank = _current_bank(Path(folder), tx.manifest)
-        if bank.visual_sha256 != visual_sha256:
-            bank = MemoryBank({}, visual_sha256, embed_dim)
-        tx.manifest.memory = tx.add_file(MEMORY, memory_bytes(bank.with_class(memory)))
-        tx.commit(command)
-    return tx.manifest.memory
-
-
-def _current_bank(folder: Path, manifest=None) -> MemoryBank:
-    """The memories the manifest names (empty when it names none)."""
-    manifest = manifest or read_manifest(folder)
-    if not manifest.memory:
-        return MemoryBank({}, "", manifest.embed_dim)
-    from anoclip.runtime.artifacts import verify_files
-
-    verify_files(folder, manifest, [manifest.memory])
-    return read_memory(resolve_inside(folder, manifest.memory))

@@ -57,6 +57,9 @@ class Result:
     branches: the branches that made score and maps: ``("zero_shot",)``, ``("zero_shot", "memory")``
         (combined with the memory's weight, see ``memory.py``) or ``("memory",)``.
     zero_shot_score, memory_score: each branch's image score when the memory ran (None otherwise).
+    patch_tokens, layout: with ``predict_batch(..., keep_tokens=True)``, the raw patch tokens of the
+        image's tiles [tiles, M, D] and how the tiles were cut (:meth:`Detector.score_tokens` scores
+        them again, against another memory); ``zero_shot_score`` is then set too.
     """
 
     score: float
@@ -74,6 +77,8 @@ class Result:
     branches: tuple[str, ...] = ("zero_shot",)
     zero_shot_score: float | None = None
     memory_score: float | None = None
+    patch_tokens: np.ndarray | None = None
+    layout: TileLayout | None = None
 
     @property
     def by_class(self) -> dict[str, "Result"]:
@@ -284,12 +289,13 @@ class Detector:
         return self.predict_batch([image], cls, tta=tta)[0]
 
     def predict_batch(self, images: Sequence, cls: str | Sequence[str], tta=None,
-                      tta_keys: Sequence[str] | None = None) -> list[Result]:
+                      tta_keys: Sequence[str] | None = None, keep_tokens: bool = False) -> list[Result]:
         """Score several images, running all their tiles through the model together, for one class
         or several (see :meth:`predict`); TTA adapts the same tokens once per class.
 
         ``tta_keys``: per image, the name of the TTA state it adapts (default: one state per class);
         images of different camera streams pass their stream's name so that each keeps its own.
+        ``keep_tokens``: each Result keeps its raw patch tokens (``Result.patch_tokens``).
         """
         classes = self.resolve_classes(cls)
         tta_config = self.tta if tta is None else _tta_config(tta)
@@ -307,7 +313,7 @@ class Detector:
             sizes.append(rgb.shape[:2])
         t1 = time.perf_counter()
         memory = any(self.class_memory(name) is not None and not self.memory_in_graph(name) for name in classes)
-        outputs = self._run(np.concatenate(batches), tta_config is not None or memory)
+        outputs = self._run(np.concatenate(batches), tta_config is not None or memory or keep_tokens)
         t2 = time.perf_counter()
         n = len(images)
         results, start = [], 0
@@ -318,6 +324,10 @@ class Detector:
                 result = self._class_result(outputs, tiles, name, layout, size, tta_config,
                                             "" if tta_keys is None else tta_keys[i])
                 result.timings = {"preprocess": (t1 - t0) * 1e3 / n, "model": (t2 - t1) * 1e3 / n, **result.timings}
+                if keep_tokens:
+                    result.patch_tokens, result.layout = outputs["patch_embeds"][tiles].copy(), layout
+                    if result.zero_shot_score is None:
+                        result.zero_shot_score = result.score
                 self.decide(result)
                 per_class[name] = result
             first = per_class[classes[0]]
@@ -389,19 +399,49 @@ class Detector:
             result.branches = ("memory",) if only else ("zero_shot", "memory")
             result.zero_shot_score, result.memory_score = score, memory_score
         else:  # the raw V-V tokens against the memory (which holds raw tokens; TTA adapts the zero-shot branch only)
-            s = memory_scores(outputs["patch_embeds"][tiles], memory.patches)  # [tiles, M]
-            memory_score = float(np.max(s))
-            if self.memory == "only":
-                result = self._maps(memory_score, s, None, layout, size, cls)
-                result.branches = ("memory",)
-            else:
-                result = self._maps(float(combine(score, memory_score, self.memory_weight)),
-                                    combine(probs, s, self.memory_weight), None, layout, size, cls)
-                result.branches = ("zero_shot", "memory")
-            result.zero_shot_score, result.memory_score = score, memory_score
+            result = self._with_memory(score, probs, memory_scores(outputs["patch_embeds"][tiles], memory.patches),
+                                       layout, size, cls)
         timings["scoring"] = (time.perf_counter() - started) * 1e3 - timings.get("tta", 0.0)
         result.timings = timings
         return result
+
+    def _with_memory(self, score: float, probs: np.ndarray, s: np.ndarray, layout: TileLayout, size: tuple[int, int],
+                     cls: str) -> Result:
+        """The Result of the zero-shot image score and per-patch values [tiles, M] with the memory
+        scores ``s`` [tiles, M] (combined, or alone with memory ``only``)."""
+        memory_score = float(np.max(s))
+        if self.memory == "only":
+            result = self._maps(memory_score, s, None, layout, size, cls)
+            result.branches = ("memory",)
+        else:
+            result = self._maps(float(combine(score, memory_score, self.memory_weight)),
+                                combine(probs, s, self.memory_weight), None, layout, size, cls)
+            result.branches = ("zero_shot", "memory")
+        result.zero_shot_score, result.memory_score = score, memory_score
+        return result
+
+    def score_tokens(self, cls: str, patch_tokens: np.ndarray, zero_shot_score: float, layout: TileLayout,
+                     size: tuple[int, int], memory_rows: np.ndarray | None) -> Result:
+        """The Result (decided by the thresholds in force) of raw patch tokens [tiles, M, D] kept by
+        ``predict_batch(..., keep_tokens=True)`` against ``memory_rows`` (unit rows [N, D]; None:
+        zero-shot alone), as ``predict`` would have made it with that memory (no TTA)."""
+        probs = abnormal_probability(patch_tokens, self.class_prompts(cls).text_features)
+        if memory_rows is None:
+            result = self._maps(zero_shot_score, probs, None, layout, size, cls)
+        else:
+            result = self._with_memory(zero_shot_score, probs, memory_scores(patch_tokens, memory_rows), layout, size,
+                                       cls)
+        self.decide(result)
+        return result
+
+    def use_calibration(self, memory=None, thresholds: ThresholdTable | None = None) -> None:
+        """Put a new memory bank and thresholds table in force (the folder's, after a commit)."""
+        if memory is not None:
+            self.artifacts.memory = memory
+        if thresholds is not None:
+            self.thresholds = thresholds
+        self._calibrations.clear()
+        self._told_no_threshold.clear()
 
     def _maps(self, score: float, probs: np.ndarray, tile_maps: np.ndarray | None, layout: TileLayout,
               size: tuple[int, int], cls: str) -> Result:
