@@ -75,7 +75,7 @@ def test_three_modes_per_shot_repeatable_seeds_and_the_folder_unchanged(folder, 
     assert summary[("combined", 2)]["mean"]["pixel_auroc"]["std"] is not None
     # every test image ran the visual model once; the shots once per distinct image
     drawn = {(r["class"], name) for r in first["rows"] if "memory" in r for name in r["memory"]["normal"]}
-    assert first["visual_model_images"] == first["test_images"] + len(drawn)
+    assert first["model_inputs"] == first["test_images"] + len(drawn)  # 64x64 frames: one tile each
 
     again = fewshot(folder, mvtec_root, tmp_path / "b", *args)
     assert [r["metrics"] for r in again["rows"]] == [r["metrics"] for r in first["rows"]]
@@ -115,6 +115,8 @@ def test_visa_layout_draws_from_its_train_normal_rows(folder, visa_root, tmp_pat
         assert all(name in {p.relative_to(visa_root).as_posix() for p in
                             load_normal_train(visa_root, "visa", row["class"])} for name in row["memory"]["normal"])
         assert row["memory"]["patches"] > 2 * 9  # tiled frames: more than one tile's tokens per shot
+    drawn = {(r["class"], name) for r in record["rows"] if "memory" in r for name in r["memory"]["normal"]}
+    assert record["model_inputs"] == 2 * (record["test_images"] + len(drawn))  # two tiles per frame, each run once
     refs = {(r["method"], r["shots"]): (r["image_auroc"], r["pixel_auroc"]) for r in record["references"]}
     assert refs[("WinCLIP+", 1)] == (83.8, 96.4) and refs[("WinCLIP", 0)] == (78.1, 79.6)
 

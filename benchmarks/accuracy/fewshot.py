@@ -44,6 +44,7 @@ from .. import paper
 from .layouts import DATASET_TITLES, Sample, load_normal_train
 from .metrics import ClassMetrics, evaluate_class, mean_over_classes
 from .report import RANDOM_WEIGHTS_WARNING, _pct, _table
+from .results import _safe_name, _write_json
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +92,14 @@ def draw_shots(images: Sequence[Path], shots: int, seed: int) -> list[Path]:
 class TokenCache:
     """A backend that runs the wrapped one once per distinct input batch and keeps its outputs, so
     that several scorings of the same images (zero-shot, memory only, combined; every K and seed)
-    share one run of the visual model per image. ``runs``: batches that ran the model."""
+    share one run of the visual model per image. ``runs``: batches that ran the model; ``inputs``:
+    the model inputs (tiles) in them."""
 
     def __init__(self, backend):
         self.backend = backend
         self._outputs: dict[bytes, tuple[np.ndarray, ...]] = {}
         self.runs = 0
-        self.images = 0
+        self.inputs = 0
 
     def run(self, batch: np.ndarray):
         batch = np.ascontiguousarray(batch, dtype=np.float32)
@@ -105,7 +107,7 @@ class TokenCache:
         if key not in self._outputs:
             self._outputs[key] = tuple(np.asarray(o) for o in self.backend.run(batch))
             self.runs += 1
-            self.images += batch.shape[0]
+            self.inputs += batch.shape[0]
         return self._outputs[key]
 
     def clear(self) -> None:
@@ -179,7 +181,8 @@ def evaluate_fewshot(detector, dataset: str, root: str | Path, plan: dict[str, l
     if detector.model != VISUAL:
         raise AnoclipError("--memory-shots needs the V-V tokens of the visual model: use --model visual")
     manifest = detector.artifacts.manifest
-    out = Path(out_dir) if out_dir is not None else Path("eval-results") / f"{dataset}-{manifest.backbone}-fewshot"
+    out = Path(out_dir) if out_dir is not None else (
+        Path("eval-results") / f"{dataset}-{_safe_name(manifest.backbone)}-fewshot")
     ensure_writable_folder(out)
     normals = {cls: load_normal_train(root, dataset, cls) for cls in plan}
     for cls, images in normals.items():  # too few normal images fails before any scoring
@@ -194,9 +197,9 @@ def evaluate_fewshot(detector, dataset: str, root: str | Path, plan: dict[str, l
     with tqdm(total=total, desc="few-shot", unit="scoring", file=sys.stderr, disable=not progress or None) as bar:
         for cls, samples in plan.items():
             cache.clear()
-            runs_before = cache.images
+            inputs_before = cache.inputs
             zero = _score(_detector(detector, cache, None, "zero_shot", weight), samples, cls, batch_size)
-            test_runs = cache.images - runs_before
+            test_inputs = cache.inputs - inputs_before
             test_images += len(samples)
             rows.append({"class": cls, "mode": "zero_shot", "shots": 0, "seed": None,
                          "metrics": _metrics_json(zero)})
@@ -213,15 +216,16 @@ def evaluate_fewshot(detector, dataset: str, root: str | Path, plan: dict[str, l
                                   "normal": [_relative(p, root) for p in drawn]}
                     bank = MemoryBank({cls: ClassMemory(cls, memory_rows, provenance)}, visual_sha, manifest.embed_dim)
                     for mode in ("memory_only", "combined"):
-                        runs = cache.images
+                        inputs = cache.inputs
                         metrics = _score(_detector(detector, cache, bank, mode, weight), samples, cls, batch_size)
-                        if cache.images != runs:  # the test tokens were all kept: no model run here
-                            log.warning("%s: %d test images ran the visual model again", cls, cache.images - runs)
+                        if cache.inputs != inputs:  # the test tokens were all kept: no model run here
+                            log.warning("%s: %d test tiles ran the visual model again", cls, cache.inputs - inputs)
                         rows.append({"class": cls, "mode": mode, "shots": k, "seed": seed, "weight": weight
                                      if mode == "combined" else None, "memory": provenance,
                                      "metrics": _metrics_json(metrics)})
                         bar.update(1)
-            log.info("%s: %d test images, %d visual-model runs for them", cls, len(samples), test_runs)
+            log.info("%s: %d test images, %d model inputs (tiles) for them, each run once", cls, len(samples),
+                     test_inputs)
     settings = [("zero_shot", 0)] + [(mode, k) for k in shots for mode in ("memory_only", "combined")]
     summary = []
     for mode, k in settings:
@@ -250,13 +254,11 @@ def evaluate_fewshot(detector, dataset: str, root: str | Path, plan: dict[str, l
                      "modes": {m: f"Detector memory={DETECTOR_MEMORY[m]}" for m in MODES},
                      "spread": "sample standard deviation over seeds of the mean over classes",
                      "artifact_folder": "unchanged: the memories are held in memory, never stored"},
-        "classes": list(plan), "test_images": test_images, "visual_model_images": cache.images,
+        "classes": list(plan), "test_images": test_images, "model_inputs": cache.inputs,
         "seconds": round(time.perf_counter() - started, 2),
         "rows": rows, "summary": summary, "references": references(dataset),
         "metrics_unit": "fraction", "references_unit": "percent", "out_dir": str(out),
     }
-    from .results import _write_json
-
     _write_json(out / FEWSHOT, record)
     return record
 
@@ -288,8 +290,8 @@ def format_fewshot(record: dict[str, Any]) -> str:
                  f"images ({protocol['normal_split']}) per class, seeds {','.join(map(str, protocol['seeds']))}, "
                  f"memory weight w={protocol['weight']:g}, coreset above {protocol['max_patches']} rows; "
                  f"backend {record['backend']}")
-    lines.append(f"{record['test_images']} test images; the visual model ran on {record['visual_model_images']} "
-                 "images (every test image once, plus the distinct shots); the artifact folder was not written")
+    lines.append(f"{record['test_images']} test images; the visual model ran on {record['model_inputs']} inputs "
+                 "(tiles: every test image and every distinct shot once); the artifact folder was not written")
     lines.append("")
     header = ["class", "shots", "mode", *(label for _, label in COLUMNS)]
     body = []
