@@ -60,7 +60,7 @@ from anoclip.runtime.folder import store_derived_model
 from anoclip.runtime.fused import BRANCH_MAP_OUTPUTS, DECISION_OUTPUTS, MEMORY_OUTPUTS, METHOD_VERSION, OUTPUTS
 from anoclip.runtime.memory import DEFAULT_WEIGHT, check_weight
 from anoclip.runtime.scoring import l2_normalise, map_matrices
-from anoclip.runtime.thresholds import text_features_sha256
+from anoclip.runtime.thresholds import memory_setting, text_features_sha256
 from anoclip.runtime.vocabulary import remake_command
 
 log = logging.getLogger(__name__)
@@ -260,12 +260,15 @@ def _map_nodes(probs: str, patch_scores: str, maps: str) -> list:
     ]
 
 
-def calibrated_thresholds(artifacts, classes: Sequence[str], features: Sequence[np.ndarray]) -> dict:
+def calibrated_thresholds(artifacts, classes: Sequence[str], features: Sequence[np.ndarray],
+                          memory: dict[str, tuple] | None = None) -> dict:
     """The folder's calibrated (image, pixel) thresholds of ``classes``, for baking into the fused
     graph: ``{"file": thresholds file, "classes": {class: {"image": x, "pixel": y}}}``. Each class's
     record must hold for the graph's maps: calibrated on the folder's visual model (or its current
-    fused model), on these text features, without TTA and without map smoothing; one line naming
-    `anoclip calibrate threshold` otherwise."""
+    fused model), on these text features, without TTA and without map smoothing, and with the memory
+    branch the graph bakes for the class (``memory``: class -> ``thresholds.memory_setting``; none
+    without); one line naming `anoclip calibrate threshold` otherwise."""
+
     folder, table = artifacts.folder, artifacts.thresholds
     models = {VISUAL: artifacts.model_sha256(VISUAL)}
     if FUSED in artifacts.manifest.models:
@@ -279,10 +282,13 @@ def calibrated_thresholds(artifacts, classes: Sequence[str], features: Sequence[
                                "fuse without --thresholds")
         model = record.model if record.model in models else VISUAL
         tiling = record.tiling if record.tiling in ("auto", "never") else "never"  # the graph never tiles
-        reasons = record.mismatches(model, models[model], text_features_sha256(text), None, tiling, 0.0)
+        setting = (memory or {}).get(cls, memory_setting("off", 0.0, ""))
+        reasons = record.mismatches(model, models[model], text_features_sha256(text), None, tiling, 0.0, setting)
         if reasons:
+            branch = "" if setting[0] == "off" else f" --memory {setting[0]}" + (
+                f" --memory-weight {setting[1]:g}" if setting[1] is not None else "")
             raise AnoclipError(f"the thresholds of class {cls} do not hold for the fused graph ({'; '.join(reasons)}); "
-                               f"run `{calibrate}` (no --tta, no --smoothing-sigma)")
+                               f"run `{calibrate}{branch}` (no --tta, no --smoothing-sigma)")
         baked[cls] = {"image": record.image, "pixel": record.pixel}
     return {"file": artifacts.manifest.thresholds, "classes": baked}
 
@@ -316,7 +322,6 @@ def fuse_folder(folder: str | Path, classes: Sequence[str] | None = None, *, pat
                            f"--classes {missing[0]}`")
     features = [bank.get(c).text_features for c in chosen]
     source_sha = artifacts.model_sha256(VISUAL)
-    baked = calibrated_thresholds(artifacts, chosen, features) if thresholds else None
     memories = {} if memory == "off" or artifacts.memory is None else {
         c: artifacts.memory.classes[c] for c in chosen if c in artifacts.memory.classes}
     lacking = [c for c in chosen if c not in memories]
@@ -328,6 +333,9 @@ def fuse_folder(folder: str | Path, classes: Sequence[str] | None = None, *, pat
         raise AnoclipError(f"--branch-maps needs a class with a memory of normal frames, and no fused class has one in "
                            f"{folder}; make one with `anoclip calibrate memory --artifacts {folder} --class ... --normal ...`")
     baked_memory = {c: {"sha256": m.sha256, "rows": int(m.patches.shape[0])} for c, m in memories.items()}
+    settings = {c: memory_setting("only" if memory == "only" else "on", memory_weight, r["sha256"])
+                for c, r in baked_memory.items()}
+    baked = calibrated_thresholds(artifacts, chosen, features, settings) if thresholds else None
     metadata = {
         "anoclip.classes": json.dumps(chosen), "anoclip.mean": json.dumps(list(manifest.mean)),
         "anoclip.std": json.dumps(list(manifest.std)), "anoclip.image_size": json.dumps(list(manifest.image_size)),

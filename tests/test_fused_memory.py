@@ -349,3 +349,22 @@ def test_triton_config_declares_the_decision_as_bool():
                                model_config_pb2.ModelConfig())
     kinds = {o.name: model_config_pb2.DataType.Name(o.data_type) for o in config.output}
     assert kinds == {"scores": "TYPE_FP32", "memory_scores": "TYPE_FP32", "anomalous": "TYPE_BOOL", "mask": "TYPE_BOOL"}
+
+
+def test_baked_thresholds_must_be_calibrated_with_the_baked_memory(memory_folder, tmp_path, tmp_path_factory, rgb_image):
+    folder = copy_artifacts(memory_folder, tmp_path / "a")
+    normal = _normal_frames(folder, tmp_path_factory)
+    result = anoclip("calibrate", "threshold", "--artifacts", folder, "--class", "bottle", "--normal", normal,
+                     "--quantile", "0.9", "--memory-weight", "0.3")
+    assert result.exit_code == 0, result.output
+    with pytest.raises(AnoclipError) as caught:
+        anoclip("fuse", "--artifacts", folder, "--classes", "bottle", "--thresholds")  # weight 0.5 by default
+    assert "do not hold for the fused graph" in str(caught.value) and "--memory on --memory-weight 0.5" in str(caught.value)
+    result = anoclip("fuse", "--artifacts", folder, "--classes", "bottle", "--thresholds", "--memory-weight", "0.3")
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(folder)
+    image = manifest.models["fused"].provenance["thresholds"]["classes"]["bottle"]["image"]
+    batch = np.random.default_rng(3).standard_normal((4, 3, *manifest.image_size)).astype(np.float32)
+    out = run_plain(artifact_file(folder, "fused"), batch)
+    assert out["anomalous"].dtype == bool and out["memory_scores"].shape == (4, 1)
+    assert np.array_equal(out["anomalous"], out["scores"] > np.float32(image))  # the combined score decides
