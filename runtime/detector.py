@@ -113,6 +113,7 @@ class Detector:
             raise ValueError(f"memory must be one of {', '.join(MEMORY_MODES)}, got {memory!r}")
         self.memory = memory
         self.memory_weight = check_weight(memory_weight)
+        self.enrolling: set[str] = set()  # classes whose memory is being made (the stream's --enrol): none yet is no error
         self.artifacts = artifacts
         self.backend = backend
         self.tiling = tiling
@@ -202,7 +203,8 @@ class Detector:
     def class_memory(self, cls: str) -> ClassMemory | None:
         """The memory the memory branch compares ``cls``'s patches with (None: the branch is off for it)."""
         bank = self.artifacts.memory
-        if self.memory == "off" or (self.memory == "auto" and (bank is None or cls not in bank.classes)):
+        missing = bank is None or cls not in bank.classes
+        if self.memory == "off" or (missing and (self.memory == "auto" or cls in self.enrolling)):
             return None
         if bank is None:
             from .memory import MemoryBank

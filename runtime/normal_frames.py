@@ -114,14 +114,13 @@ def map_sample(amap: np.ndarray, index: int) -> np.ndarray:
     return np.append(flat[index % step::step], flat.max())
 
 
-
-
 def threshold_record(detector, cls: str, scores: Sequence[float], samples: Sequence[np.ndarray],
                      settings: ThresholdSettings = ThresholdSettings(), *, normal: Sequence[str] = (),
-                     command: str = "") -> ClassCalibration:
+                     command: str = "", memory: tuple[str, float | None, str] | None = None) -> ClassCalibration:
     """The thresholds record of ``cls`` from the normal frames' ``scores`` and map samples
     (:func:`map_sample`), scored by ``detector`` (its model, TTA, tiling, smoothing and memory
-    branch are recorded)."""
+    branch are recorded; ``memory``: the branch the scores were made with, when not the detector's
+    own, as ``Detector.memory_setting`` states it)."""
     if not scores:
         raise AnoclipError("no normal frames were read; give normal images, folders of them or videos with --normal")
     settings.check_frame_count(len(scores))
@@ -149,7 +148,7 @@ def threshold_record(detector, cls: str, scores: Sequence[float], samples: Seque
         smoothing_sigma=float(detector.smoothing_sigma), created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         command=command, normal=normal_inputs, rule=settings.rule, false_alarm_rate=settings.false_alarm_rate,
         rank=rank, assumption=conformal_assumption(normal_inputs) if rank is not None else "",
-        **dict(zip(("memory", "memory_weight", "memory_sha256"), detector.memory_setting(cls))),
+        **dict(zip(("memory", "memory_weight", "memory_sha256"), memory or detector.memory_setting(cls))),
     )
 
 

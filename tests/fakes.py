@@ -96,3 +96,34 @@ def write_clip(path: Path, frames: int, defect_from: int | None = None, size: tu
         writer.write(defect_frame(i, size) if defect_from is not None and i >= defect_from else normal_frame(i, size))
     writer.release()
     return path
+
+
+def write_plain_clip(path: Path, frames: int, defect_from: int | None = None, size: tuple[int, int] = (96, 80),
+                     seed: int = 0, drift: float = 0.0) -> Path:
+    """A plain scene as MJPEG: a grey part on a belt whose position (+-3 px), angle (+-4 degrees) and
+    lighting (+-5 %) vary at random from frame to frame, with Gaussian sensor noise (3 grey levels),
+    so that normal frames are exchangeable; from ``defect_from`` on, a dark scratch across the part;
+    ``drift``: the lighting gain rises by this much over the clip (1 + drift at the last frame).
+    ``size`` is (width, height)."""
+    import cv2
+
+    width, height = size
+    rng = np.random.default_rng(seed)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25.0, (width, height))
+    assert writer.isOpened(), f"OpenCV cannot write {path}"
+    for i in range(frames):
+        gain = rng.uniform(0.95, 1.05) * (1.0 + drift * i / max(1, frames - 1))
+        image = np.full((height, width, 3), (120.0, 124.0, 118.0), np.float32)
+        cx, cy = width / 2 + rng.uniform(-3, 3), height / 2 + rng.uniform(-3, 3)
+        box = ((cx, cy), (0.45 * width, 0.4 * height), rng.uniform(-4, 4))
+        part = np.zeros((height, width), np.uint8)
+        cv2.fillPoly(part, [np.round(cv2.boxPoints(box)).astype(np.int32)], 255)
+        part = cv2.GaussianBlur(part, (0, 0), 1.2).astype(np.float32)[..., None] / 255.0
+        image = image * (1 - part) + np.float32((178, 180, 184)) * part
+        if defect_from is not None and i >= defect_from:
+            cv2.line(image, (int(cx - 0.15 * width), int(cy - 0.1 * height)),
+                     (int(cx + 0.15 * width), int(cy + 0.12 * height)), (30, 30, 160), 3)
+        image = image * gain + rng.normal(0, 3.0, image.shape).astype(np.float32)
+        writer.write(np.clip(image, 0, 255).astype(np.uint8))
+    writer.release()
+    return path

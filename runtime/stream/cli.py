@@ -9,8 +9,9 @@ import sys
 
 import click
 
-from ..options import (detector_options, load_detector, max_output_pixels_option, max_pixels_option, no_verify_option, server_option, threads_option,
-                       threshold_options, tta_config_from, verbose_option)
+from ..options import (detector_options, load_detector, max_output_pixels_option, max_pixels_option, memory_options,
+                       no_verify_option, server_option, threads_option, threshold_options, tta_config_from,
+                       verbose_option)
 from ..plumbing import configure_logging
 from .pipeline import StreamOptions, StreamPipeline
 from .sources import parse_source
@@ -19,6 +20,24 @@ log = logging.getLogger(__name__)
 
 EXIT_SINK_FAILED = 3  # also: frames that could not be scored (as predict's exit for skipped images)
 DEFAULT_RECORD_FPS = 10.0
+
+
+DEFAULT_ENROL_FRAMES = 40  # --enrol continuous without a count
+
+
+def _enrol(ctx, param, value):
+    """--enrol N or continuous -> (frames, continuous), None when not given."""
+    if value is None:
+        return None
+    if value == "continuous":
+        return DEFAULT_ENROL_FRAMES, True
+    try:
+        frames = int(value)
+    except ValueError:
+        frames = 0
+    if frames < 2:
+        raise click.BadParameter("give a number of frames (2 or more) or 'continuous'")
+    return frames, False
 
 
 def _roi(ctx, param, value):
@@ -44,8 +63,33 @@ def _roi(ctx, param, value):
                    "?width=&height=&fps= optional). =CLASS scores this source for CLASS instead of --class.")
 @click.option("--class", "cls", default=None, help="Class for every source without its own =CLASS.")
 @detector_options
+@memory_options
 @threads_option()
 @threshold_options
+@click.option("--enrol", default=None, callback=_enrol, metavar="N|continuous",
+              help="Learn the scene first: the first N frames of every source (after --enrol-skip) are taken as "
+                   "normal (events say phase enrolling, no decision); every other one builds the class's memory of "
+                   "normal frames (added to the one in force), the rest its thresholds, both committed to the "
+                   f"folder; then it inspects. 'continuous': {DEFAULT_ENROL_FRAMES} frames (none when the class "
+                   "already has a memory and thresholds in force), then frames that pass with --enrol-margin keep "
+                   "refreshing both, at most once per --enrol-refresh seconds; SIGUSR1 freezes and resumes that.")
+@click.option("--enrol-skip", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Warm-up frames per source not used for enrolment (auto exposure settling).")
+@click.option("--enrol-false-alarm-rate", default=None, type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Take the enrolled thresholds by the conformal rule at this false-alarm rate (as calibrate "
+                   "threshold --false-alarm-rate; needs N/2 >= ceil(1/A)-1), instead of the 0.995 quantile.")
+@click.option("--enrol-image-margin", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="Added to the enrolled image threshold, in score units (as calibrate threshold --margin): fewer "
+                   "false alarms than the rule states, a defect must score that much higher.")
+@click.option("--enrol-refresh", default=300.0, show_default=True, type=click.FloatRange(min=0),
+              help="With --enrol continuous: seconds between refreshes at least.")
+@click.option("--enrol-window", default=64, show_default=True, type=click.IntRange(min=2),
+              help="With --enrol continuous: most recent passing frames a refresh uses, for the memory and for the "
+                   "thresholds each.")
+@click.option("--enrol-margin", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="With --enrol continuous: a frame joins only with a score at least this far below the threshold.")
+@click.option("--enrol-quiet", default=10, show_default=True, type=click.IntRange(min=0),
+              help="With --enrol continuous: nor within this many frames of an anomalous frame of its source.")
 @click.option("--roi", default=None, callback=_roi, metavar="X,Y,W,H",
               help="Inspect only this rectangle of every frame (maps, regions and recordings are of the crop).")
 @click.option("--stride", default=1, show_default=True, type=click.IntRange(min=1),
@@ -86,7 +130,9 @@ def _roi(ctx, param, value):
 @no_verify_option
 @verbose_option
 def stream_command(artifacts_dir, servers, sources, cls, backend, model, precision, tiling, smoothing_sigma, tta, tta_backend, tta_steps, tta_adapter,
-                   tta_init, tta_state, seed, threads, image_threshold, pixel_threshold, roi, stride, max_fps, loop, max_pixels, realtime, batch, record, record_fps, events, save_dir,
+                   tta_init, tta_state, seed, memory, memory_weight, threads, image_threshold, pixel_threshold, enrol,
+                   enrol_skip, enrol_false_alarm_rate, enrol_image_margin, enrol_refresh, enrol_window, enrol_margin, enrol_quiet, roi,
+                   stride, max_fps, loop, max_pixels, realtime, batch, record, record_fps, events, save_dir,
                    max_output_pixels, show, web, mqtt, topic, alpha, stats_interval, no_verify, verbose):
     """Score camera streams, network streams, video files and images frame by frame.
 
@@ -110,8 +156,11 @@ def stream_command(artifacts_dir, servers, sources, cls, backend, model, precisi
         log.warning("no sink given (--events, --record, --save-dir, --web, --mqtt, --show): only the summary is printed")
     detector = load_detector(artifacts_dir, servers, backend=backend, model=model, precision=precision, tiling=tiling,
                              smoothing_sigma=smoothing_sigma, verify=not no_verify, threads=threads,
-                             tta=tta_config or False, tta_backend=tta_backend)
+                             tta=tta_config or False, tta_backend=tta_backend, memory=memory,
+                             memory_weight=memory_weight)
     specs = [parse_source(text, detector.classes, cls) for text in sources]
+    if enrol is not None:  # the memory --memory on|only asks for is made by the enrolment
+        detector.enrolling = {spec.cls for spec in specs if isinstance(spec.cls, str)}
     for spec in specs:
         if spec.cls is None:
             raise click.UsageError(f"source {spec.uri!r} has no class: give --class or --source {spec.uri}=CLASS")
@@ -122,6 +171,9 @@ def stream_command(artifacts_dir, servers, sources, cls, backend, model, precisi
                             threshold=image_threshold,
                             pixel_threshold=pixel_threshold, alpha=alpha, max_batch=batch, stats_interval=stats_interval)
     pipeline = StreamPipeline(detector, specs, [], options)
+    if enrol is not None:
+        pipeline.enrolment = _enrolment(detector, pipeline, enrol, enrol_skip, enrol_false_alarm_rate,
+                                        enrol_image_margin, enrol_refresh, enrol_window, enrol_margin, enrol_quiet)
     pipeline.open()
     pipeline.sinks.extend(_sinks(pipeline, record, record_fps, events, save_dir, max_output_pixels, show, web, mqtt,
                                  topic))
@@ -134,6 +186,33 @@ def stream_command(artifacts_dir, servers, sources, cls, backend, model, precisi
                   EXIT_SINK_FAILED)
     if pipeline.sink_errors or summary["frames_failed"]:  # even when the run otherwise finished
         sys.exit(EXIT_SINK_FAILED)
+
+
+def _enrolment(detector, pipeline: StreamPipeline, enrol, skip, false_alarm_rate, image_margin, refresh, window, margin,
+               quiet):
+    from ..errors import AnoclipError
+    from ..normal_frames import ThresholdSettings
+    from ..plumbing import given_command
+    from .enrol import EnrolSettings, Enrolment
+
+    frames, continuous = enrol
+    multi = [spec.name for spec in pipeline.sources if not isinstance(spec.cls, str)]
+    if multi:
+        raise click.UsageError(f"--enrol learns one class per source; {multi[0]} is scored for several")
+    try:
+        settings = EnrolSettings(frames, skip, continuous, ThresholdSettings(margin=image_margin,
+                                                                               false_alarm_rate=false_alarm_rate),
+                                 refresh_s=refresh, window=window, margin=margin, quiet=quiet)
+    except ValueError as exc:
+        raise AnoclipError(f"--enrol: {exc}") from None
+    from ..plumbing import ensure_writable_folder
+
+    ensure_writable_folder(detector.artifacts.folder, "--artifacts")
+    command = given_command(click.get_current_context(), "anoclip", "stream")
+    enrolment = Enrolment(detector, {spec.name: spec.cls for spec in pipeline.sources}, settings, command)
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1, lambda signum, frame: enrolment.freeze())
+    return enrolment
 
 
 def _sinks(pipeline: StreamPipeline, record, record_fps, events, save_dir, max_output_pixels, show, web, mqtt,

@@ -34,6 +34,7 @@ class FrameEvent:
     key: the frame's output name, for sinks that write files named after their input (predict).
     files: per class, what a sink wrote for the frame (``overlay``, ``map``, ``map_shape``), added to
         that class's record; a sink that writes files comes before those that send records.
+    extra: fields added to every record of the frame (with ``--enrol``: ``phase`` and ``calibration``).
     error: why the frame could not be scored (``result`` is then None and ``classes`` names what it
         was to be scored for); such events go only to sinks that take them (``takes_errors``: those
         that send records), as records with ``error`` set.
@@ -53,6 +54,7 @@ class FrameEvent:
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     error: str | None = None
     classes: tuple[str, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)  # fields every record of the frame gains (enrolment: phase)
     _records: list[dict[str, Any]] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -102,6 +104,8 @@ class FrameEvent:
             self._records = [make_record(one, self.path or self.source, frame=self.frame_index, captured=self.captured,
                                          run=self.run, timings_ms=self.latency_ms, files=self.files.get(name))
                              for name, one in self.result.by_class.items()]
+            for record in self._records:
+                record.update(self.extra)
         return self._records
 
 

@@ -87,6 +87,7 @@ class StreamPipeline:
         self._generations = [0] * len(sources)
         self.sink_errors: dict[str, str] = {}
         self.fatal: AnoclipError | None = None  # what ended the run (every server gone)
+        self.enrolment = None  # an ``enrol.Enrolment`` when the run enrols its classes from its own frames
 
     def open(self) -> None:
         for capture in self.captures:
@@ -159,6 +160,8 @@ class StreamPipeline:
             self._queue.put(None)
             sink_thread.join()
         summary = self.stats.summary()
+        if self.enrolment is not None:
+            summary["enrolment"] = self.enrolment.close()
         summary["sinks"] = self.sink_counts()
         for name, counts in summary["sinks"].items():
             if counts.get("lost"):
@@ -188,9 +191,11 @@ class StreamPipeline:
         for frame in frames:
             self._bound(frame)
         started = time.perf_counter()
+        enrolment = self.enrolment
+        tokens = enrolment is not None and len(names) == 1 and enrolment.wants_tokens(names[0])
         try:
             results = detector.predict_batch([self._image(frame) for frame in frames],
-                                             names[0] if len(names) == 1 else names, tta_keys=keys)
+                                             names[0] if len(names) == 1 else names, tta_keys=keys, keep_tokens=tokens)
         except AnoclipError as exc:
             for frame in frames:
                 self.stats.failed[frame.source] += 1
@@ -208,13 +213,19 @@ class StreamPipeline:
             total_ms = (decided - frame.captured_perf) * 1e3
             latency = {"wait": (started - frame.captured_perf) * 1e3, **result.timings, "model": model_ms,
                        "total": total_ms, "added": total_ms - model_ms}
+            extra = {}
+            if enrolment is not None and len(names) == 1:  # the enrolment decides the phase (no decision while enrolling)
+                extra = enrolment.observe(self.sources[frame.source].name, _index(frame), result)
+                result.patch_tokens = None  # kept by the enrolment where it needs them, not by the sinks' queue
             self.stats.record(frame.source, result.anomalous, latency)
-            self._queue.put(self._event(frame, result, latency))
+            event = self._event(frame, result, latency)
+            event.extra = extra
+            self._queue.put(event)
 
     def _event(self, frame: Frame, result, latency, error: str | None = None, classes=()) -> FrameEvent:
         origin = frame.origin
         return FrameEvent(source=self.sources[frame.source].name,
-                          frame_index=frame.index if origin is None else origin.index, captured=frame.captured,
+                          frame_index=_index(frame), captured=frame.captured,
                           result=result, latency_ms=latency, frame=frame.image, source_index=frame.source,
                           run=self.run_id, path=None if origin is None else str(origin.source.path),
                           key=None if origin is None else _key(origin), error=error, classes=tuple(classes))
@@ -330,6 +341,11 @@ class EventQueue:
 
 def _lose(sink) -> None:
     sink.lost = getattr(sink, "lost", 0) + 1
+
+
+def _index(frame: Frame) -> int:
+    """A frame's index in its source (in its file, for a frame of predict's inputs)."""
+    return frame.index if frame.origin is None else frame.origin.index
 
 
 def _key(origin) -> str:
