@@ -143,11 +143,16 @@ class RemoteDetector:
         return self.predict_batch([image], cls, tta=tta)[0]
 
     def predict_batch(self, images: Sequence, cls: str | Sequence[str], tta=None,
-                      tta_keys: Sequence[str] | None = None) -> list[Result]:
+                      tta_keys: Sequence[str] | None = None, keep_tokens: bool = False) -> list[Result]:
         """Score images (arrays, paths or encoded bytes), one request per image and class, sent
         together so that the servers batch them (with TTA one after another, in order). ``tta_keys``:
         per image, its TTA state (stream). Timings (ms): ``request`` (the round trip), ``scoring``
-        (the full-size map, made here), ``model`` (the call's time over its images, as a local batch)."""
+        (the full-size map, made here), ``model`` (the call's time over its images, as a local batch).
+        ``keep_tokens`` (raw patch tokens, as ``Detector.predict_batch``): the servers do not send
+        them, so it is refused."""
+        if keep_tokens:
+            raise errors.AnoclipError("the servers do not send patch tokens (enrolment from frames needs a local "
+                                      "model: --artifacts, not --server)")
         names = [cls] if isinstance(cls, str) and cls != "all" else self.resolve_classes(cls)
         if tta is not None:
             self._check_tta(tta)
