@@ -181,13 +181,13 @@ class _ServersGoing:
             self.detector.threshold_override = value
         object.__setattr__(self, name, value)
 
-    def predict_batch(self, images, cls, tta_keys=None):
+    def predict_batch(self, images, cls, tta_keys=None, keep_tokens=False):
         self.calls += 1
         if self.calls > self.gone_after:
             raise ServersUnavailable("no server answered: http://127.0.0.1:1: ConnectionRefusedError")
         if self.calls == self.bad:
             raise ImageError("the frame is 9000x9000, above the server's --max-pixels")
-        return self.detector.predict_batch(images, cls, tta_keys=tta_keys)
+        return self.detector.predict_batch(images, cls, tta_keys=tta_keys, keep_tokens=keep_tokens)
 
 
 def test_every_server_gone_ends_the_run_with_one_error_and_failed_frames_are_error_events(tmp_path, tiny_artifacts):
@@ -304,11 +304,11 @@ def test_frames_that_could_not_be_scored_end_the_stream_with_exit_3_and_their_co
     detector = _ServersGoing(red_defect_detector(tiny_artifacts, "bottle"), gone_after=10**6, bad=4)
     refused = detector.predict_batch
 
-    def predict_batch(images, cls, tta_keys=None):
+    def predict_batch(images, cls, tta_keys=None, keep_tokens=False):
         if detector.calls + 1 == 8:  # a second refusal, of a later batch
             detector.calls += 1
             raise ImageError("the frame could not be decoded by the server")
-        return refused(images, cls, tta_keys=tta_keys)
+        return refused(images, cls, tta_keys=tta_keys, keep_tokens=keep_tokens)
 
     monkeypatch.setattr(detector, "predict_batch", predict_batch, raising=False)
     monkeypatch.setattr(stream_cli, "load_detector", lambda *args, **kwargs: detector)
