@@ -159,6 +159,9 @@ def stream_command(artifacts_dir, servers, sources, cls, backend, model, precisi
                              tta=tta_config or False, tta_backend=tta_backend, memory=memory,
                              memory_weight=memory_weight)
     specs = [parse_source(text, detector.classes, cls) for text in sources]
+    if enrol is not None and servers:
+        raise click.UsageError("--enrol learns from the model's patch tokens here; the servers send none: give "
+                               "--artifacts instead of --server")
     if enrol is not None:  # the memory --memory on|only asks for is made by the enrolment
         detector.enrolling = {spec.cls for spec in specs if isinstance(spec.cls, str)}
     for spec in specs:

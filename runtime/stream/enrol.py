@@ -116,14 +116,14 @@ class Enrolment:
 
     def __init__(self, detector, sources: dict[str, str], settings: EnrolSettings, command: str = "anoclip stream"):
         """``sources``: source name -> its class (one class per source)."""
+        if getattr(detector, "model", VISUAL) == "fused" or not hasattr(detector, "score_tokens"):
+            raise AnoclipError("--enrol needs the model's patch tokens here: run it with a local --model visual, not "
+                               "--model fused or --server")
         if detector.memory == "off":
             raise AnoclipError("--enrol builds a memory of normal frames: use it with --memory auto, on or only")
         if detector.tta is not None and settings.continuous:
             raise AnoclipError("--enrol continuous scores kept frames again against a refreshed memory, which TTA's "
                                "per-frame adaptation does not allow; run it without --tta")
-        if getattr(detector, "model", VISUAL) == "fused" or not hasattr(detector, "score_tokens"):
-            raise AnoclipError("--enrol needs the model's patch tokens here: run it with a local --model visual, not "
-                               "--model fused or --server")
         self.detector = detector
         self.settings = settings
         self.command = command
