@@ -481,7 +481,7 @@ def resolve_backends(backends: str) -> list[str]:
                    "frames of each of these sizes (comma-separated rows, e.g. 4096,16384; none: no memory rows), "
                    "random unit rows for the class, held in memory (the folder is not written). A line under the "
                    f"method gives each one's time over the row without memory against the target (<= "
-                   f"{1.10:.2f}x at {DEFAULT_MAX_PATCHES} rows) and the memory file's bytes.")
+                   f"{MEMORY_TARGET:.2f}x at {DEFAULT_MAX_PATCHES} rows) and the memory file's bytes.")
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the table as Markdown to this file.")
 @click.option("--readme", type=click.Path(dir_okay=False, exists=True), default=None,
