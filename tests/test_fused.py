@@ -143,6 +143,43 @@ def test_vit_b16_plus_fused_memory_graph_equals_the_formula(real_fused_memory, m
     assert np.ptp(got["maps"]) > 1e-4
 
 
+@pytest.mark.parametrize("count", [1, 4])
+@pytest.mark.parametrize("mode", ["on", "only"])
+def test_vit_b16_plus_detector_memory_path_equals_the_formula(real_fused_memory, fused_artifacts, mode, count):
+    """The runtime's own path (Detector.predict_batch: preprocessing, the visual model, memory scores,
+    combination, maps) on ViT-B-16-plus-240 tokens against the plain-numpy formula: the tiny folder's
+    files with the ViT-B visual model as the backend, its prompts and memories in their place."""
+    from test_fused_memory import formula
+
+    from anoclip.runtime.artifacts import load_artifacts
+    from anoclip.runtime.memory import ClassMemory, MemoryBank
+    from anoclip.runtime.prompt_weights import ClassPrompts, PromptBank
+
+    visual, graphs, text, memories = real_fused_memory
+    artifacts = load_artifacts(fused_artifacts)
+    manifest = artifacts.manifest
+    manifest.image_size, manifest.grid, manifest.embed_dim = (240, 240), (15, 15), 640
+    artifacts.prompts = PromptBank({c: ClassPrompts(c, t, t) for c, t in zip(CLASSES, text)}, "ViT-B-16-plus-240",
+                                   "none", 640)
+    artifacts.memory = MemoryBank({c: ClassMemory(c, np.ascontiguousarray(m, np.float32)) for c, m in memories.items()},
+                                  "", 640)
+    detector = Detector(artifacts, OnnxRuntimeBackend(visual, providers="cpu"), memory=mode, memory_weight=0.3)
+    images = list(np.random.default_rng(40 + count).integers(0, 256, (count, 240, 240, 3), dtype=np.uint8))
+    mean, std = np.float32(manifest.mean)[:, None, None], np.float32(manifest.std)[:, None, None]
+    batch = np.stack([(im.transpose(2, 0, 1).astype(np.float32) / 255.0 - mean) / std for im in images])
+    image_embeds, patch_embeds = OnnxRuntimeBackend(visual, providers="cpu").run(batch)
+    classes = list(memories)  # the two classes with a memory
+    worst = {"score": 0.0, "map": 0.0}
+    for i, result in enumerate(detector.predict_batch(images, classes)):
+        for cls, got in result.by_class.items():
+            want = formula(image_embeds[i], patch_embeds[i], text[CLASSES.index(cls)], memories[cls], (15, 15),
+                           (240, 240), 0.3, mode == "only")
+            worst["score"] = max(worst["score"], abs(got.score - want[0]))
+            worst["map"] = max(worst["map"], float(np.abs(got.anomaly_map_full - want[1]).max()))
+    print(f"runtime path, memory {mode}, batch {count}: score {worst['score']:.2e}, map {worst['map']:.2e}")
+    assert max(worst.values()) <= TOL, worst
+
+
 def test_fused_graph_metadata_and_manifest_entry(fused_artifacts):
     manifest = read_manifest(fused_artifacts)
     entry = manifest.models["fused"]
