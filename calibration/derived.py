@@ -18,14 +18,11 @@ import contextlib
 import itertools
 import logging
 import os
-import re
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -33,6 +30,20 @@ from anoclip.runtime.artifacts import PRECISION_MODELS, VISUAL, Manifest, ModelE
 from anoclip.runtime.errors import AnoclipError
 from anoclip.runtime.folder import store_derived_model
 from anoclip.runtime.preprocess import DEFAULT_MAX_PIXELS, as_rgb_uint8, normalise, preprocess, resize_bilinear
+from anoclip.runtime.workspace import OWNER_FILE, owned_workspace, sweep_owned  # noqa: F401
+
+
+def sweep_workspaces(root: str | os.PathLike | None = None) -> list[Path]:
+    """Remove the calibration workspaces under ``root`` (the temporary folder) that no live process
+    owns, left by killed runs; returns them."""
+    return sweep_owned(WORKSPACE_PREFIX, root)
+
+
+def workspace():
+    """A locked temporary folder for a calibration's files, onnxruntime's temporary files included
+    (``tempfile.tempdir`` points into it meanwhile), removed on every way out; orphaned workspaces
+    of killed runs are swept first."""
+    return owned_workspace(WORKSPACE_PREFIX, redirect_tempfiles=True)
 
 from .parity import Gate, Parity, check_gate, compare, run_model
 
@@ -42,80 +53,6 @@ DEFAULT_FRAMES = 64
 DEFAULT_PARITY_FRAMES = 16
 LOCK_WAIT_S = 5.0  # the commit takes milliseconds: another calibration finishing is waited for
 WORKSPACE_PREFIX = "anoclip-calibrate-"
-OWNER_FILE = ".owner"  # locked by the run that works in the workspace; the kernel releases it when it dies
-UNOWNED_AGE_S = 3600.0  # a workspace without an owner file (an older version's) is removed after this
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
-def _orphaned(path: Path) -> bool:
-    """True when no live process owns the workspace ``path`` (its owner file is not locked)."""
-    import fcntl
-
-    try:
-        fd = os.open(path / OWNER_FILE, os.O_RDONLY)
-    except FileNotFoundError:
-        match = re.match(rf"{WORKSPACE_PREFIX}(\d+)-", path.name)
-        if match:  # being created, or its owner died before it locked it
-            return not _pid_alive(int(match.group(1)))
-        return time.time() - path.stat().st_mtime > UNOWNED_AGE_S
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)
-    return True
-
-
-def sweep_workspaces(root: str | os.PathLike | None = None) -> list[Path]:
-    """Remove the calibration workspaces under ``root`` (the temporary folder) that no live process
-    owns, left by killed runs; returns them."""
-    removed = []
-    for path in sorted(Path(root or tempfile.gettempdir()).glob(f"{WORKSPACE_PREFIX}*")):
-        try:
-            if path.is_dir() and not path.is_symlink() and _orphaned(path):
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(path)
-        except OSError:  # gone meanwhile, or not ours to look at
-            continue
-    if removed:
-        log.info("removed %d calibration workspace(s) left by runs that were killed: %s", len(removed),
-                 ", ".join(p.name for p in removed))
-    return removed
-
-
-@contextlib.contextmanager
-def workspace() -> Iterator[Path]:
-    """A locked temporary folder for a calibration's files, onnxruntime's temporary files included
-    (``tempfile.tempdir`` points into it meanwhile), removed on every way out; orphaned workspaces
-    of killed runs are swept first."""
-    import fcntl
-
-    sweep_workspaces()
-    path = Path(tempfile.mkdtemp(prefix=f"{WORKSPACE_PREFIX}{os.getpid()}-"))
-    previous = tempfile.tempdir
-    fd = None
-    try:
-        fd = os.open(path / OWNER_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        scratch = path / "tmp"
-        scratch.mkdir()
-        tempfile.tempdir = str(scratch)
-        yield path
-    finally:
-        tempfile.tempdir = previous
-        shutil.rmtree(path, ignore_errors=True)
-        if fd is not None:
-            os.close(fd)
 
 
 @dataclass

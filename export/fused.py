@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
@@ -57,6 +56,7 @@ import numpy as np
 from anoclip.runtime.artifacts import FUSED, FUSED_FILE, VISUAL, ModelEntry, load_artifacts
 from anoclip.runtime.errors import AnoclipError
 from anoclip.runtime.folder import store_derived_model
+from anoclip.runtime.workspace import owned_workspace
 from anoclip.runtime.fused import BRANCH_MAP_OUTPUTS, DECISION_OUTPUTS, MEMORY_OUTPUTS, METHOD_VERSION, OUTPUTS
 from anoclip.runtime.memory import DEFAULT_WEIGHT, check_weight
 from anoclip.runtime.scoring import l2_normalise, map_matrices
@@ -382,7 +382,7 @@ def fuse_folder(folder: str | Path, classes: Sequence[str] | None = None, *, pat
         provenance={"classes": chosen, "text_sha256": {c: text_features_sha256(f) for c, f in zip(chosen, features)},
                     "method_version": METHOD_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "command": command, **({"thresholds": baked} if baked is not None else {}), **memory_record})
-    with tempfile.TemporaryDirectory(prefix="anoclip-fuse-") as tmp:
+    with owned_workspace("anoclip-fuse-") as tmp:  # a killed run's file goes with the next run's sweep
         staged = Path(tmp) / FUSED_FILE
         onnx.save(model, str(staged))
         del model

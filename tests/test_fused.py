@@ -478,3 +478,20 @@ def test_class_count_benchmark_rows(fused_artifacts):
                           "runtime, 3 single-class calls"]
     assert rows["fused graph, 1 class(es) in one pass"]["x 1 class"] == 1.0
     assert all(r["p50"] > 0 and r["runs"] == 3 for r in rows.values())
+
+
+def test_fuse_writes_outside_the_folder_and_leaves_nothing_behind(fused_artifacts, tmp_path, monkeypatch):
+    """The graph is written in a locked workspace of the temporary folder; one a killed fuse left
+    (its owner gone) is removed by the next fuse, and a fuse leaves none of its own."""
+    import tempfile
+
+    temp_root = tmp_path / "tmp"
+    temp_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp_root))
+    orphan = temp_root / "anoclip-fuse-999999999-left"
+    orphan.mkdir()
+    (orphan / "anoclip.onnx").write_bytes(b"x" * 1024)
+    folder = copy_artifacts(fused_artifacts, tmp_path / "a")
+    result = CliRunner().invoke(cli, ["fuse", "--artifacts", str(folder), "--classes", "bottle"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert list(temp_root.iterdir()) == []
