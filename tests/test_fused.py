@@ -149,7 +149,7 @@ def test_vit_b16_plus_detector_memory_path_equals_the_formula(real_fused_memory,
     """The runtime's own path (Detector.predict_batch: preprocessing, the visual model, memory scores,
     combination, maps) on ViT-B-16-plus-240 tokens against the plain-numpy formula: the tiny folder's
     files with the ViT-B visual model as the backend, its prompts and memories in their place."""
-    from test_fused_memory import formula
+    from memory_reference import formula
 
     from anoclip.runtime.artifacts import load_artifacts
     from anoclip.runtime.memory import ClassMemory, MemoryBank

@@ -1,8 +1,8 @@
 """The memory of normal frames: the artifact, the coreset, and the memory branch of the scores
 against an independent implementation of its formula.
 
-The reference below is written from the formula in docs/method.md with plain numpy and
-onnxruntime (it imports nothing of the runtime's scoring): s_i = 1/2 (1 - max_j <p_i/|p_i|, m_j>),
+The reference is written from the formula in docs/method.md with plain numpy and onnxruntime
+(tests/memory_reference.py; it imports nothing of the runtime's scoring): s_i = 1/2 (1 - max_j <p_i/|p_i|, m_j>),
 the memory map is s through a 3x3 replicate-padded mean and align-corners bilinear upsampling, the
 combined map and score weigh memory and zero-shot with w. Tolerance 1e-5: both sides run the same
 visual graph; they differ in float32 summation order only (about 1e-7 on these values).
@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import artifact_file, copy_artifacts
+from memory_reference import formula, unit
 
 from anoclip.runtime.artifacts import load_artifacts, read_manifest
 from anoclip.runtime.detector import Detector
@@ -36,48 +37,9 @@ def anoclip(*args):
 # The independent reference
 
 
-def _unit(x):
-    return x / np.maximum(np.sqrt((x.astype(np.float64) ** 2).sum(-1, keepdims=True)), 1e-12)
-
-
-def _p_abnormal(tokens, text):
-    t = _unit(text)
-    logits = _unit(tokens) @ t.T  # [..., 2]: cos with t+, t-
-    e = np.exp(logits - logits.max(-1, keepdims=True))
-    return (e / e.sum(-1, keepdims=True))[..., 1]
-
-
-def _mean3(grid):
-    padded = np.pad(grid, ((1, 1), (1, 1)), mode="edge")
-    h, w = grid.shape
-    return sum(padded[dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)) / 9.0
-
-
-def _bilinear_align_corners(grid, size):
-    h, w = grid.shape
-    out = np.empty(size)
-    for y in range(size[0]):
-        fy = y * (h - 1) / (size[0] - 1) if size[0] > 1 else 0.0
-        y0 = min(int(np.floor(fy)), h - 2) if h > 1 else 0
-        ay = fy - y0
-        for x in range(size[1]):
-            fx = x * (w - 1) / (size[1] - 1) if size[1] > 1 else 0.0
-            x0 = min(int(np.floor(fx)), w - 2) if w > 1 else 0
-            ax = fx - x0
-            out[y, x] = ((1 - ay) * ((1 - ax) * grid[y0, x0] + ax * grid[y0, x0 + 1])
-                         + ay * ((1 - ax) * grid[y0 + 1, x0] + ax * grid[y0 + 1, x0 + 1]))
-    return out
-
-
 def reference(image_embeds, patch_embeds, text, memory, grid, size, weight, mode):
-    """(score, map [H, W]) of one single-tile image by the formula."""
-    s = 0.5 * (1.0 - (_unit(patch_embeds) @ _unit(memory).T).max(axis=1))  # [M]
-    zero_patch, zero_score = _p_abnormal(patch_embeds, text), float(_p_abnormal(image_embeds, text))
-    if mode == "only":
-        patch, score = s, s.max()
-    else:
-        patch, score = weight * s + (1 - weight) * zero_patch, weight * s.max() + (1 - weight) * zero_score
-    return float(score), _bilinear_align_corners(_mean3(patch.reshape(grid)), size)
+    """(score, map [H, W]) of one single-tile image by the formula (test_fused_memory's plain-numpy one)."""
+    return formula(image_embeds, patch_embeds, text, memory, grid, size, weight, mode == "only")[:2]
 
 
 def model_tokens(folder, images):
@@ -142,7 +104,7 @@ def test_memory_rows_are_the_normal_frames_tokens(with_memory):
     _, patches = model_tokens(with_memory, images)
     rows = bank.classes["bottle"].patches
     assert rows.shape == (len(files) * patches.shape[1], patches.shape[2])
-    assert np.abs(rows - _unit(patches).reshape(-1, patches.shape[2])).max() <= TOL
+    assert np.abs(rows - unit(patches).reshape(-1, patches.shape[2])).max() <= TOL
     assert bank.classes["bottle"].provenance["coreset"] == "none"
 
 

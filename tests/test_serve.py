@@ -414,18 +414,10 @@ def test_serve_sweeps_what_a_killed_server_left_says_when_loaded_and_refuses_hug
         # a raw frame above --max-pixels: an error of that request (not a 500), the next one answered
         client = http.InferenceServerClient(first.http_url.split("://")[1])
 
-        def infer(frame):
-            inputs = [http.InferInput("frame", [1, *frame.shape], "UINT8"), http.InferInput("class", [1, 1], "BYTES")]
-            inputs[0].set_data_from_numpy(frame[None])
-            inputs[1].set_data_from_numpy(np.array([[b"bottle"]], dtype=object))
-            out = client.infer(FRAME_MODEL, inputs, outputs=[http.InferRequestedOutput("error"),
-                                                             http.InferRequestedOutput("score")])
-            return bytes(out.as_numpy("error").reshape(-1)[0]).decode(), float(out.as_numpy("score").reshape(-1)[0])
-
-        error, score = infer(np.zeros((200, 300, 3), np.uint8))
+        error, score = infer_frame(client, np.zeros((200, 300, 3), np.uint8))
         assert error == ("ImageError: the frame is 300x200, above the server's --max-pixels 10000; send it scaled "
                          "down, or start the server with a larger --max-pixels") and np.isnan(score)
-        assert infer(np.zeros((64, 64, 3), np.uint8))[0] == ""
+        assert infer_frame(client, np.zeros((64, 64, 3), np.uint8))[0] == ""
         remote = RemoteDetector([first.http_url])
         before = first.metric("nv_inference_request_success", FRAME_MODEL)
         with pytest.raises(ImageError, match="above the servers' --max-pixels 10000"):
@@ -513,22 +505,26 @@ def test_an_oversized_raw_frame_is_refused_and_its_shared_memory_given_back(star
         pytest.skip(f"the Triton Inference Server did not start here: {exc}")
     client = http.InferenceServerClient(server.http_url.split("://")[1], network_timeout=120, connection_timeout=120)
 
-    def infer(frame):
-        inputs = [http.InferInput("frame", [1, *frame.shape], "UINT8"), http.InferInput("class", [1, 1], "BYTES")]
-        inputs[0].set_data_from_numpy(frame[None])
-        inputs[1].set_data_from_numpy(np.array([[b"bottle"]], dtype=object))
-        out = client.infer(FRAME_MODEL, inputs, outputs=[http.InferRequestedOutput("error"),
-                                                         http.InferRequestedOutput("score")])
-        return bytes(out.as_numpy("error").reshape(-1)[0]).decode(), float(out.as_numpy("score").reshape(-1)[0])
-
     try:
         huge = np.full((6000, 6000, 3), 7, np.uint8)
-        error, score = infer(huge)
+        error, score = infer_frame(client, huge)
         assert error.startswith("ImageError: the frame is 6000x6000, above the server's --max-pixels 1000000")
         assert np.isnan(score)
         held = _mapped_shm_bytes(server.process.pid, "psm_")
         assert held < 16 * 2**20, f"the tensor store holds {held / 2**20:.0f} MB after the refusal"
-        error, score = infer(np.zeros((64, 64, 3), np.uint8))
+        error, score = infer_frame(client, np.zeros((64, 64, 3), np.uint8))
         assert error == "" and np.isfinite(score)
     finally:
         client.close()
+
+
+def infer_frame(client, frame: np.ndarray) -> tuple[str, float]:
+    """(error, score) of one raw RGB frame sent to the served frame model for class bottle."""
+    import tritonclient.http as http
+
+    inputs = [http.InferInput("frame", [1, *frame.shape], "UINT8"), http.InferInput("class", [1, 1], "BYTES")]
+    inputs[0].set_data_from_numpy(frame[None])
+    inputs[1].set_data_from_numpy(np.array([[b"bottle"]], dtype=object))
+    out = client.infer(FRAME_MODEL, inputs, outputs=[http.InferRequestedOutput("error"),
+                                                     http.InferRequestedOutput("score")])
+    return bytes(out.as_numpy("error").reshape(-1)[0]).decode(), float(out.as_numpy("score").reshape(-1)[0])
