@@ -35,8 +35,9 @@ BATCH = 8  # frames per model run
 class MemoryReport:
     """What a memory build did."""
 
-    frames: int
+    frames: int  # frames read by this run
     patches: int  # rows before the coreset (old rows included when extending)
+    earlier: int  # rows of the memory it extended (0: a new memory)
     kept: int
     covering_radius: float
     file: str
@@ -89,4 +90,4 @@ def calibrate_memory(detector: Detector, cls: str, frames: Iterable[np.ndarray],
     }
     name, _ = store_normal_frames(folder, cls, memory=ClassMemory(cls, memory_rows, provenance), visual_sha256=visual_sha,
                                   command=command or f"calibrate memory --class {cls}")
-    return MemoryReport(count, before, len(memory_rows), radius, name)
+    return MemoryReport(count, before, len(old.patches) if old is not None else 0, len(memory_rows), radius, name)

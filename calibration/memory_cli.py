@@ -78,8 +78,10 @@ def memory_command(artifacts_dir, cls, normal, stride, max_frames, max_patches, 
                               command=given_command(ctx, "anoclip", "calibrate", "memory"),
                               total=min(reader.expected, max_frames) if reader.expected else None)
     folder = Path(artifacts_dir)
-    click.echo(f"{cls}: memory of {report.kept} patch tokens from {report.frames} normal frame(s) ({report.patches} "
-               f"before the coreset; covering radius {report.covering_radius:.4f} in score units)", err=True)
+    added = f" added to its {report.earlier} earlier rows" if report.earlier else ""
+    click.echo(f"{cls}: memory of {report.kept} patch tokens from {report.frames} normal frame(s){added} "
+               f"({report.patches} before the coreset; covering radius {report.covering_radius:.4f} in score units)",
+               err=True)
     click.echo(f"stored in {folder / report.file}; predict and stream now add the memory branch for {cls} "
                f"(recalibrate its thresholds: `anoclip calibrate threshold --artifacts {folder} --class {cls} "
                "--normal ...`)", err=True)
