@@ -1,6 +1,7 @@
 """``anoclip calibrate``: turn exported artifacts into deployable ones, with the runtime only.
 
-Subcommands: ``threshold`` (score and pixel thresholds of a class from normal frames), ``int8``
+Subcommands: ``threshold`` (score and pixel thresholds of a class from normal frames), ``memory``
+(the memory of normal frames of a class, ``memory_cli``), ``int8``
 and ``fp16`` (reduced-precision models of the visual model, checked against it).
 """
 
@@ -27,6 +28,9 @@ def calibrate_group():
 
     threshold: image-score and pixel thresholds of a class from normal frames, so that predict and
     stream decide "anomalous" and outline regions instead of reporting scores only.
+
+    memory: the memory of normal frames of a class (their patch tokens), which adds a few-shot branch
+    to the scores and maps.
 
     int8, fp16: reduced-precision models of the visual model (Q/DQ int8 for CPUs and TensorRT, fp16
     for GPUs), checked against it before they are stored; run them with --precision.
