@@ -82,6 +82,10 @@ def parse_domains(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--tta-steps", default=5, show_default=True, type=click.IntRange(min=1), help="Steps unrolled in tta.onnx.")
 @click.option("--tta-adapter", default="text", show_default=True, type=click.Choice(["text", "linear"]),
               help="Adapter of tta.onnx: text (authors' MVTec code) or linear (their VisA script).")
+@click.option("--text-tower", is_flag=True,
+              help="Also write text.onnx (token_ids [B,77] -> text_embeds [B,D], open_clip's encode_text), the "
+                   "tokenizer's vocabulary and the prompt recipe, so a device can encode classes of its own. Kept by "
+                   "later exports while the text tower's weights are unchanged.")
 @click.option("--fused", is_flag=True,
               help="Also write anoclip.onnx: image -> scores and maps of every class of the folder (sorted) in one "
                    "graph, for trtexec, Triton, DeepStream or `anoclip predict --model fused` (see `anoclip fuse`).")
@@ -107,7 +111,7 @@ def parse_domains(values: tuple[str, ...]) -> dict[str, str]:
               help="Scale of the --outlier-channels (ln_pre gain, and the bias every MLP adds on them).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON when done.")
 def export_command(backbone, pretrained, model_config, classes, classes_file, domain_opts, out, opset, dynamic_batch,
-                   vv_blocks, qkv_tokens, tta, tta_steps, tta_adapter, fused, force, drop_classes, replace_classes,
+                   vv_blocks, qkv_tokens, tta, tta_steps, tta_adapter, text_tower, fused, force, drop_classes, replace_classes,
                    reencode_prompts, check, atol, text_batch, seed, outlier_channels, outlier_scale, as_json):
     """Export an open_clip ViT with the V-V path to ONNX and bake the prompt embeddings of CLASSES.
 
@@ -136,7 +140,7 @@ def export_command(backbone, pretrained, model_config, classes, classes_file, do
     drop, _ = parse_classes(drop_classes, None)
     opts = ExportOptions(backbone, pretrained, folder, names, domains, opset, dynamic_batch, vv_blocks,
                          qkv_tokens, force, check, atol, text_batch, seed, tta, tta_steps, tta_adapter,
-                         tuple(drop), replace_classes, reencode_prompts, outliers)
+                         tuple(drop), replace_classes, reencode_prompts, outliers, text_tower)
     manifest = run_export(opts, given_command(click.get_current_context(), "anoclip-export"))
     if fused:
         from .fused import fuse_folder

@@ -3,6 +3,7 @@ weights, through the folder's one transaction (``anoclip.runtime.folder``)."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 import sys
@@ -13,21 +14,23 @@ from pathlib import Path
 import click
 
 from anoclip.runtime.artifacts import (
-    FORMAT_VERSION, MANIFEST, PROMPTS, TTA_GRAPH, VISUAL, VISUAL_QKV, Manifest, ModelEntry, check_prompts_belong,
-    read_manifest, verify_files,
+    FORMAT_VERSION, MANIFEST, PROMPTS, TEXT, TEXT_WEIGHTS_KEY, TTA_GRAPH, VISUAL, VISUAL_QKV, Manifest, ModelEntry,
+    check_prompts_belong, read_manifest, verify_files,
 )
 from anoclip.runtime.errors import AnoclipError, ArtifactError
 from anoclip.runtime.folder import FolderTransaction, transaction
 from anoclip.runtime.integrity import VerificationRecord, resolve_inside
 from anoclip.runtime.plumbing import ensure_writable_folder
 from anoclip.runtime.prompt_weights import ClassPrompts, PromptBank, read_prompts, write_prompts
+from anoclip.runtime.vocabulary import remake_command
 
 from .model import LoadedModel, Outliers, add_outlier_channels, load_model, resolve_pretrained
 from .prompts import PromptRecipe, class_embeddings, encode_sentences
 
 log = logging.getLogger(__name__)
 
-TEXT_WEIGHTS_KEY = "text_weights_sha256"  # prompt weights metadata: the text tower they were encoded with
+# TEXT_WEIGHTS_KEY: prompt weights metadata and text model provenance, the text tower they come from
+TEXT_CHECK_SENTENCES = 32  # sentences of each class's ensemble the text model is checked on (spread over it)
 
 
 @dataclass
@@ -53,6 +56,7 @@ class ExportOptions:
     replace_classes: bool = False
     reencode_prompts: bool = False
     outliers: Outliers | None = None  # the stress variant of random weights (--outlier-channels)
+    text_tower: bool = False  # also write the text tower, its vocabulary and the prompt recipe (--text-tower)
 
 
 def _visual_reusable(opts: ExportOptions, loaded: LoadedModel, manifest: Manifest | None) -> bool:
@@ -203,6 +207,68 @@ def _encode_classes(loaded: LoadedModel, recipes: dict[str, PromptRecipe], text_
     return encoded
 
 
+def _text_plan(opts: ExportOptions, loaded: LoadedModel, old: Manifest | None) -> str:
+    """What becomes of the text tower: "export", "keep" (the folder's, same weights), "drop" (the
+    folder's, other weights) or "none" (neither asked for nor there)."""
+    entry = old.models.get(TEXT) if old is not None else None
+    same = (entry is not None and bool(old.text_vocabulary) and bool(old.text_recipe)
+            and entry.provenance.get(TEXT_WEIGHTS_KEY) == loaded.weights_sha256("text"))
+    if not opts.text_tower:
+        return "keep" if same else ("drop" if entry is not None else "none")
+    if not same or opts.force or entry.opset != opts.opset:
+        return "export"
+    try:
+        record = VerificationRecord()
+        verify_files(opts.out, old, [entry.file, old.text_vocabulary, old.text_recipe], record)
+    except ArtifactError:
+        return "export"
+    record.save()
+    return "keep"
+
+
+def _check_sentences(recipes: list[PromptRecipe], per_class: int) -> list[str]:
+    """``per_class`` sentences of each class's ensemble, spread evenly over it, its longest among them."""
+    chosen: list[str] = []
+    for recipe in recipes or [PromptRecipe.for_class("object")]:
+        normal, abnormal = recipe.sentences()
+        every = normal + abnormal
+        step = max(1, len(every) // max(1, per_class - 1))
+        picked = every[::step][: per_class - 1] + [max(every, key=len)]
+        chosen += [s for s in picked if s not in chosen]
+    return chosen
+
+
+def _export_text(opts: ExportOptions, loaded: LoadedModel, staging: Path, recipes: list[PromptRecipe],
+                 progress) -> ModelEntry:
+    """text.onnx, the vocabulary and the recipe into ``staging``; the text model checked against
+    PyTorch on sentences of the classes' ensembles (atol 1e-5)."""
+    from .text_tower import (RECIPE_FILE, TEXT_ATOL, TEXT_FILE, VOCAB_FILE, TextTower, check_text_parity,
+                             export_text_onnx, recipe_json, token_ids, tokenizer_of)
+
+    tower = TextTower(loaded.model).eval()
+    tok = tokenizer_of(loaded.tokenizer, tower.context_length)
+    progress(f"tracing {TEXT_FILE} (opset {opts.opset}, dynamic batch, context {tower.context_length})")
+    t0 = time.perf_counter()
+    entry = export_text_onnx(tower, staging / TEXT_FILE, opset=opts.opset, provenance={
+        TEXT_WEIGHTS_KEY: loaded.weights_sha256("text"), "tokenizer": tok.kind})
+    log.info("traced %s in %.1f s", TEXT_FILE, time.perf_counter() - t0)
+    shutil.copyfile(tok.vocabulary, staging / VOCAB_FILE)
+    (staging / RECIPE_FILE).write_bytes(recipe_json(tok))
+    if opts.check:
+        sentences = _check_sentences(recipes, TEXT_CHECK_SENTENCES)
+        progress(f"checking {TEXT_FILE} against PyTorch on {len(sentences)} sentences of the prompt ensembles")
+        report = check_text_parity(tower, staging / entry.file, token_ids(loaded.tokenizer, sentences), atol=TEXT_ATOL)
+        for line in report.lines():
+            click.echo(f"  text {line}")
+        if not report.ok:
+            raise AnoclipError(
+                f"{TEXT_FILE} differs from the PyTorch reference by {report.max_abs_diff['text_embeds']:.2e} (more than "
+                f"{TEXT_ATOL:g}); nothing was written (try another --opset, or report the backbone and versions)")
+        entry.provenance["parity_max_abs_diff"] = report.max_abs_diff["text_embeds"]
+        entry.provenance["parity_sentences"] = len(sentences)
+    return entry
+
+
 def has_manifest(folder: Path) -> bool:
     return (folder / MANIFEST).is_file()
 
@@ -280,7 +346,8 @@ def _export_locked(opts: ExportOptions, command: str, progress, tx: FolderTransa
         )
     reuse_visual = _visual_reusable(opts, loaded, old)
     kept, to_encode, dropped = _plan_classes(opts, old_bank, _text_changed(old, old_bank, loaded))
-    if reuse_visual and not to_encode and not dropped and not opts.tta:
+    text_plan = _text_plan(opts, loaded, old)
+    if reuse_visual and not to_encode and not dropped and not opts.tta and text_plan in ("keep", "none"):
         progress(f"{opts.out} is up to date (classes: {', '.join(sorted(kept)) or 'none'}); nothing to do")
         return old
     if not kept and not to_encode:
@@ -302,6 +369,20 @@ def _export_locked(opts: ExportOptions, command: str, progress, tx: FolderTransa
             )
             if old is not None and TTA_GRAPH in old.models and not opts.tta:
                 manifest.models[TTA_GRAPH] = old.models[TTA_GRAPH]  # class- and weight-independent
+        if text_plan == "keep" and TEXT not in manifest.models:  # a new manifest: the text tower comes along
+            manifest.models[TEXT] = copy.deepcopy(old.models[TEXT])
+            manifest.text_vocabulary, manifest.text_recipe = old.text_vocabulary, old.text_recipe
+        elif text_plan == "drop":
+            made_from = str(old.models[TEXT].provenance.get(TEXT_WEIGHTS_KEY, ""))[:12] or "unknown"
+            tx.remove_model(TEXT)
+            manifest.models.pop(TEXT, None)
+            manifest.text_vocabulary = manifest.text_recipe = ""
+            tx.report(f"dropping text: it was made from other text-tower weights (sha256 {made_from}, now "
+                      f"{loaded.weights_sha256('text')[:12]}); make it anew with "
+                      f"`{remake_command(TEXT, opts.out)}`")
+        elif text_plan == "export":
+            recipes = [r for r in (_recipe_from_metadata(n, c.recipe) for n, c in sorted(kept.items())) if r]
+            manifest.models[TEXT] = _export_text(opts, loaded, staging, recipes + list(to_encode.values()), progress)
         if opts.tta:
             progress(f"writing {TTA_GRAPH}.onnx ({opts.tta_steps} unrolled steps, {opts.tta_adapter} adapter)")
             manifest.models[TTA_GRAPH] = _write_tta_graph(opts, staging)
@@ -321,6 +402,10 @@ def _export_locked(opts: ExportOptions, command: str, progress, tx: FolderTransa
     for entry in manifest.models.values():
         entry.file = placed.get(entry.file, entry.file)
     manifest.prompts = placed[PROMPTS]
+    if text_plan == "export":
+        from .text_tower import RECIPE_FILE, VOCAB_FILE
+
+        manifest.text_vocabulary, manifest.text_recipe = placed[VOCAB_FILE], placed[RECIPE_FILE]
     manifest.format_version = FORMAT_VERSION
     manifest.versions = {"anoclip": _version(), "open_clip": open_clip.__version__, "torch": torch.__version__,
                          "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}

@@ -22,6 +22,13 @@ new export never overwrites a file that the current manifest names)::
                                    in (their order: the entry's provenance ``classes``); made from the
                                    visual model (``source_sha256``) and the classes' text features
     prompts.<sha>.safetensors      text_features/<class> [2,D] (t+, t-), prompt_features/<class> [2N,D]
+    text.<sha>.onnx                optional text tower from `anoclip-export --text-tower` (model ``text``):
+                                   token_ids [B,L] int64 -> text_embeds [B,D], open_clip's unnormalised
+                                   ``encode_text``; its provenance ``text_weights_sha256`` equals the prompt
+                                   weights' metadata of the same name when both come from one text tower
+    vocab.<sha>.txt.gz             with it: the tokenizer's BPE vocabulary (manifest ``text_vocabulary``)
+    text_recipe.<sha>.json         with it: templates, state words, domains, the ensemble and the tokenizer
+                                   settings (context length, kind) the prompts were made with (``text_recipe``)
     thresholds.<sha>.json          optional, from `anoclip calibrate threshold`: per class image and
                                    pixel thresholds and their provenance (``thresholds``)
     memory.<sha>.safetensors       optional, from `anoclip calibrate memory`: per class the V-V patch
@@ -50,8 +57,8 @@ from .strict_json import (build, choice, either, flag, integer, integers, list_o
                           plain_object, sha256, text)
 from .memory import MemoryBank, read_memory
 from .thresholds import ThresholdTable, read_thresholds
-from .vocabulary import (DERIVED_MODELS, FUSED, KINDS, PRECISION_MODELS, PRECISIONS, TTA_GRAPH, VISUAL,  # noqa: F401
-                         VISUAL_FP16, VISUAL_INT8, VISUAL_QKV, precision_model)
+from .vocabulary import (DERIVED_MODELS, FUSED, KINDS, PRECISION_MODELS, PRECISIONS, TEXT, TTA_GRAPH,  # noqa: F401
+                         VISUAL, VISUAL_FP16, VISUAL_INT8, VISUAL_QKV, precision_model)
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +118,8 @@ class Manifest:
     prompts: str = PROMPTS  # the prompt weights file
     thresholds: str = ""  # the thresholds file written by the calibration ("" for none)
     memory: str = ""  # the memory of normal frames written by `calibrate memory` ("" for none)
+    text_vocabulary: str = ""  # the text tower's tokenizer vocabulary (`anoclip-export --text-tower`; "" for none)
+    text_recipe: str = ""  # the prompt recipe and tokenizer settings of the text tower ("" for none)
     checkpoint_sha256: str = ""  # of the checkpoint the weights were loaded from ("" for random weights)
     visual_weights_sha256: str = ""  # of the visual tower's weights themselves (names, shapes, values)
     resize: str = "squash-bilinear-antialias"
@@ -126,7 +135,7 @@ class Manifest:
 
     def to_json(self) -> str:
         data = asdict(self)
-        for optional in ("thresholds", "memory"):  # never made: readable by runtimes that predate the field too
+        for optional in ("thresholds", "memory", "text_vocabulary", "text_recipe"):  # never made: readable by runtimes that predate the field too
             if not data[optional]:
                 del data[optional]
         for entry in data["models"].values():  # exported models: readable by runtimes that predate the fields
@@ -172,7 +181,7 @@ _FIELD_CHECKS = {
     "image_size": integers(2), "grid": integers(2), "mean": numbers(3), "std": numbers(3, positive=True),
     "embed_dim": integer(1), "width": integer(1), "layers": integer(1), "heads": integer(1),
     "models": _models, "files": mapping(sha256, "sha256 digests"), "prompts": text(), "thresholds": text(),
-    "memory": text(),
+    "memory": text(), "text_vocabulary": text(), "text_recipe": text(),
     "checkpoint_sha256": text(), "visual_weights_sha256": text(),
     "resize": text(), "versions": mapping(text(), "strings"), "command": text(), "created": text(),
     "history": list_of(text(), "strings"), "format_version": integer(),
@@ -306,6 +315,44 @@ class Artifacts:
         if record is not None:
             record.save()
         return resolve_inside(self.folder, sidecar.engine).read_bytes()
+
+
+TEXT_WEIGHTS_KEY = "text_weights_sha256"  # the text tower's weights: prompt weights metadata, text model provenance
+
+
+@dataclass(frozen=True)
+class TextTowerFiles:
+    """The text tower of a folder (``anoclip-export --text-tower``): verified paths inside it."""
+
+    model: Path  # token_ids [B,L] int64 -> text_embeds [B,D]
+    vocabulary: Path  # the tokenizer's BPE vocabulary (gzip)
+    recipe: Path  # templates, states, ensemble, tokenizer settings (JSON)
+    context_length: int
+
+
+def text_tower_files(folder: str | os.PathLike, manifest: Manifest, bank: PromptBank | None = None,
+                     verify: bool = True) -> TextTowerFiles:
+    """The folder's text tower, vocabulary and recipe, each listed and (with ``verify``) hashed; with
+    ``bank``, the text model must come from the text tower the prompt weights were encoded with."""
+    folder = Path(folder)
+    remake = KINDS[TEXT].remake.format(folder=folder)
+    entry = manifest.models.get(TEXT)
+    if entry is None or not manifest.text_vocabulary or not manifest.text_recipe:
+        raise ArtifactError(f"{folder} holds no text tower; export it with `{remake}`")
+    names = [entry.file, manifest.text_vocabulary, manifest.text_recipe]
+    record = VerificationRecord() if verify else None
+    try:
+        verify_files(folder, manifest, names, record, hashes=verify)
+    except ArtifactError as exc:
+        raise ArtifactError(f"{str(exc).split('; ')[0]}; export the text tower anew with `{remake}`") from None
+    if record is not None:
+        record.save()
+    made_from = str(entry.provenance.get(TEXT_WEIGHTS_KEY, ""))
+    baked = str(bank.metadata.get(TEXT_WEIGHTS_KEY, "")) if bank is not None else ""
+    if made_from and baked and made_from != baked:
+        raise ArtifactError(f"{folder}: the text model comes from other text-tower weights (sha256 {made_from[:12]}) "
+                            f"than the prompt weights ({baked[:12]}); export it anew with `{remake}`")
+    return TextTowerFiles(*(resolve_inside(folder, name) for name in names), context_length=entry.inputs["token_ids"][1])
 
 
 def check_prompts_belong(manifest: Manifest, bank: PromptBank, where: str) -> None:

@@ -37,7 +37,7 @@ from .artifacts import MANIFEST, Manifest, content_addressed, read_manifest, wri
 from .errors import AnoclipError, ArtifactError
 from .integrity import resolve_inside, sha256_file
 from .plumbing import atomic_path, atomic_write_bytes, folder_lock, sync_folder
-from .vocabulary import DERIVED_MODELS, FUSED, KINDS, VISUAL, file_kind, remake_command
+from .vocabulary import DERIVED_MODELS, FUSED, KINDS, TEXT, VISUAL, file_kind, remake_command
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +161,9 @@ class FolderTransaction:
         named = [entry.file for entry in manifest.models.values()] + [manifest.prompts]
         named += [manifest.thresholds] if manifest.thresholds else []
         named += [manifest.memory] if manifest.memory else []
+        if TEXT not in manifest.models:  # the text tower's vocabulary and recipe go with it
+            manifest.text_vocabulary = manifest.text_recipe = ""
+        named += [n for n in (manifest.text_vocabulary, manifest.text_recipe) if n]
         named += [n for engine in engines for n in (engine, engine + ".json")]
         # files a manifest lists that are no kind of ours (external data of a graph) stay while listed
         named += [n for n in (self.old.files if self.old else {}) if file_kind(n) is None]

@@ -21,6 +21,9 @@ TTA_GRAPH = "tta"  # the AnoCLIP+ adapter loop as one graph
 VISUAL_FP16 = "visual_fp16"  # `anoclip calibrate fp16`
 VISUAL_INT8 = "visual_int8"  # `anoclip calibrate int8` (Q/DQ)
 FUSED = "fused"  # image -> scores and maps of K classes in one graph (`anoclip fuse`)
+TEXT = "text"  # the text tower: token_ids -> text_embeds (`anoclip-export --text-tower`)
+TEXT_VOCABULARY = "text_vocabulary"  # the tokenizer's vocabulary file of the text tower
+TEXT_RECIPE = "text_recipe"  # the prompt recipe (templates, states, ensemble, tokenizer settings)
 
 PRECISIONS = ("fp32", "fp16", "int8")
 TTA_BACKENDS = ("numpy", "cupy", "onnx")  # what runs the TTA loop: array code on the CPU or on the GPU, or tta.onnx
@@ -80,6 +83,9 @@ FILE_KINDS: tuple[FileKind, ...] = (
     _kind(VISUAL_QKV, "visual_qkv", ".onnx", "", "anoclip-export --qkv-tokens model --out {folder}"),
     _kind(TTA_GRAPH, "tta", ".onnx", "", "anoclip-export --tta --out {folder}"),
     _kind("prompts", "prompts", ".safetensors", "", "anoclip-export --classes ... --out {folder}"),
+    _kind(TEXT, "text", ".onnx", "", "anoclip-export --text-tower --out {folder}"),
+    _kind(TEXT_VOCABULARY, "vocab", ".txt.gz", "", "anoclip-export --text-tower --out {folder}"),
+    _kind(TEXT_RECIPE, "text_recipe", ".json", "", "anoclip-export --text-tower --out {folder}"),
     _kind(VISUAL_INT8, "visual_int8", ".onnx", VISUAL,
           "anoclip calibrate int8 --artifacts {folder} --images <frames of the scene>"),
     _kind(VISUAL_FP16, "visual_fp16", ".onnx", VISUAL, "anoclip calibrate fp16 --artifacts {folder}"),
