@@ -83,7 +83,8 @@ def parse_domains(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--tta-adapter", default="text", show_default=True, type=click.Choice(["text", "linear"]),
               help="Adapter of tta.onnx: text (authors' MVTec code) or linear (their VisA script).")
 @click.option("--text-tower", is_flag=True,
-              help="Also write text.onnx (token_ids [B,77] -> text_embeds [B,D], open_clip's encode_text), the "
+              help="Also write text.onnx (token_ids [B,L], L the context length, 77 for CLIP -> text_embeds [B,D]: open_clip's "
+                   "encode_text), the "
                    "tokenizer's vocabulary and the prompt recipe, so a device can encode classes of its own. Kept by "
                    "later exports while the text tower's weights are unchanged.")
 @click.option("--fused", is_flag=True,
@@ -116,7 +117,8 @@ def export_command(backbone, pretrained, model_config, classes, classes_file, do
     """Export an open_clip ViT with the V-V path to ONNX and bake the prompt embeddings of CLASSES.
 
     Writes OUT/manifest.json, OUT/visual.<sha>.onnx and OUT/prompts.<sha>.safetensors (names carry
-    the start of their sha256). Run it again to add classes: the visual model is kept when it is
+    the start of their sha256); with --text-tower also OUT/text.<sha>.onnx, OUT/vocab.<sha>.txt.gz
+    and OUT/text_recipe.<sha>.json. Run it again to add classes: the visual model is kept when it is
     up to date and the classes already baked are never dropped unless --drop-classes or
     --replace-classes say so. The manifest is written last; an interrupted export leaves the folder
     as it was, and running the same command twice changes nothing.
