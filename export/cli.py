@@ -83,10 +83,9 @@ def parse_domains(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--tta-adapter", default="text", show_default=True, type=click.Choice(["text", "linear"]),
               help="Adapter of tta.onnx: text (authors' MVTec code) or linear (their VisA script).")
 @click.option("--text-tower", is_flag=True,
-              help="Also write text.onnx (token_ids [B,L], L the context length, 77 for CLIP -> text_embeds [B,D]: open_clip's "
-                   "encode_text), the "
-                   "tokenizer's vocabulary and the prompt recipe, so a device can encode classes of its own. Kept by "
-                   "later exports while the text tower's weights are unchanged.")
+              help="Also write text.onnx (token_ids [B,L], L the context length, 77 for CLIP -> text_embeds [B,D]: "
+                   "open_clip's encode_text), the tokenizer's vocabulary and the prompt recipe, so a device can encode "
+                   "classes of its own. Kept by later exports while the text tower's weights are unchanged.")
 @click.option("--fused", is_flag=True,
               help="Also write anoclip.onnx: image -> scores and maps of every class of the folder (sorted) in one "
                    "graph, for trtexec, Triton, DeepStream or `anoclip predict --model fused` (see `anoclip fuse`).")

@@ -1,7 +1,8 @@
 """The artifact folder's one transaction, seen from every writer.
 
 A folder holding every kind of file (visual, visual_qkv, tta, prompts, int8, fp16, fused,
-thresholds, the memory of normal frames, TensorRT engines of the fp32 and int8 models) is written by each writer in turn; what the
+thresholds, the memory of normal frames, the text tower with its vocabulary and recipe, TensorRT
+engines of the fp32 and int8 models) is written by each writer in turn; what the
 writer keeps, replaces, drops (with a line naming the command that remakes it) or marks stale is
 asserted for every file kind. Engines are stored with placeholder plan bytes through
 ``store_engine``, the commit half of ``anoclip build-engine`` (building needs TensorRT): what is
@@ -29,7 +30,7 @@ from click.testing import CliRunner
 from conftest import TINY_CONFIG, copy_artifacts
 
 KINDS = ("visual", "visual_qkv", "tta", "prompts", "visual_int8", "visual_fp16", "fused", "thresholds", "memory",
-         "engine fp32", "engine int8")
+         "text", "text_vocabulary", "text_recipe", "engine fp32", "engine int8")
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +74,8 @@ def placeholder_engine(folder: Path, precision: str, model: str, payload: bytes)
 @pytest.fixture(scope="module")
 def full(tiny_artifacts, frames, tmp_path_factory) -> Path:
     folder = copy_artifacts(tiny_artifacts, tmp_path_factory.mktemp("full") / "a")
+    result = export(folder, "--text-tower")
+    assert result.exit_code == 0, result.output
     steps = [("calibrate", "int8", "--artifacts", folder, "--images", frames, "--n", "8", "--parity-frames", "2"),
              ("calibrate", "fp16", "--artifacts", folder, "--parity-frames", "2"),
              ("calibrate", "memory", "--artifacts", folder, "--class", "bottle", "--normal", frames),
@@ -97,6 +100,10 @@ def kinds_of(folder: Path) -> dict[str, str]:
         found["thresholds"] = manifest.thresholds
     if manifest.memory:
         found["memory"] = manifest.memory
+    if manifest.text_vocabulary:
+        found["text_vocabulary"] = manifest.text_vocabulary
+    if manifest.text_recipe:
+        found["text_recipe"] = manifest.text_recipe
     for name in manifest.files:
         if name.endswith(".engine"):
             found[f"engine {name.split('.')[0].removeprefix('visual_')}"] = name
