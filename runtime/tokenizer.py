@@ -20,13 +20,15 @@ What it reproduces, step by step:
 
 ``ftfy``: open_clip runs ``ftfy.fix_text`` first. When ftfy is importable this tokenizer does the
 same (``fix_text="auto"`` or ``True``), and every string is tokenized as open_clip does. Without it
-(``fix_text=False``, or ``"auto"`` where ftfy is missing) the text is NFC-normalised, as ftfy does
-last, and a string that ftfy could change in any other way is refused with a ``ValueError`` naming
-it: characters ftfy replaces or removes (controls, C1 controls, ligatures, full-width and
-half-width forms, curly quotes, some spaces and format characters: the set measured against ftfy
-6.3.1), HTML entities left over after two decodings (ftfy decodes them until none is left), text
-that could be UTF-8 read in one of the single-byte codepages ftfy repairs (mojibake).
-Plain text, accents, CJK and emoji pass and give open_clip's ids.
+(``fix_text=False``, or ``"auto"`` where ftfy is missing) it does what ftfy 6.3.1 was measured to
+do to single characters (deletes some controls and format characters, replaces ligatures and
+full-width and half-width forms by their compatibility forms, straightens curly quotes, NFC), and
+refuses with a ``ValueError`` naming the string what it cannot tell without ftfy: C1 controls,
+the escape of terminal colour codes, HTML entities nested more than twice or written in capitals
+(ftfy decodes them), entities that decode to a character ftfy changes, and text that could be UTF-8
+read in one of the single-byte codepages ftfy repairs (mojibake). ftfy's mojibake test is a
+heuristic not reproduced here, so that last refusal is conservative: ASCII, CJK, emoji and most
+accented text pass; some Latin-1, Greek or Cyrillic letters next to symbols or spaces are refused.
 """
 
 from __future__ import annotations
@@ -298,11 +300,17 @@ def _mojibake_reason(text: str) -> str:
     return ""
 
 
+_REFUSED_RE = re.compile("[" + "".join(f"\\U{a:08X}-\\U{b:08X}" for a, b in _REFUSED) + "]")
+
+
 def _refused_character(text: str) -> str:
-    for c in text:
+    match = _REFUSED_RE.search(text)
+    if match is None:
+        return ""
+    for c in match.group():
         cp = ord(c)
         if any(start <= cp <= end for start, end in _REFUSED):
-            return f"ftfy rewrites U+{cp:04X} {unicodedata.name(c, '(a control character)')} depending on its neighbours"
+            return f"ftfy rewrites U+{cp:04X} {unicodedata.name(c, '(a control character or surrogate)')} depending on its neighbours"
     return ""
 
 
@@ -326,7 +334,7 @@ def fix_without_ftfy(text: str) -> str:
 def ftfy_would_change(text: str) -> str:
     """Why this tokenizer cannot tell what ftfy makes of ``text`` ("" when it can: ftfy then changes
     only the characters of the measured table, and NFC)."""
-    reason = _refused_character(text) or _mojibake_reason(text)
+    reason = _refused_character(text) or ("" if text.isascii() else _mojibake_reason(text))
     if reason:
         return reason
     fixed = unicodedata.normalize("NFC", text.translate(_FIXES))
@@ -342,4 +350,8 @@ def ftfy_would_change(text: str) -> str:
                 return f"an HTML entity in it decodes to U+{ord(c):04X}, which ftfy may change"
         if unicodedata.normalize("NFC", decoded) != decoded:
             return "HTML entities in it decode to text that is not NFC-normal"
-    return _mojibake_reason(fixed) or (_mojibake_reason(decoded) if decoded != fixed else "")
+    if fixed != text and not fixed.isascii():
+        reason = _mojibake_reason(fixed)
+    if not reason and decoded != fixed and not decoded.isascii():
+        reason = _mojibake_reason(decoded)
+    return reason
