@@ -14,7 +14,7 @@ from anoclip.runtime.prompt_weights import read_prompts
 
 from .exporter import ExportOptions, run_export
 from .model import DEFAULT_BACKBONE, Outliers, register_model_config, resolve_pretrained
-from .prompts import DOMAINS
+from anoclip.runtime.prompts import DOMAINS
 
 
 def parse_classes(classes: str | None, classes_file: str | None) -> tuple[list[str], dict[str, str]]:

@@ -25,7 +25,7 @@ from anoclip.runtime.prompt_weights import ClassPrompts, PromptBank, read_prompt
 from anoclip.runtime.vocabulary import remake_command
 
 from .model import LoadedModel, Outliers, add_outlier_channels, load_model, resolve_pretrained
-from .prompts import PromptRecipe, class_embeddings, encode_sentences
+from anoclip.runtime.prompts import PromptRecipe, class_embeddings, encode_sentences
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,10 @@ from anoclip.runtime.artifacts import ModelEntry
 from anoclip.runtime.errors import AnoclipError
 from anoclip.runtime.plumbing import atomic_path, quiet_loggers
 
+from anoclip.runtime.prompts import (ABNORMAL_STATES, BASE_TEMPLATES, CLASS_PHRASES, DOMAINS, NORMAL_STATES,
+                                     PromptRecipe, domain_templates)
+
 from .onnx_export import DEFAULT_OPSET, ParityReport, _name_batch_axis
-from .prompts import (ABNORMAL_STATES, BASE_TEMPLATES, CLASS_PHRASES, DOMAINS, NORMAL_STATES, PromptRecipe,
-                      domain_templates)
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from anoclip.export.prompts import (
+from anoclip.runtime.prompts import (
     ABNORMAL_STATES, BASE_TEMPLATES, NORMAL_STATES, PromptRecipe, class_embeddings, domain_template,
 )
 from anoclip.runtime.prompt_weights import read_prompts

@@ -42,7 +42,7 @@ def text_folder(tmp_path_factory, export_cli) -> Path:
 
 
 def test_tiny_text_model_equals_open_clip_encode_text(text_folder, tiny_model):
-    from anoclip.export.prompts import PromptRecipe
+    from anoclip.runtime.prompts import PromptRecipe
     from anoclip.runtime.artifacts import load_artifacts, read_manifest, text_tower_files
 
     manifest = read_manifest(text_folder)
@@ -144,7 +144,7 @@ def test_vit_b_16_plus_240_text_tower_equals_open_clip_encode_text(tmp_path):
     """The real architecture (random weights): the text tower alone is exported and checked."""
     torch = pytest.importorskip("torch")
     from anoclip.export.model import load_model
-    from anoclip.export.prompts import PromptRecipe
+    from anoclip.runtime.prompts import PromptRecipe
     from anoclip.export.text_tower import TextTower, check_text_parity, export_text_onnx, token_ids
 
     torch.manual_seed(0)

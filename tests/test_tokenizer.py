@@ -13,7 +13,7 @@ from test_runtime_without_torch import run_blocked
 
 open_clip = pytest.importorskip("open_clip", reason="open_clip (the export extra) is the reference the tokenizer is checked against")
 
-from anoclip.export.prompts import PromptRecipe  # noqa: E402
+from anoclip.runtime.prompts import PromptRecipe  # noqa: E402
 from anoclip.runtime.classes import MVTEC_CLASSES, VISA_CLASSES  # noqa: E402
 from anoclip.runtime.tokenizer import Tokenizer, ftfy_would_change  # noqa: E402
 

@@ -1,4 +1,6 @@
-"""Domain-aware contrastive-state prompts (SPEC section 3) and their text embeddings."""
+"""Domain-aware contrastive-state prompts (SPEC section 3) and their text embeddings: the sentences
+of a class and how their embeddings become its t+/t- and T. Pure numpy, so that the export (with
+PyTorch) and `anoclip classes add` (on the device, through the exported text tower) make the same."""
 
 from __future__ import annotations
 
@@ -8,8 +10,8 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from anoclip.runtime.classes import MVTEC_TEXTURES
-from anoclip.runtime.scoring import l2_normalise
+from .classes import MVTEC_TEXTURES
+from .scoring import l2_normalise
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +73,37 @@ def domain_template(template: str, phrase: str) -> str:
     return " ".join(words)
 
 
-def domain_templates(phrases: Iterable[str]) -> list[str]:
-    return [domain_template(t, p) for p in phrases for t in BASE_TEMPLATES]
+def domain_templates(phrases: Iterable[str], base_templates: Sequence[str] = BASE_TEMPLATES) -> list[str]:
+    return [domain_template(t, p) for p in phrases for t in base_templates]
+
+
+@dataclass(frozen=True)
+class PromptTables:
+    """The word lists sentences are made of: this release's, or those an export recorded in its
+    folder's text recipe (``text_recipe.<sha>.json``), which a device encodes new classes with."""
+
+    base_templates: tuple[str, ...] = BASE_TEMPLATES
+    normal_states: tuple[str, ...] = NORMAL_STATES
+    abnormal_states: tuple[str, ...] = ABNORMAL_STATES
+    domains: tuple[tuple[str, tuple[str, ...]], ...] = tuple(DOMAINS.items())
+    class_phrases: tuple[tuple[str, str], ...] = tuple(CLASS_PHRASES.items())
+
+    @classmethod
+    def from_recipe(cls, recipe: dict) -> "PromptTables":
+        """The tables of a text recipe's JSON; a ValueError when one is missing or malformed."""
+        def strings(key):
+            value = recipe.get(key)
+            if not (isinstance(value, list) and value and all(isinstance(v, str) and "{}" in v for v in value)):
+                raise ValueError(f"the text recipe's {key} is not a list of templates with {{}}")
+            return tuple(value)
+
+        domains = recipe.get("domains")
+        phrases = recipe.get("class_phrases", {})
+        if not (isinstance(domains, dict) and all(isinstance(v, list) and v for v in domains.values())
+                and isinstance(phrases, dict)):
+            raise ValueError("the text recipe's domains or class_phrases are malformed")
+        return cls(strings("base_templates"), strings("normal_states"), strings("abnormal_states"),
+                   tuple((k, tuple(v)) for k, v in domains.items()), tuple(phrases.items()))
 
 
 @dataclass(frozen=True)
@@ -85,28 +116,33 @@ class PromptRecipe:
     domain_phrases: tuple[str, ...]
 
     @classmethod
-    def for_class(cls, name: str, domain: str | Sequence[str] | None = None, phrase: str | None = None) -> "PromptRecipe":
+    def for_class(cls, name: str, domain: str | Sequence[str] | None = None, phrase: str | None = None,
+                  tables: PromptTables = PromptTables()) -> "PromptRecipe":
         domain = default_domain(name) if domain is None else domain
-        label = domain if isinstance(domain, str) and domain in DOMAINS else "custom"
-        return cls(name, phrase or class_phrase(name), label, domain_phrases(domain))
+        named = dict(tables.domains)
+        if isinstance(domain, str) and domain in named:
+            label, phrases = domain, named[domain]
+        else:
+            label, phrases = "custom", domain_phrases(domain)
+        return cls(name, phrase or dict(tables.class_phrases).get(name, name), label, tuple(phrases))
 
-    def sentences(self) -> tuple[list[str], list[str]]:
+    def sentences(self, tables: PromptTables = PromptTables()) -> tuple[list[str], list[str]]:
         """(normal, abnormal) sentences, template-major, no trailing period."""
-        templates = domain_templates(self.domain_phrases)
-        normal = [t.format(s.format(self.phrase)) for t in templates for s in NORMAL_STATES]
-        abnormal = [t.format(s.format(self.phrase)) for t in templates for s in ABNORMAL_STATES]
+        templates = domain_templates(self.domain_phrases, tables.base_templates)
+        normal = [t.format(s.format(self.phrase)) for t in templates for s in tables.normal_states]
+        abnormal = [t.format(s.format(self.phrase)) for t in templates for s in tables.abnormal_states]
         return normal, abnormal
 
-    def as_metadata(self) -> dict:
+    def as_metadata(self, tables: PromptTables = PromptTables()) -> dict:
         return {
             "class_phrase": self.phrase,
             "domain": self.domain,
             "domain_phrases": list(self.domain_phrases),
             "templates": "BASE_TEMPLATES with 'photo' replaced by each domain phrase, phrase-major",
             "sentence": "template.format(state.format(class_phrase)), template-major, states in order",
-            "normal_states": list(NORMAL_STATES),
-            "abnormal_states": list(ABNORMAL_STATES),
-            "base_templates": list(BASE_TEMPLATES),
+            "normal_states": list(tables.normal_states),
+            "abnormal_states": list(tables.abnormal_states),
+            "base_templates": list(tables.base_templates),
         }
 
 
