@@ -170,5 +170,10 @@ class _Progress:
         self.bar.close()
 
 
+from .classes_cli import classes_group  # noqa: E402 - registered after the group exists
+
+cli.add_command(classes_group)
+
+
 def main() -> None:
     run_guarded(cli)

@@ -123,6 +123,8 @@ WRITERS = {
                                                   "--normal", frames, "--max-patches", "64"),
     "build-engine fp16": lambda f, frames: placeholder_engine(f, "fp16", "visual_fp16", b"placeholder fp16 plan"),
     "fuse": lambda f, frames: anoclip("fuse", "--artifacts", f, "--classes", "bottle"),
+    "classes add": lambda f, frames: anoclip("classes", "add", "screw", "--artifacts", f),
+    "classes remove": lambda f, frames: anoclip("classes", "remove", "bottle", "--artifacts", f),
 }
 
 # What each writer does to each kind: same (kept as it was), new (the writer's own file), dropped
@@ -139,6 +141,8 @@ EXPECTED = {
     "calibrate memory": {"memory": N},
     "build-engine fp16": {"engine fp16": N},
     "fuse": {"fused": N},
+    "classes add": {"prompts": N, "fused": S},  # the fused graph lacks the new class: partial, said
+    "classes remove": {"prompts": N, "fused": D, "thresholds": S},  # bottle was baked and calibrated
 }
 LINES = {"visual_qkv": "--qkv-tokens model", "visual_int8": "calibrate int8", "visual_fp16": "calibrate fp16", "fused": "anoclip fuse",
          "engine fp32": "build-engine", "engine int8": "build-engine", "thresholds": "calibrate threshold",

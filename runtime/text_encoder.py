@@ -1,0 +1,88 @@
+"""Encoding classes on the device: the folder's text tower (``anoclip-export --text-tower``) run by
+onnxruntime on the tokens of the runtime's tokenizer, and the class's t+/t- and T made from the
+sentences of the folder's text recipe exactly as the export makes them (``prompts.py``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .artifacts import read_manifest, text_tower_files, verify_files
+from .errors import AnoclipError, ArtifactError
+from .integrity import resolve_inside
+from .prompt_weights import ClassPrompts, PromptBank, read_prompts
+from .prompts import PromptRecipe, PromptTables, class_embeddings
+
+log = logging.getLogger(__name__)
+
+BATCH = 64  # sentences per run of the text model
+
+
+class TextEncoder:
+    """The text tower of an artifact folder, ready to encode classes."""
+
+    def __init__(self, folder: str | os.PathLike, backend: str = "cpu", threads: int | None = None,
+                 verify: bool = True):
+        import onnxruntime as ort
+
+        from .backends.onnxruntime import resolve_providers
+        from .tokenizer import Tokenizer
+
+        self.folder = Path(folder)
+        manifest = read_manifest(self.folder)
+        verify_files(self.folder, manifest, [manifest.prompts], hashes=verify)
+        self.bank = read_prompts(resolve_inside(self.folder, manifest.prompts))
+        files = text_tower_files(self.folder, manifest, self.bank, verify)
+        try:
+            self.tables = PromptTables.from_recipe(json.loads(files.recipe.read_text()))
+        except (OSError, ValueError) as exc:
+            raise ArtifactError(f"{files.recipe} is not a valid text recipe ({exc}); export the text tower anew with "
+                                f"`anoclip-export --text-tower --out {self.folder}`") from None
+        self.tokenizer = Tokenizer(files.vocabulary, files.context_length)
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        requested = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+                     "tensorrt": "TensorrtExecutionProvider"}.get(backend, backend)
+        providers = resolve_providers([requested], ort.get_available_providers())
+        try:
+            self.session = ort.InferenceSession(str(files.model), sess_options=options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise AnoclipError(f"onnxruntime cannot load {files.model}: {str(exc).splitlines()[0]}") from None
+
+    def encode(self, sentences: list[str], progress=None) -> np.ndarray:
+        """Raw text embeddings [N, D] (float64) of ``sentences``."""
+        parts = []
+        for start in range(0, len(sentences), BATCH):
+            chunk = sentences[start:start + BATCH]
+            parts.append(self.session.run(None, {"token_ids": self.tokenizer(chunk)})[0])
+            if progress is not None:
+                progress.update(len(chunk))
+        return np.concatenate(parts).astype(np.float64)
+
+    def class_prompts(self, name: str, domain=None, phrase: str | None = None) -> ClassPrompts:
+        """``name``'s baked prompts, encoded here from the recipe's sentences."""
+        from tqdm import tqdm
+
+        recipe = PromptRecipe.for_class(name, domain, phrase, tables=self.tables)
+        normal, abnormal = recipe.sentences(self.tables)
+        with tqdm(total=len(normal) + len(abnormal), desc=f"prompts {name}", unit="sent", file=sys.stderr,
+                  disable=None) as bar:
+            raw_normal, raw_abnormal = self.encode(normal, bar), self.encode(abnormal, bar)
+        text, prompts = class_embeddings(raw_normal, raw_abnormal)
+        meta = recipe.as_metadata(self.tables)
+        meta["sentences_per_state"] = len(normal)
+        return ClassPrompts(name, text, prompts, meta)
+
+
+def with_class(bank: PromptBank, prompts: ClassPrompts | None, remove: str | None = None) -> PromptBank:
+    """A copy of ``bank`` with ``prompts`` added or replaced, or the class ``remove`` taken out."""
+    classes = {n: c for n, c in bank.classes.items() if n != remove}
+    if prompts is not None:
+        classes[prompts.name] = prompts
+    return PromptBank(dict(sorted(classes.items())), bank.backbone, bank.pretrained, bank.embed_dim, dict(bank.metadata))
