@@ -28,21 +28,17 @@ DEFAULT_OPSET = 17
 DEFAULT_ATOL = 1e-4
 
 
-def export_onnx(module: VVVisual, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET,
-                dynamic_batch: bool = False) -> ModelEntry:
-    """Trace ``module`` to ``path`` (written atomically) and return its manifest entry."""
+def trace_to_onnx(module: torch.nn.Module, example: tuple, path: Path, input_names: list[str],
+                  output_names: list[str], opset: int, dynamic_shapes: dict | None, dynamic_batch: bool) -> None:
+    """Trace ``module`` on ``example`` with torch.onnx's exporter (dynamo) and write the checked graph
+    to ``path`` atomically, its batch axis named when dynamic; the exporter's chatter silenced."""
     import onnx
 
-    geometry = module.geometry
-    height, width = geometry.image_size
-    dummy = torch.zeros(1, 3, height, width)
-    dynamic_shapes = {"image": {0: torch.export.Dim("batch", min=1, max=1024)}} if dynamic_batch else None
-    path = Path(path)
     with atomic_path(path) as tmp, warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
             quiet_loggers("torch.onnx", "onnxscript", "onnx_ir"):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            module, (dummy,), None, dynamo=True, input_names=["image"], output_names=module.output_names,
+            module, example, None, dynamo=True, input_names=input_names, output_names=output_names,
             opset_version=opset, dynamic_shapes=dynamic_shapes, verbose=False, optimize=True,
         )
         model = program.model_proto
@@ -53,6 +49,17 @@ def export_onnx(module: VVVisual, path: str | os.PathLike, *, opset: int = DEFAU
         _name_batch_axis(model, dynamic_batch)
         onnx.checker.check_model(model)
         onnx.save(model, str(tmp))
+
+
+def export_onnx(module: VVVisual, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET,
+                dynamic_batch: bool = False) -> ModelEntry:
+    """Trace ``module`` to ``path`` (written atomically) and return its manifest entry."""
+    geometry = module.geometry
+    height, width = geometry.image_size
+    dummy = torch.zeros(1, 3, height, width)
+    dynamic_shapes = {"image": {0: torch.export.Dim("batch", min=1, max=1024)}} if dynamic_batch else None
+    path = Path(path)
+    trace_to_onnx(module, (dummy,), path, ["image"], module.output_names, opset, dynamic_shapes, dynamic_batch)
     batch = -1 if dynamic_batch else 1
     gh, gw = geometry.grid
     outputs = {"image_embeds": [batch, geometry.embed_dim]}

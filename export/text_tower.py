@@ -8,12 +8,9 @@ end-of-text token (the largest id of each row) and the text projection.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,12 +19,11 @@ import torch
 
 from anoclip.runtime.artifacts import ModelEntry
 from anoclip.runtime.errors import AnoclipError
-from anoclip.runtime.plumbing import atomic_path, quiet_loggers
 
 from anoclip.runtime.prompts import (ABNORMAL_STATES, BASE_TEMPLATES, CLASS_PHRASES, DOMAINS, NORMAL_STATES,
                                      PromptRecipe, domain_templates)
 
-from .onnx_export import DEFAULT_OPSET, ParityReport, _name_batch_axis
+from .onnx_export import DEFAULT_OPSET, ParityReport, trace_to_onnx
 
 log = logging.getLogger(__name__)
 
@@ -65,27 +61,11 @@ class TextTower(torch.nn.Module):
 def export_text_onnx(tower: TextTower, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET,
                      provenance: dict | None = None) -> ModelEntry:
     """Trace ``tower`` with a dynamic batch to ``path`` (written atomically); its manifest entry."""
-    import onnx
-
     dummy = torch.zeros(2, tower.context_length, dtype=torch.int64)
     dummy[:, 0], dummy[:, 1] = 49406, 49407
     dynamic_shapes = {"token_ids": {0: torch.export.Dim("batch", min=1, max=4096)}}
     path = Path(path)
-    with atomic_path(path) as tmp, warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-            quiet_loggers("torch.onnx", "onnxscript", "onnx_ir"):
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            tower, (dummy,), None, dynamo=True, input_names=["token_ids"], output_names=tower.output_names,
-            opset_version=opset, dynamic_shapes=dynamic_shapes, verbose=False, optimize=True,
-        )
-        model = program.model_proto
-        got = {o.domain: o.version for o in model.opset_import}.get("")
-        if got != opset:
-            raise AnoclipError(f"the exporter produced opset {got}, not {opset}; pass --opset {got}")
-        model.producer_name = "anoclip-export"
-        _name_batch_axis(model, True)
-        onnx.checker.check_model(model)
-        onnx.save(model, str(tmp))
+    trace_to_onnx(tower, (dummy,), path, ["token_ids"], tower.output_names, opset, dynamic_shapes, True)
     return ModelEntry(file=path.name, inputs={"token_ids": [-1, tower.context_length]},
                       outputs={"text_embeds": [-1, tower.embed_dim]}, patch_tokens="", vv_blocks=None, opset=opset,
                       provenance=dict(provenance or {}))
