@@ -52,6 +52,25 @@ def parse_domains(values: tuple[str, ...]) -> dict[str, str]:
     return domains
 
 
+def parse_defect_type_options(values: tuple[str, ...], classes: list[str]) -> dict[str, tuple[str, ...]]:
+    """``CLASS=scratch,dent`` options -> class -> its defect type names (each class one of --classes)."""
+    from anoclip.runtime.prompts import parse_defect_types
+
+    types = {}
+    for value in values:
+        name, sep, names = value.partition("=")
+        name = name.strip()
+        if not sep or not name or not names.strip():
+            raise AnoclipError(f"--defect-types '{value}': write CLASS=scratch,dent,stain")
+        if name not in classes:
+            raise AnoclipError(f"--defect-types '{value}': {name} is not one of --classes ({', '.join(classes) or 'none'})")
+        try:
+            types[name] = parse_defect_types(names)
+        except ValueError as exc:
+            raise AnoclipError(f"--defect-types '{value}': {exc}") from None
+    return types
+
+
 @click.command("export", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True,
               help="open_clip ViT model name (every dimension is read from the model).")
@@ -66,6 +85,10 @@ def parse_domains(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--domain", "domain_opts", multiple=True, metavar="CLASS=DOMAIN",
               help="Per-class domain: object, texture, or your own '|'-separated phrases replacing 'photo'. "
                    "Default: texture for carpet, grid, leather, tile, wood; object otherwise. Repeatable.")
+@click.option("--defect-types", "type_opts", multiple=True, metavar="CLASS=A,B",
+              help="Per-class kinds of defect, e.g. bottle=scratch,dent: each is encoded as 'a photo of a CLASS with "
+                   "TYPE' through the class's templates, and regions above the pixel threshold are named after the "
+                   "closest. The class must be in --classes. Repeatable.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Artifact folder (default: artifacts/<backbone>-<pretrained>). Adding classes to an existing "
                    "folder keeps its visual model.")
@@ -110,7 +133,7 @@ def parse_domains(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--outlier-scale", default=100.0, show_default=True, type=click.FloatRange(min=1.0),
               help="Scale of the --outlier-channels (ln_pre gain, and the bias every MLP adds on them).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON when done.")
-def export_command(backbone, pretrained, model_config, classes, classes_file, domain_opts, out, opset, dynamic_batch,
+def export_command(backbone, pretrained, model_config, classes, classes_file, domain_opts, type_opts, out, opset, dynamic_batch,
                    vv_blocks, qkv_tokens, tta, tta_steps, tta_adapter, text_tower, fused, force, drop_classes, replace_classes,
                    reencode_prompts, check, atol, text_batch, seed, outlier_channels, outlier_scale, as_json):
     """Export an open_clip ViT with the V-V path to ONNX and bake the prompt embeddings of CLASSES.
@@ -130,6 +153,7 @@ def export_command(backbone, pretrained, model_config, classes, classes_file, do
     for name, domain in domains.items():
         if domain not in DOMAINS and not domain.replace("|", "").strip():
             raise AnoclipError(f"domain for {name} is empty")
+    defect_types = parse_defect_type_options(type_opts, names)
     outliers = Outliers(outlier_channels, outlier_scale, seed) if outlier_channels else None
     if outliers is not None and (pretrained or "").lower() != "none":
         raise AnoclipError("--outlier-channels makes a stress variant of random weights; use it with --pretrained none")
@@ -141,7 +165,7 @@ def export_command(backbone, pretrained, model_config, classes, classes_file, do
     drop, _ = parse_classes(drop_classes, None)
     opts = ExportOptions(backbone, pretrained, folder, names, domains, opset, dynamic_batch, vv_blocks,
                          qkv_tokens, force, check, atol, text_batch, seed, tta, tta_steps, tta_adapter,
-                         tuple(drop), replace_classes, reencode_prompts, outliers, text_tower)
+                         tuple(drop), replace_classes, reencode_prompts, outliers, text_tower, defect_types)
     manifest = run_export(opts, given_command(click.get_current_context(), "anoclip-export"))
     if fused:
         from .fused import fuse_folder

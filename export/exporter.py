@@ -25,7 +25,7 @@ from anoclip.runtime.prompt_weights import ClassPrompts, PromptBank, read_prompt
 from anoclip.runtime.vocabulary import remake_command
 
 from .model import LoadedModel, Outliers, add_outlier_channels, load_model, resolve_pretrained
-from anoclip.runtime.prompts import PromptRecipe, class_embeddings, encode_sentences
+from anoclip.runtime.prompts import PromptRecipe, class_embeddings, encode_sentences, type_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class ExportOptions:
     reencode_prompts: bool = False
     outliers: Outliers | None = None  # the stress variant of random weights (--outlier-channels)
     text_tower: bool = False  # also write the text tower, its vocabulary and the prompt recipe (--text-tower)
+    defect_types: dict[str, tuple[str, ...]] | None = None  # class -> its defect type names (--defect-types)
 
 
 def _visual_reusable(opts: ExportOptions, loaded: LoadedModel, manifest: Manifest | None) -> bool:
@@ -154,7 +155,8 @@ def _write_tta_graph(opts: ExportOptions, staging: Path) -> ModelEntry:
 def _recipe_from_metadata(name: str, meta: dict) -> PromptRecipe | None:
     """The recipe a class was baked with, from the prompt weights' metadata (None if incomplete)."""
     try:
-        return PromptRecipe(name, str(meta["class_phrase"]), str(meta["domain"]), tuple(meta["domain_phrases"]))
+        return PromptRecipe(name, str(meta["class_phrase"]), str(meta["domain"]), tuple(meta["domain_phrases"]),
+                            tuple(str(t) for t in meta.get("defect_types", ())))
     except (KeyError, TypeError):
         return None
 
@@ -181,9 +183,10 @@ def _plan_classes(opts: ExportOptions, old: PromptBank | None, text_changed: boo
             encode[name] = recipe
             del kept[name]
     for name in opts.classes:
-        recipe = PromptRecipe.for_class(name, opts.domains.get(name))
+        recipe = PromptRecipe.for_class(name, opts.domains.get(name), defect_types=(opts.defect_types or {}).get(name, ()))
         stored = _recipe_from_metadata(name, kept[name].recipe) if name in kept else None
-        if stored is not None and (stored.phrase, stored.domain_phrases) == (recipe.phrase, recipe.domain_phrases):
+        if stored is not None and (stored.phrase, stored.domain_phrases, stored.defect_types) == \
+                (recipe.phrase, recipe.domain_phrases, recipe.defect_types):
             continue  # baked already with the same sentences
         kept.pop(name, None)
         encode[name] = recipe
@@ -196,14 +199,17 @@ def _encode_classes(loaded: LoadedModel, recipes: dict[str, PromptRecipe], text_
     encoded = {}
     for name, recipe in recipes.items():
         normal, abnormal = recipe.sentences()
-        with tqdm(total=len(normal) + len(abnormal), desc=f"prompts {name}", unit="sent", file=sys.stderr,
-                  disable=None) as bar:
+        typed = recipe.type_sentences()
+        with tqdm(total=len(normal) + len(abnormal) + sum(map(len, typed)), desc=f"prompts {name}", unit="sent",
+                  file=sys.stderr, disable=None) as bar:
             raw_normal = encode_sentences(loaded.encode_text, normal, text_batch, bar)
             raw_abnormal = encode_sentences(loaded.encode_text, abnormal, text_batch, bar)
+            raw_types = [encode_sentences(loaded.encode_text, sentences, text_batch, bar) for sentences in typed]
         text, prompts = class_embeddings(raw_normal, raw_abnormal)
         meta = recipe.as_metadata()
         meta["sentences_per_state"] = len(normal)
-        encoded[name] = ClassPrompts(name, text, prompts, meta)
+        encoded[name] = ClassPrompts(name, text, prompts, meta, recipe.defect_types,
+                                     type_embeddings(raw_types) if raw_types else None)
     return encoded
 
 

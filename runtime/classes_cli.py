@@ -61,19 +61,27 @@ def classes_group():
               help="object, texture, or your own phrases separated by '|' (e.g. 'x-ray image|radiograph'): what "
                    "replaces 'photo' in the templates. Default: texture for MVTec's textures, object otherwise.")
 @click.option("--phrase", default=None, help="The words the sentences use for the part (default: NAME).")
+@click.option("--defect-types", default=None, metavar="A,B,C",
+              help="Kinds of defect (e.g. scratch,dent,stain): each is encoded as 'a photo of a NAME with TYPE' through "
+                   "the class's templates, and every region above the pixel threshold is named after the closest one.")
 @click.option("--replace", is_flag=True, help="Encode a class the folder has again (its thresholds become stale).")
 @click.option("--backend", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "tensorrt"]),
               help="onnxruntime execution provider of the text model.")
 @threads_option()
 @verbose_option
-def add_command(name, artifacts_dir, domain, phrase, replace, backend, threads, verbose):
+def add_command(name, artifacts_dir, domain, phrase, defect_types, replace, backend, threads, verbose):
     """Encode a new class NAME into the folder's prompt weights."""
     from .errors import AnoclipError
     from .plumbing import ensure_writable_folder
+    from .prompts import parse_defect_types
     from .text_encoder import TextEncoder, with_class
 
     configure_logging(verbose)
     folder = Path(artifacts_dir)
+    try:
+        parse_defect_types(defect_types)
+    except ValueError as exc:
+        raise AnoclipError(f"--defect-types: {exc}") from None
     encoder = TextEncoder(folder, backend=backend, threads=threads)
     _check_name(name, encoder)
     if name in encoder.bank.classes and not replace:
@@ -81,13 +89,15 @@ def add_command(name, artifacts_dir, domain, phrase, replace, backend, threads, 
     ensure_writable_folder(folder, "--artifacts")
     started = time.perf_counter()
     try:
-        prompts = encoder.class_prompts(name, domain, phrase)
+        prompts = encoder.class_prompts(name, domain, phrase, parse_defect_types(defect_types))
     except ValueError as exc:  # the tokenizer refuses text it cannot match open_clip on
         raise AnoclipError(f"class {name!r}: {exc}") from None
     file = _store(folder, with_class(encoder.bank, prompts), given_command(click.get_current_context(), "anoclip",
                                                                          "classes", "add"))
     sentences = 2 * int(prompts.recipe["sentences_per_state"])
-    click.echo(f"{name}: {sentences} sentences encoded in {time.perf_counter() - started:.1f} s; stored in "
+    types = f" and {len(prompts.defect_types)} defect types ({', '.join(prompts.defect_types)})" \
+        if prompts.defect_types else ""
+    click.echo(f"{name}: {sentences} sentences{types} encoded in {time.perf_counter() - started:.1f} s; stored in "
                f"{folder / file}", err=True)
 
 
@@ -139,7 +149,7 @@ def list_command(artifacts_dir, as_json):
         memory = artifacts.memory.classes.get(name) if artifacts.memory is not None else None
         rows.append({
             "class": name, "phrase": cls.recipe.get("class_phrase", name), "domain": cls.recipe.get("domain", ""),
-            "sentences": 2 * int(cls.recipe.get("sentences_per_state", 0)),
+            "sentences": 2 * int(cls.recipe.get("sentences_per_state", 0)), "defect_types": list(cls.defect_types),
             "thresholds": None if record is None else ("stale" if record.text_features_sha256 != sha else "calibrated"),
             "memory_rows": None if memory is None else int(memory.patches.shape[0]),
             "fused": None if fused is None else ("in the graph" if baked.get(name) == sha else
@@ -149,7 +159,8 @@ def list_command(artifacts_dir, as_json):
         click.echo(json.dumps(rows, indent=2))
         return
     for row in rows:
-        click.echo(f"{row['class']}: phrase {row['phrase']!r}, domain {row['domain']}, {row['sentences']} sentences; "
+        types = f", defect types {', '.join(row['defect_types'])}" if row["defect_types"] else ""
+        click.echo(f"{row['class']}: phrase {row['phrase']!r}, domain {row['domain']}, {row['sentences']} sentences{types}; "
                    f"thresholds {row['thresholds'] or 'none'}, memory "
                    f"{str(row['memory_rows']) + ' rows' if row['memory_rows'] else 'none'}, fused graph "
                    f"{row['fused'] or 'none'}")

@@ -53,7 +53,11 @@ class Result:
     anomalous: ``score > threshold.image``; None without an image threshold.
     regions: the connected regions of ``anomaly_map_full`` above ``threshold.pixel``, as
         ``{"box": [x, y, width, height], "area": pixels}`` in image pixels, largest first ([]
-        without a pixel threshold).
+        without a pixel threshold). For a class with defect types (``--defect-types``) each also
+        holds ``type`` (the type whose text embedding is closest by cosine to the mean raw patch
+        token of the grid cells the region covers, through the tile layout for tiled frames) and
+        ``type_similarity`` (that cosine); not when the model returned no patch tokens (a fused
+        model made without ``--patch-embeds``).
     branches: the branches that made score and maps: ``("zero_shot",)``, ``("zero_shot", "memory")``
         (combined with the memory's weight, see ``memory.py``) or ``("memory",)``.
     zero_shot_score, memory_score: each branch's image score when the memory ran (None otherwise).
@@ -330,7 +334,7 @@ class Detector:
                     result.patch_tokens, result.layout = outputs["patch_embeds"][tiles].copy(), layout
                     if result.zero_shot_score is None:
                         result.zero_shot_score = result.score
-                self.decide(result)
+                self.decide(result, outputs.get("patch_embeds", None), tiles, layout)
                 per_class[name] = result
             first = per_class[classes[0]]
             if len(classes) > 1:
@@ -339,13 +343,29 @@ class Detector:
             start = tiles.stop
         return results
 
-    def decide(self, result: Result) -> None:
+    def decide(self, result: Result, patch_tokens: np.ndarray | None = None, tiles: slice = slice(None),
+               layout: TileLayout | None = None) -> None:
         """Set ``result``'s threshold, anomalous and regions: the decision of the thresholds in force
-        for its class (nothing to decide, and nothing said, without a thresholds file or override)."""
+        for its class (nothing to decide, and nothing said, without a thresholds file or override).
+
+        With the raw patch tokens the map was made from (``patch_tokens[tiles]``, [tiles, M, D]) and
+        the tiles' ``layout``, each region of a class with defect types gets ``type`` and
+        ``type_similarity`` (``region_types.py``). Without tokens (a fused model's run that returns
+        none: made without ``--patch-embeds``) regions are not typed.
+        """
         if self.thresholds is None and self.threshold_override == (None, None):
             return
         result.threshold = self.threshold_for(result.cls)
         result.anomalous, result.regions = decide(result.score, result.anomaly_map_full, result.threshold)
+        if not result.regions or patch_tokens is None or layout is None:
+            return
+        prompts = self.artifacts.prompts.classes.get(result.cls)
+        if prompts is None or prompts.type_features is None:
+            return
+        from .region_types import type_regions
+
+        type_regions(result.regions, result.anomaly_map_full, result.threshold.pixel, patch_tokens[tiles], self.grid,
+                     layout, prompts.defect_types, prompts.type_features)
 
     def memory_in_graph(self, cls: str) -> bool:
         """Whether the fused model baked ``cls``'s memory of normal frames as this detector's memory
@@ -433,7 +453,7 @@ class Detector:
         else:
             result = self._with_memory(zero_shot_score, probs, memory_scores(patch_tokens, memory_rows), layout, size,
                                        cls)
-        self.decide(result)
+        self.decide(result, patch_tokens, slice(None), layout)
         return result
 
     def use_calibration(self, memory=None, thresholds: ThresholdTable | None = None) -> None:

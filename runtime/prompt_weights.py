@@ -1,6 +1,8 @@
 """The prompt weights file (safetensors): per class t+/t- ``text_features/<class>`` [2, D] and the
-prompt ensemble T ``prompt_features/<class>`` [2N, D], with the recipe of each class and what the
-embeddings belong to in the metadata. Reading checks every tensor: shapes, finite values, unit rows."""
+prompt ensemble T ``prompt_features/<class>`` [2N, D], for a class with defect types their
+embeddings ``defect_types/<class>`` [K, D] (names in its recipe's ``defect_types``), with the recipe
+of each class and what the embeddings belong to in the metadata. Reading checks every tensor:
+shapes, finite values, unit rows."""
 
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ class ClassPrompts:
     text_features: np.ndarray  # [2, D]: rows t+ (normal), t- (abnormal), each unit norm
     prompt_features: np.ndarray  # [2N, D]: T, normal rows first, each unit norm
     recipe: dict[str, Any] = field(default_factory=dict)
+    defect_types: tuple[str, ...] = ()  # names of the rows of type_features
+    type_features: np.ndarray | None = None  # [K, D] unit rows, one per defect type; None without types
 
 
 @dataclass
@@ -60,7 +64,10 @@ def write_prompts(path: str | os.PathLike, bank: PromptBank, extra_metadata: dic
         check_class_prompts(cls, bank.embed_dim, "the prompts to write")
         tensors[f"text_features/{name}"] = np.ascontiguousarray(cls.text_features, dtype=np.float32)
         tensors[f"prompt_features/{name}"] = np.ascontiguousarray(cls.prompt_features, dtype=np.float32)
-        recipes[name] = cls.recipe
+        recipes[name] = {k: v for k, v in cls.recipe.items() if k != "defect_types"}
+        if cls.type_features is not None:
+            tensors[f"defect_types/{name}"] = np.ascontiguousarray(cls.type_features, dtype=np.float32)
+            recipes[name]["defect_types"] = list(cls.defect_types)
     metadata = dict(bank.metadata)
     metadata.update(extra_metadata or {})
     metadata.update(
@@ -82,12 +89,22 @@ UNIT_NORM_TOL = 1e-3
 
 
 def check_class_prompts(cls: ClassPrompts, embed_dim: int, where: str) -> None:
-    """Shapes [2, D] and [2N, D], float, finite, rows of unit norm; an ArtifactError otherwise."""
-    for label, array, rows in (("text_features", cls.text_features, "2"), ("prompt_features", cls.prompt_features, "2N")):
+    """Shapes [2, D], [2N, D] and [K, D] (K defect types, when there are), float, finite, rows of
+    unit norm; an ArtifactError otherwise."""
+    fix = "re-export the prompts with `anoclip-export`"
+    arrays = [("text_features", cls.text_features, "2"), ("prompt_features", cls.prompt_features, "2N")]
+    if cls.type_features is not None or cls.defect_types:
+        names = cls.defect_types
+        count = getattr(cls.type_features, "shape", (0,))[0]
+        if cls.type_features is None or not names or not all(isinstance(n, str) and n.strip() for n in names) \
+                or count != len(names) or len(set(names)) != len(names):
+            raise ArtifactError(f"{where}: defect_types/{cls.name} holds {count} rows for the defect type names "
+                                f"{list(names)}; {fix}")
+        arrays.append(("defect_types", cls.type_features, "K"))
+    for label, array, rows in arrays:
         shape = getattr(array, "shape", ())
-        fix = "re-export the prompts with `anoclip-export`"
         if len(shape) != 2 or shape[1] != embed_dim or shape[0] == 0 or (rows == "2" and shape[0] != 2) \
-                or shape[0] % 2:
+                or (rows == "2N" and shape[0] % 2):
             raise ArtifactError(f"{where}: {label}/{cls.name} has shape {tuple(shape)}, not [{rows}, {embed_dim}]; {fix}")
         if not np.issubdtype(array.dtype, np.floating):
             raise ArtifactError(f"{where}: {label}/{cls.name} is {array.dtype}, not float; {fix}")
@@ -127,16 +144,22 @@ def read_prompts(path: str | os.PathLike) -> PromptBank:
     classes = {}
     for key, value in tensors.items():
         kind, _, name = key.partition("/")
-        if kind not in ("text_features", "prompt_features") or not name:
+        if kind not in ("text_features", "prompt_features", "defect_types") or not name:
             raise ArtifactError(f"{path} holds an unexpected tensor {key!r}; {fix}")
         if kind != "text_features":
             continue
         prompt_key = f"prompt_features/{name}"
         if prompt_key not in tensors:
             raise ArtifactError(f"{path} has text_features/{name} but no {prompt_key}; {fix}")
-        classes[name] = ClassPrompts(name, value, tensors[prompt_key], recipes.get(name, {}))
+        recipe = recipes.get(name, {})
+        names = recipe.get("defect_types", [])
+        if not isinstance(names, list):
+            raise ArtifactError(f"{path} has malformed defect_types of {name} in its metadata; {fix}")
+        types = tensors.get(f"defect_types/{name}")
+        classes[name] = ClassPrompts(name, value, tensors[prompt_key], recipe, tuple(names), types)
         check_class_prompts(classes[name], embed_dim, str(path))
-    orphans = sorted(k for k in tensors if k.startswith("prompt_features/") and f"text_features/{k[16:]}" not in tensors)
+    orphans = sorted(k for k in tensors if k.partition("/")[0] in ("prompt_features", "defect_types")
+                     and f"text_features/{k.partition('/')[2]}" not in tensors)
     if orphans:
         raise ArtifactError(f"{path} has {orphans[0]} but no text_features for it; {fix}")
     return PromptBank(

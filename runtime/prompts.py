@@ -114,17 +114,19 @@ class PromptRecipe:
     phrase: str
     domain: str
     domain_phrases: tuple[str, ...]
+    defect_types: tuple[str, ...] = ()  # the kinds of defect a region is named after (none: regions are not typed)
 
     @classmethod
     def for_class(cls, name: str, domain: str | Sequence[str] | None = None, phrase: str | None = None,
-                  tables: PromptTables = PromptTables()) -> "PromptRecipe":
+                  tables: PromptTables = PromptTables(), defect_types: Sequence[str] = ()) -> "PromptRecipe":
         domain = default_domain(name) if domain is None else domain
         named = dict(tables.domains)
         if isinstance(domain, str) and domain in named:
             label, phrases = domain, named[domain]
         else:
             label, phrases = "custom", domain_phrases(domain)
-        return cls(name, phrase or dict(tables.class_phrases).get(name, name), label, tuple(phrases))
+        return cls(name, phrase or dict(tables.class_phrases).get(name, name), label, tuple(phrases),
+                   parse_defect_types(defect_types))
 
     def sentences(self, tables: PromptTables = PromptTables()) -> tuple[list[str], list[str]]:
         """(normal, abnormal) sentences, template-major, no trailing period."""
@@ -133,8 +135,17 @@ class PromptRecipe:
         abnormal = [t.format(s.format(self.phrase)) for t in templates for s in tables.abnormal_states]
         return normal, abnormal
 
+    def type_sentences(self, tables: PromptTables = PromptTables()) -> list[list[str]]:
+        """Per defect type, its sentences: ``template.format(f"{phrase} with {type}")`` for every
+        template of the class's ensemble (the templates its t+/t- are made with)."""
+        templates = domain_templates(self.domain_phrases, tables.base_templates)
+        return [[t.format(f"{self.phrase} with {kind}") for t in templates] for kind in self.defect_types]
+
     def as_metadata(self, tables: PromptTables = PromptTables()) -> dict:
-        return {
+        types = {"defect_types": list(self.defect_types),
+                 "defect_type_sentence": "template.format(f'{class_phrase} with {type}') over the templates, "
+                                         "embeddings averaged, then unit norm"} if self.defect_types else {}
+        return {**types, 
             "class_phrase": self.phrase,
             "domain": self.domain,
             "domain_phrases": list(self.domain_phrases),
@@ -151,6 +162,25 @@ def class_embeddings(raw_normal: np.ndarray, raw_abnormal: np.ndarray) -> tuple[
     text = np.stack([l2_normalise(raw_normal.mean(axis=0)), l2_normalise(raw_abnormal.mean(axis=0))])
     prompts = l2_normalise(np.concatenate([raw_normal, raw_abnormal]))
     return text.astype(np.float32), prompts.astype(np.float32)
+
+
+def parse_defect_types(value: str | Sequence[str] | None) -> tuple[str, ...]:
+    """Defect type names from ``scratch,dent`` or a sequence: stripped, in order, each once; a
+    ValueError for an empty name or one holding a comma."""
+    if not value:
+        return ()
+    names = [v.strip() for v in (value.split(",") if isinstance(value, str) else value)]
+    if any(not n for n in names):
+        raise ValueError(f"defect types {value!r} hold an empty name; write them as scratch,dent,stain")
+    if any("," in n for n in names):
+        raise ValueError(f"defect type names {names!r} hold a comma")
+    return tuple(dict.fromkeys(names))
+
+
+def type_embeddings(raw: Sequence[np.ndarray]) -> np.ndarray:
+    """Per defect type its raw sentence embeddings [T, D] -> unit rows [K, D] (mean over the
+    templates, then L2-normalised, as t+/t- are made)."""
+    return np.stack([l2_normalise(np.asarray(r, np.float64).mean(axis=0)) for r in raw]).astype(np.float32)
 
 
 def encode_sentences(encode: Callable[[list[str]], np.ndarray], sentences: list[str], batch_size: int = 128,

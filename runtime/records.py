@@ -36,7 +36,7 @@ def make_record(result: Any, source: str, *, frame: int = 0, captured: float | N
         "threshold": None if threshold is None else threshold.image,
         "pixel_threshold": None if threshold is None else threshold.pixel,
         "threshold_origin": None if threshold is None else threshold.origin,
-        "regions": [{"box": list(r["box"]), "area": int(r["area"])} for r in result.regions],
+        "regions": [region_record(r) for r in result.regions],
         "map_max": float(amap.max()), "map_mean": float(amap.mean()),
         "image_size": [int(v) for v in result.image_size], "tiles": int(result.tiles),
         "timings_ms": {k: round(float(v), 3) for k, v in timings.items()},
@@ -50,6 +50,14 @@ def make_record(result: Any, source: str, *, frame: int = 0, captured: float | N
     if files:
         record.update(files)
     return record
+
+
+def region_record(region: dict[str, Any]) -> dict[str, Any]:
+    """A region as records carry it: box and area, and its defect type with its cosine when it was typed."""
+    out = {"box": [int(v) for v in region["box"]], "area": int(region["area"])}
+    if "type" in region:
+        out["type"], out["type_similarity"] = str(region["type"]), round(float(region["type_similarity"]), 6)
+    return out
 
 
 def make_error_record(cls: str, source: str, error: str, *, frame: int = 0, captured: float | None = None,

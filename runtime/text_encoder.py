@@ -16,7 +16,7 @@ from .artifacts import read_manifest, text_tower_files, verify_files
 from .errors import AnoclipError, ArtifactError
 from .integrity import resolve_inside
 from .prompt_weights import ClassPrompts, PromptBank, read_prompts
-from .prompts import PromptRecipe, PromptTables, class_embeddings
+from .prompts import PromptRecipe, PromptTables, class_embeddings, type_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -65,19 +65,22 @@ class TextEncoder:
                 progress.update(len(chunk))
         return np.concatenate(parts).astype(np.float64)
 
-    def class_prompts(self, name: str, domain=None, phrase: str | None = None) -> ClassPrompts:
-        """``name``'s baked prompts, encoded here from the recipe's sentences."""
+    def class_prompts(self, name: str, domain=None, phrase: str | None = None, defect_types=()) -> ClassPrompts:
+        """``name``'s baked prompts (and its defect types' embeddings), encoded here from the recipe's sentences."""
         from tqdm import tqdm
 
-        recipe = PromptRecipe.for_class(name, domain, phrase, tables=self.tables)
+        recipe = PromptRecipe.for_class(name, domain, phrase, tables=self.tables, defect_types=defect_types)
         normal, abnormal = recipe.sentences(self.tables)
-        with tqdm(total=len(normal) + len(abnormal), desc=f"prompts {name}", unit="sent", file=sys.stderr,
-                  disable=None) as bar:
+        typed = recipe.type_sentences(self.tables)
+        with tqdm(total=len(normal) + len(abnormal) + sum(map(len, typed)), desc=f"prompts {name}", unit="sent",
+                  file=sys.stderr, disable=None) as bar:
             raw_normal, raw_abnormal = self.encode(normal, bar), self.encode(abnormal, bar)
+            raw_types = [self.encode(sentences, bar) for sentences in typed]
         text, prompts = class_embeddings(raw_normal, raw_abnormal)
         meta = recipe.as_metadata(self.tables)
         meta["sentences_per_state"] = len(normal)
-        return ClassPrompts(name, text, prompts, meta)
+        return ClassPrompts(name, text, prompts, meta, recipe.defect_types,
+                            type_embeddings(raw_types) if raw_types else None)
 
 
 def with_class(bank: PromptBank, prompts: ClassPrompts | None, remove: str | None = None) -> PromptBank:

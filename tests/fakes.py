@@ -5,7 +5,9 @@ mix of the class's normal and abnormal text embeddings (t+, t-), weighted by the
 patch's pixels that are saturated red (the synthetic defect). Scores and maps then go through the
 Detector's real scoring: a frame with a red square scores higher than a frame without, and its map
 is high exactly under the square. A little texture-dependent noise keeps normal scores spread, as
-real ones are, so that quantiles of normal frames are not all one number.
+real ones are, so that quantiles of normal frames are not all one number. ``type_token`` (a unit
+vector, e.g. one defect type's text embedding made orthogonal to the scoring direction) is added
+to each patch token in proportion to its red share: the defect's tokens then point towards it.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class RedDefectBackend:
         self.mean = np.asarray(mean, np.float32).reshape(1, 3, 1, 1)
         self.std = np.asarray(std, np.float32).reshape(1, 3, 1, 1)
         self.noise = noise
+        self.type_token: np.ndarray | None = None
 
     def describe(self) -> str:
         return "red-defect test backend"
@@ -47,6 +50,8 @@ class RedDefectBackend:
         texture = rgb[:, 1][:, : h // gh * gh, : w // gw * gw].reshape(b, gh, h // gh, gw, w // gw).mean(axis=(2, 4))
         weight = np.clip(share + self.noise * texture, 0.0, 1.0).reshape(b, gh * gw, 1)
         patches = (1.0 - weight) * self.normal + weight * self.abnormal + self.side
+        if self.type_token is not None:
+            patches = patches + share.reshape(b, gh * gw, 1) * self.type_token.astype(np.float32)
         patches /= np.linalg.norm(patches, axis=-1, keepdims=True)
         image_weight = weight.max(axis=1)  # [B, 1]
         image = (1.0 - image_weight) * self.normal + image_weight * self.abnormal + self.side

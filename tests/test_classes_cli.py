@@ -36,7 +36,8 @@ def exported_screw(export_cli, tmp_path_factory) -> Path:
     """The same weights with screw and a custom-domain class encoded by the export (PyTorch)."""
     out = tmp_path_factory.mktemp("text") / "b"
     result = export_cli(["--model-config", str(TINY_CONFIG), "--pretrained", "none", "--classes",
-                         "bottle,screw,weld", "--domain", "weld=x-ray image|radiograph", "--out", str(out)])
+                         "bottle,screw,weld", "--domain", "weld=x-ray image|radiograph", "--defect-types",
+                         "weld=crack,pore", "--out", str(out)])
     assert result.exit_code == 0, result.output
     return out
 
@@ -50,7 +51,7 @@ def test_classes_add_without_torch_equals_the_export(with_text, exported_screw, 
         import sys
         from anoclip.runtime.cli import main
         folder = sys.argv[1]
-        for args in (["screw"], ["weld", "--domain", "x-ray image|radiograph"]):
+        for args in (["screw"], ["weld", "--domain", "x-ray image|radiograph", "--defect-types", "crack,pore"]):
             sys.argv = ["anoclip", "classes", "add", *args, "--artifacts", folder]
             try:
                 main()
@@ -67,8 +68,12 @@ def test_classes_add_without_torch_equals_the_export(with_text, exported_screw, 
         for array in ("text_features", "prompt_features"):
             worst = max(worst, float(np.abs(getattr(mine[name], array) - getattr(theirs[name], array)).max()))
         assert mine[name].recipe["domain_phrases"] == theirs[name].recipe["domain_phrases"]
-    print(f"classes add (onnxruntime, no torch) against anoclip-export (PyTorch): max abs diff {worst:.2e}")
-    assert worst <= TOL
+    assert mine["weld"].defect_types == theirs["weld"].defect_types == ("crack", "pore")
+    assert mine["screw"].type_features is None and theirs["screw"].type_features is None
+    types = float(np.abs(mine["weld"].type_features - theirs["weld"].type_features).max())
+    print(f"classes add (onnxruntime, no torch) against anoclip-export (PyTorch): max abs diff {worst:.2e}, "
+          f"defect types {types:.2e}")
+    assert worst <= TOL and types <= TOL
     assert np.array_equal(mine["bottle"].text_features, read_prompts(artifact_file(with_text)).classes["bottle"]
                           .text_features)  # the other class as it was
 
@@ -88,6 +93,40 @@ def test_list_and_remove(with_text, tmp_path):
     assert set(read_prompts(artifact_file(folder)).classes) == {"bottle"}
     history = read_manifest(folder).history
     assert "anoclip classes add screw" in history[-2] and "anoclip classes remove screw" in history[-1]
+
+
+def test_defect_types_replace_and_list(with_text, tmp_path):
+    import shutil
+
+    folder = Path(shutil.copytree(with_text, tmp_path / "a"))
+    before = read_prompts(artifact_file(folder)).classes["bottle"]
+    proc = run_cli("classes", "add", "bottle", "--defect-types", "scratch, dent,stain", "--replace",
+                   "--artifacts", str(folder))
+    assert proc.returncode == 0, proc.stderr
+    assert "3 defect types (scratch, dent, stain)" in proc.stderr
+    bottle = read_prompts(artifact_file(folder)).classes["bottle"]
+    assert bottle.defect_types == ("scratch", "dent", "stain") and bottle.type_features.shape[0] == 3
+    assert np.allclose(np.linalg.norm(bottle.type_features, axis=1), 1.0, atol=1e-6)
+    assert len({tuple(np.round(r, 6)) for r in bottle.type_features}) == 3  # one embedding per type
+    assert np.allclose(bottle.text_features, before.text_features, atol=TOL)  # the prompts as they were
+    proc = run_cli("classes", "list", "--artifacts", str(folder), "--json")
+    assert json.loads(proc.stdout)[0]["defect_types"] == ["scratch", "dent", "stain"]
+    proc = run_cli("classes", "list", "--artifacts", str(folder))
+    assert "defect types scratch, dent, stain" in proc.stdout
+    assert run_cli("classes", "add", "screw", "--artifacts", str(folder)).returncode == 0  # the types are kept
+    assert read_prompts(artifact_file(folder)).classes["bottle"].defect_types == ("scratch", "dent", "stain")
+    import cv2  # predict names the regions: a pixel threshold of 0 makes the whole image one region
+
+    cv2.imwrite(str(tmp_path / "part.png"), np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    proc = run_cli("predict", "--artifacts", str(folder), "--backend", "cpu", "--class", "bottle", "--out",
+                   str(tmp_path / "out"), "--pixel-threshold", "0", str(tmp_path / "part.png"))
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((tmp_path / "out" / "results.jsonl").read_text())
+    assert [r["box"] for r in record["regions"]] == [[0, 0, 64, 64]] and record["regions"][0]["type"] in \
+        ("scratch", "dent", "stain") and -1 <= record["regions"][0]["type_similarity"] <= 1
+    assert Path(record["overlay"]).is_file()
+    proc = run_cli("classes", "add", "nut", "--defect-types", "a,,b", "--artifacts", str(folder))
+    assert proc.returncode == 1 and "empty name" in one_error_line(proc.stderr)
 
 
 def test_bad_input_is_one_line_and_writes_nothing(with_text, export_cli, tmp_path):

@@ -18,7 +18,8 @@ def annotate(event: FrameEvent, fps: float | None = None, alpha: float = 0.4) ->
 
     rgb = overlay(np.ascontiguousarray(event.frame[:, :, ::-1]), event.anomaly_map, alpha)
     if event.pixel_threshold is not None:
-        rgb = draw_regions(rgb, event.anomaly_map, event.pixel_threshold)
+        rgb = draw_regions(rgb, event.anomaly_map, event.pixel_threshold, regions=event.regions,
+                           regions_size=event.anomaly_map.shape[:2])
     image = np.ascontiguousarray(rgb[:, :, ::-1])
     if event.anomalous is None:
         verdict, colour = "no threshold", UNDECIDED_BGR

@@ -214,7 +214,8 @@ class PredictionFiles(Sink):
             overlay_path, map_path = self.folder / f"{stem}_overlay.png", self.folder / f"{stem}_map.npy"
             drawn = overlay(np.ascontiguousarray(image), amap, self.alpha)
             if one.threshold is not None and one.threshold.pixel is not None:
-                drawn = draw_regions(drawn, amap, one.threshold.pixel)
+                drawn = draw_regions(drawn, amap, one.threshold.pixel, regions=one.regions,
+                                     regions_size=one.anomaly_map_full.shape[:2])
             atomic_write_bytes(overlay_path, encode_png(drawn))
             atomic_write_bytes(map_path, npy_bytes(amap))
             event.files[name] = {"overlay": str(overlay_path), "map": str(map_path), "map_shape": list(amap.shape)}
