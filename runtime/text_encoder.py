@@ -72,6 +72,7 @@ class TextEncoder:
         recipe = PromptRecipe.for_class(name, domain, phrase, tables=self.tables, defect_types=defect_types)
         normal, abnormal = recipe.sentences(self.tables)
         typed = recipe.type_sentences(self.tables)
+        self.check_sentences(recipe.phrase, normal + abnormal + [t for group in typed for t in group])
         with tqdm(total=len(normal) + len(abnormal) + sum(map(len, typed)), desc=f"prompts {name}", unit="sent",
                   file=sys.stderr, disable=None) as bar:
             raw_normal, raw_abnormal = self.encode(normal, bar), self.encode(abnormal, bar)
@@ -81,6 +82,19 @@ class TextEncoder:
         meta["sentences_per_state"] = len(normal)
         return ClassPrompts(name, text, prompts, meta, recipe.defect_types,
                             type_embeddings(raw_types) if raw_types else None)
+
+
+    def check_sentences(self, phrase: str, sentences: list[str]) -> None:
+        """A ValueError when the phrase tokenizes to nothing or a sentence would be cut at the context
+        length (the export would encode a different sentence than the recipe says)."""
+        if not self.tokenizer.encode(phrase):
+            raise ValueError(f"{phrase!r} tokenizes to nothing (only characters the tokenizer drops); give a name "
+                             "or --phrase with letters or digits")
+        room = self.tokenizer.context_length - 2  # the start and end ids
+        longest = max(sentences, key=lambda text: len(self.tokenizer.encode(text)))
+        if len(self.tokenizer.encode(longest)) > room:
+            raise ValueError(f"the sentence {longest!r} takes {len(self.tokenizer.encode(longest))} tokens, more than "
+                             f"the text model's {room}: it would be cut; give a shorter --phrase")
 
 
 def with_class(bank: PromptBank, prompts: ClassPrompts | None, remove: str | None = None) -> PromptBank:

@@ -134,8 +134,10 @@ def test_bad_input_is_one_line_and_writes_nothing(with_text, export_cli, tmp_pat
 
     folder = Path(shutil.copytree(with_text, tmp_path / "a"))
     before = read_manifest(folder)
+    long_phrase = " ".join(["verylongword"] * 30)
     for args, said in (([" "], "empty"), (["x" * 65], "more than 64"), (["a/b"], "'/'"),
-                       (["bottle"], "--replace encodes it again")):
+                       (["bottle"], "--replace encodes it again"), (["&nbsp;"], "tokenizes to nothing"),
+                       (["x", "--phrase", long_phrase], "it would be cut")):
         proc = run_cli("classes", "add", *args, "--artifacts", str(folder))
         assert proc.returncode == 1 and said in one_error_line(proc.stderr), (args, proc.stderr)
     proc = run_cli("classes", "remove", "nope", "--artifacts", str(folder))
