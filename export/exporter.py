@@ -208,6 +208,7 @@ def _encode_classes(loaded: LoadedModel, recipes: dict[str, PromptRecipe], text_
         text, prompts = class_embeddings(raw_normal, raw_abnormal)
         meta = recipe.as_metadata()
         meta["sentences_per_state"] = len(normal)
+        meta["encoded_by"] = "anoclip-export (PyTorch)"
         encoded[name] = ClassPrompts(name, text, prompts, meta, recipe.defect_types,
                                      type_embeddings(raw_types) if raw_types else None)
     return encoded

@@ -65,8 +65,8 @@ def classes_group():
               help="Kinds of defect (e.g. scratch,dent,stain): each is encoded as 'a photo of a NAME with TYPE' through "
                    "the class's templates, and every region above the pixel threshold is named after the closest one.")
 @click.option("--replace", is_flag=True, help="Encode a class the folder has again (its thresholds become stale).")
-@click.option("--backend", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "tensorrt"]),
-              help="onnxruntime execution provider of the text model.")
+@click.option("--backend", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "tensorrt", "openvino"]),
+              help="What runs the text model: onnxruntime's CPU, CUDA or TensorRT provider, or OpenVINO on the CPU.")
 @threads_option()
 @verbose_option
 def add_command(name, artifacts_dir, domain, phrase, defect_types, replace, backend, threads, verbose):
@@ -149,7 +149,8 @@ def list_command(artifacts_dir, as_json):
         memory = artifacts.memory.classes.get(name) if artifacts.memory is not None else None
         rows.append({
             "class": name, "phrase": cls.recipe.get("class_phrase", name), "domain": cls.recipe.get("domain", ""),
-            "sentences": 2 * int(cls.recipe.get("sentences_per_state", 0)), "defect_types": list(cls.defect_types),
+            "sentences": 2 * int(cls.recipe.get("sentences_per_state", 0)),
+            "encoded_by": cls.recipe.get("encoded_by", "anoclip-export"), "created": cls.recipe.get("created"), "defect_types": list(cls.defect_types),
             "thresholds": None if record is None else ("stale" if record.text_features_sha256 != sha else "calibrated"),
             "memory_rows": None if memory is None else int(memory.patches.shape[0]),
             "fused": None if fused is None else ("in the graph" if baked.get(name) == sha else
@@ -160,7 +161,9 @@ def list_command(artifacts_dir, as_json):
         return
     for row in rows:
         types = f", defect types {', '.join(row['defect_types'])}" if row["defect_types"] else ""
-        click.echo(f"{row['class']}: phrase {row['phrase']!r}, domain {row['domain']}, {row['sentences']} sentences{types}; "
+        made = f" by {row['encoded_by']}" + (f" at {row['created']}" if row["created"] else "")
+        click.echo(f"{row['class']}: phrase {row['phrase']!r}, domain {row['domain']}, {row['sentences']} sentences{types}"
+                   f" (encoded{made}); "
                    f"thresholds {row['thresholds'] or 'none'}, memory "
                    f"{str(row['memory_rows']) + ' rows' if row['memory_rows'] else 'none'}, fused graph "
                    f"{row['fused'] or 'none'}")

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +29,6 @@ class TextEncoder:
 
     def __init__(self, folder: str | os.PathLike, backend: str = "cpu", threads: int | None = None,
                  verify: bool = True):
-        import onnxruntime as ort
-
-        from .backends.onnxruntime import resolve_providers
         from .tokenizer import Tokenizer
 
         self.folder = Path(folder)
@@ -44,23 +42,16 @@ class TextEncoder:
             raise ArtifactError(f"{files.recipe} is not a valid text recipe ({exc}); export the text tower anew with "
                                 f"`anoclip-export --text-tower --out {self.folder}`") from None
         self.tokenizer = Tokenizer(files.vocabulary, files.context_length)
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = int(threads)
-        requested = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
-                     "tensorrt": "TensorrtExecutionProvider"}.get(backend, backend)
-        providers = resolve_providers([requested], ort.get_available_providers())
-        try:
-            self.session = ort.InferenceSession(str(files.model), sess_options=options, providers=providers)
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise AnoclipError(f"onnxruntime cannot load {files.model}: {str(exc).splitlines()[0]}") from None
+        self.engine = "OpenVINO" if backend == "openvino" else f"onnxruntime {backend}"
+        self._run = _openvino_runner(files.model, threads) if backend == "openvino" else \
+            _onnxruntime_runner(files.model, backend, threads)
 
     def encode(self, sentences: list[str], progress=None) -> np.ndarray:
         """Raw text embeddings [N, D] (float64) of ``sentences``."""
         parts = []
         for start in range(0, len(sentences), BATCH):
             chunk = sentences[start:start + BATCH]
-            parts.append(self.session.run(None, {"token_ids": self.tokenizer(chunk)})[0])
+            parts.append(self._run(self.tokenizer(chunk)))
             if progress is not None:
                 progress.update(len(chunk))
         return np.concatenate(parts).astype(np.float64)
@@ -80,6 +71,8 @@ class TextEncoder:
         text, prompts = class_embeddings(raw_normal, raw_abnormal)
         meta = recipe.as_metadata(self.tables)
         meta["sentences_per_state"] = len(normal)
+        meta["encoded_by"] = f"anoclip classes add ({self.engine})"
+        meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         return ClassPrompts(name, text, prompts, meta, recipe.defect_types,
                             type_embeddings(raw_types) if raw_types else None)
 
@@ -103,3 +96,38 @@ def with_class(bank: PromptBank, prompts: ClassPrompts | None, remove: str | Non
     if prompts is not None:
         classes[prompts.name] = prompts
     return PromptBank(dict(sorted(classes.items())), bank.backbone, bank.pretrained, bank.embed_dim, dict(bank.metadata))
+
+
+def _onnxruntime_runner(model: Path, backend: str, threads: int | None):
+    """token ids -> text embeddings through onnxruntime with ``backend``'s execution provider (CPU behind it)."""
+    import onnxruntime as ort
+
+    from .backends.onnxruntime import resolve_providers
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    requested = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+                 "tensorrt": "TensorrtExecutionProvider"}.get(backend, backend)
+    try:
+        session = ort.InferenceSession(str(model), sess_options=options,
+                                       providers=resolve_providers([requested], ort.get_available_providers()))
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise AnoclipError(f"onnxruntime cannot load {model}: {str(exc).splitlines()[0]}") from None
+    return lambda tokens: session.run(None, {"token_ids": tokens})[0]
+
+
+def _openvino_runner(model: Path, threads: int | None):
+    """token ids -> text embeddings through OpenVINO on the CPU, in float32."""
+    from .backends.openvino import import_openvino
+
+    ov = import_openvino()
+    config: dict[str, object] = {"INFERENCE_PRECISION_HINT": "f32"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    try:
+        compiled = ov.Core().compile_model(str(model), "CPU", config)
+    except Exception as exc:  # openvino raises RuntimeError with multi-line messages
+        raise AnoclipError(f"OpenVINO cannot load {model}: {str(exc).strip().splitlines()[0]}") from None
+    output = compiled.outputs[0]
+    return lambda tokens: np.asarray(compiled({0: tokens})[output], dtype=np.float32)

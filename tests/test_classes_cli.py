@@ -150,3 +150,21 @@ def test_bad_input_is_one_line_and_writes_nothing(with_text, export_cli, tmp_pat
                        "--out", str(plain)]).exit_code == 0
     proc = run_cli("classes", "add", "screw", "--artifacts", str(plain))
     assert proc.returncode == 1 and "anoclip-export --text-tower --out" in one_error_line(proc.stderr)
+
+
+def test_classes_add_on_openvino_equals_the_export(with_text, exported_screw, tmp_path):
+    import shutil
+
+    pytest.importorskip("openvino", reason="the openvino text encoder needs OpenVINO (`pip install 'anoclip[openvino]'`)")
+    folder = Path(shutil.copytree(with_text, tmp_path / "a"))
+    proc = run_cli("classes", "add", "screw", "--backend", "openvino", "--artifacts", str(folder))
+    assert proc.returncode == 0, proc.stderr
+    mine, theirs = read_prompts(artifact_file(folder)).classes["screw"], read_prompts(artifact_file(exported_screw)).classes["screw"]
+    worst = max(float(np.abs(mine.text_features - theirs.text_features).max()),
+                float(np.abs(mine.prompt_features - theirs.prompt_features).max()))
+    print(f"classes add --backend openvino against anoclip-export (PyTorch): max abs diff {worst:.2e}")
+    assert worst <= TOL
+    assert mine.recipe["encoded_by"] == "anoclip classes add (OpenVINO)" and mine.recipe["created"]
+    rows = {r["class"]: r for r in json.loads(run_cli("classes", "list", "--artifacts", str(folder), "--json").stdout)}
+    assert rows["screw"]["encoded_by"] == "anoclip classes add (OpenVINO)"
+    assert rows["bottle"]["encoded_by"] == "anoclip-export (PyTorch)"
