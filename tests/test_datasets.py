@@ -197,3 +197,20 @@ def test_clip_shows_the_defect_from_its_frame(tmp_path: Path) -> None:
     assert changed == [0] * 8 + [1] * 4
     bad = CliRunner().invoke(D.main, ["clip", "--out", str(tmp_path / "line.gif")])
     assert bad.exit_code != 0 and "write the clip as one of" in bad.output
+
+
+def test_clips_with_other_variation_seeds_share_no_frame(tmp_path: Path) -> None:
+    """A normal clip to calibrate on and a clip to inspect: the same part, no frame in common."""
+    def clip(name, *args):
+        result = CliRunner().invoke(D.main, ["clip", "--out", str(tmp_path / name), "--frames", "10", "--size",
+                                             "96x64", *args])
+        assert result.exit_code == 0, result.output
+        return result.output, _clip_frames(tmp_path / name)
+
+    said, normal = clip("normal.avi", "--no-defect", "--variation-seed", "1")
+    assert "in no frame" in said
+    _, again = clip("again.avi", "--no-defect", "--variation-seed", "1")
+    _, other = clip("other.avi", "--defect-from", "99", "--variation-seed", "2")
+    assert all(np.array_equal(a, b) for a, b in zip(normal, again))  # the same seeds write the same clip
+    assert min(float(np.abs(a - b).mean()) for a, b in zip(normal, other)) > 1.0  # no frame shared
+    assert max(float(np.abs(a - b).mean()) for a, b in zip(normal, other)) < 10.0  # the same part

@@ -79,15 +79,20 @@ def make_command(layout: str, out: Path, classes: str | None, n_normal: int, n_a
 @click.option("--frames", type=click.IntRange(min=1), default=150, show_default=True, help="Length in frames.")
 @click.option("--defect-from", type=click.IntRange(min=0), default=100, show_default=True,
               help="First frame showing the defect (>= --frames: none does).")
+@click.option("--no-defect", is_flag=True, help="A clip of normal frames only (for calibrating).")
 @click.option("--defect", type=click.Choice(DEFECT_KINDS), default="scratch", show_default=True, help="Kind of defect.")
 @click.option("--size", default="320x240", show_default=True, type=FrameSize(), help="WIDTHxHEIGHT of the frames.")
 @click.option("--fps", type=click.FloatRange(min=1), default=25.0, show_default=True, help="Frame rate stored in the file.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed; the same seed writes the same clip.")
-def clip_command(out: Path, cls: str, frames: int, defect_from: int, defect: str, size: tuple[int, int], fps: float,
-                 seed: int) -> None:
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the part; the same seeds write the same clip.")
+@click.option("--variation-seed", type=int, default=None,
+              help="Give every frame its own lighting and sensor noise, drawn with this seed: clips of the same part "
+                   "with different variation seeds share no frame (calibrate on one, inspect another).")
+def clip_command(out: Path, cls: str, frames: int, defect_from: int, no_defect: bool, defect: str,
+                 size: tuple[int, int], fps: float, seed: int, variation_seed: int | None) -> None:
     """Write a synthetic inspection clip: a part jittering under the camera, defective from a known frame."""
+    defect_from = frames if no_defect else defect_from
     try:
-        make_clip(out, cls, frames, defect_from, size, fps, seed, defect)
+        make_clip(out, cls, frames, defect_from, size, fps, seed, defect, variation_seed)
     except (OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     shown = f"from frame {defect_from}" if defect_from < frames else "in no frame"

@@ -308,10 +308,14 @@ CLIP_FOURCC = {".avi": "MJPG", ".mp4": "mp4v", ".mkv": "MJPG"}
 
 
 def make_clip(path: str | Path, cls: str = "bottle", frames: int = 150, defect_from: int | None = 100,
-              size: tuple[int, int] = (320, 240), fps: float = 25.0, seed: int = 0, defect: str = "scratch") -> Path:
+              size: tuple[int, int] = (320, 240), fps: float = 25.0, seed: int = 0, defect: str = "scratch",
+              variation_seed: int | None = None) -> Path:
     """A short video of one synthetic part passing under a camera: the same normal image sliding
     a few pixels a frame, then, from frame ``defect_from`` on, the same image with a defect.
 
+    ``variation_seed``: every frame also gets its own lighting gain (+-4 %) and sensor noise (2 grey
+    levels) drawn with this seed, so that two clips of the same part (``seed``) with different
+    variation seeds share no frame (None: every frame exactly as the slide makes it).
     ``size`` is (width, height); ``.avi`` is written as MJPEG, ``.mp4`` as MPEG-4 part 2.
     """
     path = Path(path)
@@ -327,10 +331,16 @@ def make_clip(path: str | Path, cls: str = "bottle", frames: int = 150, defect_f
     if not writer.isOpened():
         raise OSError(f"could not write {path}: check the output folder is writable")
     try:
+        variation = np.random.default_rng(variation_seed) if variation_seed is not None else None
         for i in range(frames):
             image = damaged if defect_from is not None and i >= defect_from else clean
             shift = int(round(3 * np.sin(i / 8.0)))  # the part jitters on the belt
-            writer.write(np.roll(image, shift, axis=1))
+            frame = np.roll(image, shift, axis=1)
+            if variation is not None:
+                varied = frame.astype(np.float32) * variation.uniform(0.96, 1.04)
+                varied += variation.normal(0.0, 2.0, frame.shape).astype(np.float32)
+                frame = np.clip(varied, 0, 255).astype(np.uint8)
+            writer.write(frame)
     finally:
         writer.release()
     return path
