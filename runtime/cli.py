@@ -51,6 +51,7 @@ class PluginGroup(click.Group):
 
 
 @click.group(cls=PluginGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="anoclip", prog_name="anoclip", message="%(prog)s %(version)s")
 def cli():
     """AnoCLIP zero-shot anomaly localisation: export, calibrate, predict images, inspect streams, benchmark."""
 

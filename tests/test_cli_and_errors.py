@@ -273,3 +273,10 @@ def test_bad_pretrained_tag_is_one_line(tmp_path):
     assert proc.returncode == 1
     line = one_error_line(proc.stderr)
     assert "laion400m_e32" in line and "none" in line
+
+
+def test_version_names_the_installed_release():
+    from importlib.metadata import version
+
+    proc = run_cli("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"anoclip {version('anoclip')}"
