@@ -11,9 +11,9 @@ from pathlib import Path
 import click
 
 from .errors import AnoclipError
-from .options import (detector_options, load_detector, max_output_pixels_option, max_pixels_option, memory_options,
-                      no_verify_option, server_option, threads_option, threshold_options, tta_config_from,
-                      verbose_option)
+from .options import (colour_scale_option, detector_options, load_detector, max_output_pixels_option,
+                      max_pixels_option, memory_options, no_verify_option, server_option, threads_option,
+                      threshold_options, tta_config_from, verbose_option)
 from .plumbing import configure_logging, run_guarded
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ def cli():
 @detector_options
 @memory_options
 @click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(0, 1), help="Heat-map opacity.")
+@colour_scale_option
 @threshold_options
 @threads_option()
 @click.option("--stride", default=1, show_default=True, type=click.IntRange(min=1),
@@ -81,15 +82,17 @@ def cli():
 @verbose_option
 @click.argument("paths", nargs=-1, required=True)
 def predict_command(artifacts_dir, servers, cls, out_dir, backend, model, precision, tiling, smoothing_sigma, tta, tta_backend, tta_steps, tta_adapter,
-                    tta_init, tta_state, seed, memory, memory_weight, alpha, image_threshold, pixel_threshold, threads, stride, max_pixels,
+                    tta_init, tta_state, seed, memory, memory_weight, alpha, colour_scale, image_threshold, pixel_threshold, threads, stride, max_pixels,
                     max_output_pixels, no_verify, as_json, verbose, paths):
     """Score images and videos (image files, folders of images, quoted glob patterns, video files)
     and write anomaly maps: the finite case of `anoclip stream`, with the same reader, scoring and
     records.
 
     Each run writes into OUT/<run>/ (<run> = UTC time and process id), per image or video frame (and
-    class, with several: <name>_<class>_...): <name>_overlay.png (heat map over the image, colour
-    range = the map's own min..max) and <name>_map.npy (float32 map at the image's resolution, raw
+    class, with several: <name>_<class>_...): <name>_overlay.png (heat map over the image with its
+    colour bar: --colour-scale fixed, the default, ties the colours to the class's calibrated pixel
+    threshold, the same on every image; frame, and classes without a calibrated pixel threshold,
+    spread the map's own min..max) and <name>_map.npy (float32 map at the image's resolution, raw
     p_abnormal; scaled down above --max-output-pixels), and appends one record per image (video:
     per --stride-th frame; "frame" is its index) to OUT/results.jsonl, under a lock, never
     truncating it: runs at the same time or one after another keep every line and every file. Every
@@ -138,8 +141,8 @@ def predict_command(artifacts_dir, servers, cls, out_dir, backend, model, precis
     run_dir.mkdir()
     results = EventsLog(out / RESULTS, echo=(lambda line: click.echo(line, nl=False)) if as_json else None,
                         option="--out")
-    pipeline.sinks += [PredictionFiles(run_dir, class_suffixes(classes), alpha, max_output_pixels), results,
-                       _Progress(sum(s.expected for s in inputs) if all(s.expected for s in inputs) else None)]
+    pipeline.sinks += [PredictionFiles(run_dir, class_suffixes(classes), alpha, max_output_pixels, colour_scale),
+                       results, _Progress(sum(s.expected for s in inputs) if all(s.expected for s in inputs) else None)]
     pipeline.open()
     summary = pipeline.run()
     for name, error in pipeline.sink_errors.items():

@@ -257,7 +257,8 @@ class Detector:
         pixel = self.threshold_override[1] if pixel is None else pixel
         calibrated = self.calibration(cls)
         threshold = ClassThreshold.in_force(None if calibrated is None else (calibrated.image, calibrated.pixel),
-                                            image, pixel)
+                                            image, pixel,
+                                            None if calibrated is None else (calibrated.centre, calibrated.pixel_centre))
         if threshold is None and cls not in self._told_no_threshold:
             self._told_no_threshold.add(cls)
             log.info("no threshold set for class %s: reporting scores only; run `%s`", cls, self._calibrate_hint(cls))

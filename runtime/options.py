@@ -41,6 +41,12 @@ def max_pixels_option(help_text: str = "Largest image (width x height) decoded; 
 
 
 no_verify_option = click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the artifacts at load.")
+colour_scale_option = click.option(
+    "--colour-scale", "colour_scale", default="fixed", show_default=True, type=click.Choice(["fixed", "frame"]),
+    help="Heat-map colours. fixed: tied to each class's calibrated pixel threshold (coolest at the normal centre, "
+         "amber at the threshold, red at twice its distance), the same on every frame, camera and run; a class "
+         "without a calibrated pixel threshold gets frame, since nothing fixes the scale then. frame: each map's "
+         "own min..max.")
 verbose_option = click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 
 

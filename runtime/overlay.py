@@ -7,6 +7,38 @@ from typing import Sequence
 import numpy as np
 
 
+# The fixed colour scale: (pixel severity, RGB) anchors, linear in between. Pixel severity is
+# (value - normal centre) / (pixel threshold - normal centre): 0 at the centre, 1 at the threshold.
+THRESHOLD_RGB = (255, 200, 0)  # amber: the pixel threshold
+SCALE_TOP = 2.0  # pixel severity of the warmest colour (twice the threshold's distance from the centre)
+SCALE_ANCHORS = ((0.0, (0, 0, 110)), (0.6, (0, 90, 255)), (0.9, (0, 200, 230)), (1.0, THRESHOLD_RGB),
+                 (1.5, (255, 110, 0)), (SCALE_TOP, (200, 0, 0)))
+SCALE_STEPS = 128  # colour-table entries per unit of pixel severity: the threshold falls on one exactly
+COLOUR_SCALES = ("fixed", "frame")
+
+
+def _scale_table() -> np.ndarray:
+    at = np.arange(round(SCALE_TOP * SCALE_STEPS) + 1) / SCALE_STEPS
+    stops = [a for a, _ in SCALE_ANCHORS]
+    table = np.stack([np.interp(at, stops, [rgb[c] for _, rgb in SCALE_ANCHORS]) for c in range(3)], axis=1)
+    return np.round(table).astype(np.uint8)
+
+
+SCALE_TABLE = _scale_table()  # [SCALE_TOP * SCALE_STEPS + 1, 3] RGB, entry k for pixel severity k / SCALE_STEPS
+
+
+def heat_colours(amap: np.ndarray, scale: tuple[float, float]) -> np.ndarray:
+    """The fixed colour scale: RGB uint8 [H, W, 3] of the map values by their pixel severity against
+    ``scale`` = (normal centre, pixel threshold), a pure function of each value and the scale (the
+    same value gets the same colour on every frame, camera and run): at or below the centre
+    ``SCALE_TABLE[0]`` (the coolest), at the threshold ``THRESHOLD_RGB``, at or above ``SCALE_TOP``
+    times the threshold's distance ``SCALE_TABLE[-1]`` (red)."""
+    centre, threshold = scale
+    severity = (np.asarray(amap, dtype=np.float64) - centre) / (threshold - centre)
+    index = np.rint(np.clip(severity, 0.0, SCALE_TOP) * SCALE_STEPS).astype(np.intp)
+    return SCALE_TABLE[index]
+
+
 def colourise(amap: np.ndarray, value_range: tuple[float, float] | None = None) -> np.ndarray:
     """Map values to an RGB jet heat map. Default range: the map's own min and max (display only)."""
     import cv2
@@ -18,14 +50,64 @@ def colourise(amap: np.ndarray, value_range: tuple[float, float] | None = None) 
 
 
 def overlay(image_rgb: np.ndarray, amap: np.ndarray, alpha: float = 0.5,
-            value_range: tuple[float, float] | None = None) -> np.ndarray:
-    """Blend the heat map of ``amap`` (resized to the image when needed) over the RGB image."""
+            value_range: tuple[float, float] | None = None, scale: tuple[float, float] | None = None,
+            legend: bool = False) -> np.ndarray:
+    """Blend the heat map of ``amap`` (resized to the image when needed) over the RGB image: the
+    fixed colour scale (:func:`heat_colours`) with ``scale`` = (normal centre, pixel threshold),
+    else jet over ``value_range`` (default the map's own min..max). ``legend``: draw the colour bar
+    (:func:`draw_legend`)."""
     import cv2
 
     if amap.shape != image_rgb.shape[:2]:
         amap = cv2.resize(amap.astype(np.float32), (image_rgb.shape[1], image_rgb.shape[0]), interpolation=cv2.INTER_LINEAR)
-    heat = np.ascontiguousarray(colourise(amap, value_range))
-    return cv2.addWeighted(np.ascontiguousarray(image_rgb), 1.0 - alpha, heat, alpha, 0.0)
+    heat = np.ascontiguousarray(heat_colours(amap, scale) if scale is not None else colourise(amap, value_range))
+    out = cv2.addWeighted(np.ascontiguousarray(image_rgb), 1.0 - alpha, heat, alpha, 0.0)
+    if legend:
+        draw_legend(out, scale is not None)
+    return out
+
+
+def colour_scale_for(threshold, choice: str = "fixed") -> tuple[float, float] | None:
+    """The (normal centre, pixel threshold) an overlay is coloured with: with ``choice`` "fixed",
+    the class's ``ClassThreshold.pixel_scale`` (None without a calibrated pixel threshold: then the
+    map's own range, as with "frame", since nothing fixes the scale)."""
+    if choice not in COLOUR_SCALES:
+        raise ValueError(f"colour scale {choice!r}, not one of {', '.join(COLOUR_SCALES)}")
+    return None if choice == "frame" or threshold is None else threshold.pixel_scale
+
+
+def draw_legend(image_rgb: np.ndarray, fixed: bool = True) -> None:
+    """Draw the colour bar, in place, in the bottom-right corner: the fixed scale with its
+    "normal" (left end) and "threshold" marks, or (``fixed`` False) jet from "frame min" to
+    "frame max" with "no thresholds" above it."""
+    import cv2
+
+    height, width = image_rgb.shape[:2]
+    bar_w, bar_h = max(40, width // 4), max(6, height // 40)
+    if bar_w + 8 > width or bar_h * 4 + 8 > height:
+        return  # too small an image for a legend
+    font = max(0.3, min(height, width) / 900)
+    thickness = max(1, round(font * 1.5))
+    x0, y0 = width - bar_w - 6, height - bar_h - 6 - int(22 * font) - 4
+    if fixed:
+        ramp = heat_colours(np.linspace(0.0, SCALE_TOP, bar_w)[None, :], (0.0, 1.0))[0]
+        marks = ((0, "normal"), (round((bar_w - 1) / SCALE_TOP), "threshold"))
+    else:
+        ramp = colourise(np.linspace(0.0, 1.0, bar_w, dtype=np.float32)[None, :], (0.0, 1.0))[0]
+        marks = ((0, "frame min"), (bar_w - 1, "frame max"))
+    image_rgb[y0:y0 + bar_h, x0:x0 + bar_w] = ramp[None, :, :]
+    cv2.rectangle(image_rgb, (x0 - 1, y0 - 1), (x0 + bar_w, y0 + bar_h), (0, 0, 0), 1)
+
+    def text(label, x, y):
+        for ink, stroke in (((0, 0, 0), thickness + 2), ((255, 255, 255), thickness)):
+            cv2.putText(image_rgb, label, (int(x), int(y)), cv2.FONT_HERSHEY_SIMPLEX, font, ink, stroke, cv2.LINE_AA)
+
+    for at, label in marks:
+        (tw, th), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, font, thickness)
+        cv2.line(image_rgb, (x0 + at, y0 - 2), (x0 + at, y0 + bar_h + 2), (255, 255, 255), 1)
+        text(label, min(max(0, x0 + at - tw // 2), width - tw - 1), y0 + bar_h + th + 4)
+    if not fixed:
+        text("no thresholds", x0, y0 - 4)
 
 
 def encode_png(image_rgb: np.ndarray) -> bytes:
@@ -37,7 +119,7 @@ def encode_png(image_rgb: np.ndarray) -> bytes:
     return data.tobytes()
 
 
-REGION_RGB = (255, 0, 255)  # magenta: not a colour of the jet heat map
+REGION_RGB = (255, 0, 255)  # magenta: not a colour of the jet heat map nor of the fixed scale
 
 
 def draw_regions(image_rgb: np.ndarray, anomaly_map: np.ndarray, pixel: float,

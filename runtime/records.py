@@ -32,12 +32,15 @@ def make_record(result: Any, source: str, *, frame: int = 0, captured: float | N
     record = {
         "schema": SCHEMA, "source": str(source), "frame": int(frame),
         "captured": None if captured is None else round(float(captured), 6), "run": run,
-        "class": result.cls, "score": float(result.score), "anomalous": result.anomalous,
+        "class": result.cls, "score": float(result.score),
+        "severity": None if threshold is None else _rounded(threshold.severity(result.score)),
+        "anomalous": result.anomalous,
         "threshold": None if threshold is None else threshold.image,
         "pixel_threshold": None if threshold is None else threshold.pixel,
         "threshold_origin": None if threshold is None else threshold.origin,
         "regions": [region_record(r) for r in result.regions],
         "map_max": float(amap.max()), "map_mean": float(amap.mean()),
+        "map_severity": None if threshold is None else _rounded(threshold.pixel_severity(float(amap.max()))),
         "image_size": [int(v) for v in result.image_size], "tiles": int(result.tiles),
         "timings_ms": {k: round(float(v), 3) for k, v in timings.items()},
         "error": None,
@@ -50,6 +53,10 @@ def make_record(result: Any, source: str, *, frame: int = 0, captured: float | N
     if files:
         record.update(files)
     return record
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(float(value), 6)
 
 
 def region_record(region: dict[str, Any]) -> dict[str, Any]:
@@ -68,8 +75,9 @@ def make_error_record(cls: str, source: str, error: str, *, frame: int = 0, capt
     return {
         "schema": SCHEMA, "source": str(source), "frame": int(frame),
         "captured": None if captured is None else round(float(captured), 6), "run": run,
-        "class": cls, "score": None, "anomalous": None, "threshold": None, "pixel_threshold": None,
+        "class": cls, "score": None, "severity": None, "anomalous": None, "threshold": None, "pixel_threshold": None,
         "threshold_origin": None, "regions": [], "map_max": None, "map_mean": None,
+        "map_severity": None,
         "image_size": None if image_size is None else [int(v) for v in image_size], "tiles": None,
         "timings_ms": {}, "error": str(error),
     }

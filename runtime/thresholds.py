@@ -15,6 +15,10 @@ for a normal frame exchangeable with the calibration frames, P(its score > the t
 ``assumption`` the record states). Version 1 files (written before the rule was recorded) are read as
 ``quantile`` records.
 
+Each class also stores the median of the normal scores and of the map values (``score_median``,
+``pixel_median``): the normal centres the severity scale counts from (``decision.py``); files
+written before they were stored read them as None, and the scores' mean stands in for both.
+
 Each class also records what its numbers are only valid for: the visual model file (sha256), the
 class's text embeddings t+/t- (sha256: re-encoding another class leaves this one valid), the model
 kind, whether (and how) TTA made the maps, the tiling and the map smoothing. A class whose record
@@ -104,6 +108,20 @@ class ClassCalibration:
     memory: str = "off"  # "off" (zero-shot alone), "on" (combined) or "only"
     memory_weight: float | None = None  # with memory "on": w
     memory_sha256: str = ""  # of the class's memory rows (runtime.memory.ClassMemory.sha256)
+    # the normal centres severities count from (absent from files written before they were recorded)
+    score_median: float | None = None  # median of the normal scores
+    pixel_median: float | None = None  # median of the map values the pixel quantile was taken over
+
+    @property
+    def centre(self) -> float:
+        """The normal centre of the scores: their median (the mean in records without it)."""
+        return self.score_mean if self.score_median is None else self.score_median
+
+    @property
+    def pixel_centre(self) -> float:
+        """The normal centre of the map values: their median (records without it: :attr:`centre`,
+        the scores' centre, on the same p_abnormal scale)."""
+        return self.centre if self.pixel_median is None else self.pixel_median
 
     @property
     def memory_setting(self) -> tuple[str, float | None, str]:
@@ -259,6 +277,7 @@ _FIELD_CHECKS: dict[str, Check] = {  # scores and map values are probabilities: 
     "rank": either(null, integer(1)), "assumption": text(),
     "memory": choice(("off", "on", "only")), "memory_weight": either(null, number(0, 1)),
     "memory_sha256": either(choice([""]), sha256),
+    "score_median": either(null, number(0, 1)), "pixel_median": either(null, number(0, 1)),
 }
 
 
@@ -278,7 +297,7 @@ def _consistent(record: ClassCalibration) -> ClassCalibration:
                                      ("pixel", "pixel_quantile_value", "pixel_margin")):
         got, expected = getattr(record, threshold), getattr(record, value) + getattr(record, margin)
         need(abs(got - expected) <= SUM_TOLERANCE, f"{threshold} {got!r} is not {value} + {margin} ({expected!r})")
-    for name in ("image_quantile_value", "score_mean"):
+    for name in ("image_quantile_value", "score_mean") + (() if record.score_median is None else ("score_median",)):
         need(record.score_min - SUM_TOLERANCE <= getattr(record, name) <= record.score_max + SUM_TOLERANCE,
              f"{name} {getattr(record, name)!r} lies outside score_min..score_max "
              f"({record.score_min!r}..{record.score_max!r})")

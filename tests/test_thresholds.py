@@ -10,6 +10,7 @@ import logging
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -149,10 +150,13 @@ def test_calibrated_thresholds_flag_the_defect_and_pass_normal_frames(folder):
     # a fresh detector over the folder reads them back and decides
     detector = red_defect_detector(folder, "bottle")
     threshold = detector.threshold_for("bottle")
-    assert threshold == ClassThreshold(record.image, record.pixel, "calibrated")
+    assert record.score_min <= record.score_median <= record.score_max and record.pixel_median < record.pixel
+    assert threshold == ClassThreshold(record.image, record.pixel, "calibrated", record.score_median,
+                                       record.pixel_median)
     result = detector.predict(rgb(defect_frame(77)), "bottle")
     anomalous, regions = decide(result.score, result.anomaly_map_full, threshold)
     assert anomalous is True and regions and overlaps(regions[0]["box"], DEFECT_BOX)
+    assert threshold.severity(result.score) > 1  # severity above 1 exactly when anomalous
     for index in (31, 200, 1001):
         result = detector.predict(rgb(normal_frame(index)), "bottle")
         assert decide(result.score, result.anomaly_map_full, threshold) == (False, [])
@@ -163,7 +167,8 @@ def test_overrides_replace_the_calibrated_values_one_by_one(folder, caplog):
     calibrate_threshold(detector, "bottle", [rgb(normal_frame(i)) for i in range(4)])
     detector = red_defect_detector(folder, "bottle")
     record = detector.calibration("bottle")
-    assert detector.threshold_for("bottle", image=0.7) == ClassThreshold(0.7, record.pixel, "calibrated+override")
+    assert detector.threshold_for("bottle", image=0.7) == ClassThreshold(0.7, record.pixel, "calibrated+override",
+                                                                         None, record.pixel_median)
     assert detector.threshold_for("bottle", 0.7, 0.8) == ClassThreshold(0.7, 0.8, "override")
     # carpet has no calibration: overrides alone, and None (said once) without them
     assert detector.threshold_for("carpet", pixel=0.8) == ClassThreshold(None, 0.8, "override")
@@ -424,7 +429,8 @@ def _as_version_1(folder: Path) -> dict:
     data = json.loads(path.read_text())
     data["format_version"] = 1
     for record in data["classes"].values():
-        for key in ("rule", "false_alarm_rate", "rank", "assumption", "memory", "memory_weight", "memory_sha256"):
+        for key in ("rule", "false_alarm_rate", "rank", "assumption", "memory", "memory_weight", "memory_sha256",
+                    "score_median", "pixel_median"):
             del record[key]
     path.write_text(json.dumps(data, indent=2))
     manifest.files[manifest.thresholds] = sha256_file(path)
@@ -439,9 +445,11 @@ def test_a_version_1_thresholds_file_still_loads_as_the_quantile_rule(calibrated
     old = _as_version_1(folder)
     assert "rule" not in old["classes"]["bottle"] and old["format_version"] == 1
     record = load_artifacts(folder).thresholds.classes["bottle"]
-    assert record == stored  # the missing fields read as the quantile rule
+    # the missing fields read as the quantile rule, the missing centres as None
+    assert record == replace(stored, score_median=None, pixel_median=None)
     detector = Detector.load(folder, backend="cpu")
-    assert detector.threshold_for("bottle") == ClassThreshold(stored.image, stored.pixel, "calibrated")
+    assert detector.threshold_for("bottle") == ClassThreshold(stored.image, stored.pixel, "calibrated",
+                                                              stored.score_mean, stored.score_mean)  # centres: the mean
     proc = run_cli("predict", "--artifacts", str(folder), "--class", "bottle", "--out", str(tmp_path / "out"),
                    str(images))
     assert proc.returncode == 0, proc.stderr
@@ -452,7 +460,7 @@ def test_a_version_1_thresholds_file_still_loads_as_the_quantile_rule(calibrated
     assert proc.returncode == 0, proc.stderr
     data = json.loads((folder / read_manifest(folder).thresholds).read_text())
     assert data["format_version"] == 2 and data["classes"]["bottle"]["rule"] == "quantile"
-    assert load_artifacts(folder).thresholds.classes["bottle"] == stored
+    assert load_artifacts(folder).thresholds.classes["bottle"] == replace(stored, score_median=None, pixel_median=None)
 
 
 def test_rule_fields_must_match_the_file_version(calibrated, tmp_path):

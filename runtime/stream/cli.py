@@ -9,9 +9,9 @@ import sys
 
 import click
 
-from ..options import (detector_options, load_detector, max_output_pixels_option, max_pixels_option, memory_options,
-                       no_verify_option, server_option, threads_option, threshold_options, tta_config_from,
-                       verbose_option)
+from ..options import (colour_scale_option, detector_options, load_detector, max_output_pixels_option,
+                       max_pixels_option, memory_options, no_verify_option, server_option, threads_option,
+                       threshold_options, tta_config_from, verbose_option)
 from ..plumbing import configure_logging
 from .pipeline import StreamOptions, StreamPipeline
 from .sources import parse_source
@@ -125,6 +125,7 @@ def _roi(ctx, param, value):
 @click.option("--topic", default="anoclip/events", show_default=True,
               help="MQTT topic; {source} is replaced by the source name.")
 @click.option("--alpha", default=0.4, show_default=True, type=click.FloatRange(0, 1), help="Heat-map opacity.")
+@colour_scale_option
 @click.option("--stats-interval", default=10.0, show_default=True, type=click.FloatRange(min=0),
               help="Seconds between stats lines in the log (0: none).")
 @no_verify_option
@@ -133,7 +134,7 @@ def stream_command(artifacts_dir, servers, sources, cls, backend, model, precisi
                    tta_init, tta_state, seed, memory, memory_weight, threads, image_threshold, pixel_threshold, enrol,
                    enrol_skip, enrol_false_alarm_rate, enrol_image_margin, enrol_refresh, enrol_window, enrol_margin, enrol_quiet, roi,
                    stride, max_fps, loop, max_pixels, realtime, batch, record, record_fps, events, save_dir,
-                   max_output_pixels, show, web, mqtt, topic, alpha, stats_interval, no_verify, verbose):
+                   max_output_pixels, show, web, mqtt, topic, alpha, colour_scale, stats_interval, no_verify, verbose):
     """Score camera streams, network streams, video files and images frame by frame.
 
     One capture thread per source keeps only its newest frame (a live source never builds a backlog;
@@ -172,7 +173,8 @@ def stream_command(artifacts_dir, servers, sources, cls, backend, model, precisi
             detector.tta_adapter(spec.cls, tta_config)  # so does a TTA graph that does not fit
     options = StreamOptions(stride=stride, max_fps=max_fps, loop=loop, realtime=realtime, roi=roi, max_pixels=max_pixels,
                             threshold=image_threshold,
-                            pixel_threshold=pixel_threshold, alpha=alpha, max_batch=batch, stats_interval=stats_interval)
+                            pixel_threshold=pixel_threshold, alpha=alpha, colour_scale=colour_scale, max_batch=batch,
+                            stats_interval=stats_interval)
     pipeline = StreamPipeline(detector, specs, [], options)
     if enrol is not None:
         pipeline.enrolment = _enrolment(detector, pipeline, enrol, enrol_skip, enrol_false_alarm_rate,

@@ -57,6 +57,7 @@ class StreamOptions:
     threshold: float | None = None  # overrides the calibrated image threshold
     pixel_threshold: float | None = None  # overrides the calibrated pixel threshold
     alpha: float = 0.4
+    colour_scale: str = "fixed"  # heat-map colours: "fixed" (tied to the pixel threshold where calibrated) or "frame"
     max_batch: int = 8
     stats_interval: float = 10.0  # seconds between stats lines in the log (0: none)
     sink_queue: int = 8
@@ -274,7 +275,8 @@ class StreamPipeline:
                 break
             try:
                 if drawn and event.error is None:
-                    event.annotated = annotate(event, self.stats.fps(event.source_index), self.options.alpha)
+                    event.annotated = annotate(event, self.stats.fps(event.source_index), self.options.alpha,
+                                               self.options.colour_scale)
             except Exception:
                 log.exception("drawing frame %d of %s failed; its sinks get it undrawn", event.frame_index, event.source)
                 event.annotated = event.frame

@@ -192,6 +192,8 @@ class PredictionFiles(Sink):
     frame, with the outlines of the regions above the pixel threshold) and ``<key><suffix>_map.npy``
     (float32 p_abnormal at the frame's resolution) in ``folder``, written atomically, scaled down
     above ``max_pixels``; what was written goes into the class's record (``event.files``).
+    ``colour_scale``: "fixed" (tied to the class's calibrated pixel threshold, where it has one) or
+    "frame" (each map's own range), with the colour bar drawn either way.
 
     suffixes: per class, the part it adds to the names (see ``class_suffixes``)."""
 
@@ -199,20 +201,22 @@ class PredictionFiles(Sink):
     draws = False
 
     def __init__(self, folder: str | os.PathLike, suffixes: dict[str, str], alpha: float = 0.5,
-                 max_pixels: int | None = None):
+                 max_pixels: int | None = None, colour_scale: str = "fixed"):
         self.folder, self.suffixes, self.alpha, self.max_pixels = Path(folder), suffixes, alpha, max_pixels
+        self.colour_scale = colour_scale
 
     def write(self, event: FrameEvent) -> None:
         import cv2
 
-        from ..overlay import draw_regions, encode_png, overlay
+        from ..overlay import colour_scale_for, draw_regions, encode_png, overlay
 
         rgb = event.frame[:, :, ::-1]
         for name, one in event.result.by_class.items():
             amap, image = scaled_down(one.anomaly_map_full, rgb, self.max_pixels)
             stem = f"{event.key}{self.suffixes[name]}"
             overlay_path, map_path = self.folder / f"{stem}_overlay.png", self.folder / f"{stem}_map.npy"
-            drawn = overlay(np.ascontiguousarray(image), amap, self.alpha)
+            drawn = overlay(np.ascontiguousarray(image), amap, self.alpha,
+                            scale=colour_scale_for(one.threshold, self.colour_scale), legend=True)
             if one.threshold is not None and one.threshold.pixel is not None:
                 drawn = draw_regions(drawn, amap, one.threshold.pixel, regions=one.regions,
                                      regions_size=one.anomaly_map_full.shape[:2])

@@ -320,7 +320,10 @@ function render(s) {
     const e = src.last;
     if (!e) { lines.push(src.name + ": no frame yet"); continue; }
     const age = (s.time - e.captured).toFixed(1);
-    lines.push(src.name + ": frames " + src.frames + "  frame #" + e.frame + "  score " + fmt(e.score) +
+    const severity = typeof e.severity === "number" ? e.severity.toFixed(2) + " / 1.00" : "no thresholds";
+    const score = typeof e.score === "number" ? e.score.toFixed(6) : String(e.score);
+    lines.push(src.name + ": frames " + src.frames + "  frame #" + e.frame + "  severity " + severity +
+      "  (score " + score + ")" +
       "  anomalous " + e.anomalous + "  captured " + new Date(e.captured * 1000).toLocaleTimeString() +
       " (" + age + " s ago)");
   }
