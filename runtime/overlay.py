@@ -51,11 +51,11 @@ def colourise(amap: np.ndarray, value_range: tuple[float, float] | None = None) 
 
 def overlay(image_rgb: np.ndarray, amap: np.ndarray, alpha: float = 0.5,
             value_range: tuple[float, float] | None = None, scale: tuple[float, float] | None = None,
-            legend: bool = False) -> np.ndarray:
+            legend: bool = False, legend_note: str = "") -> np.ndarray:
     """Blend the heat map of ``amap`` (resized to the image when needed) over the RGB image: the
     fixed colour scale (:func:`heat_colours`) with ``scale`` = (normal centre, pixel threshold),
     else jet over ``value_range`` (default the map's own min..max). ``legend``: draw the colour bar
-    (:func:`draw_legend`)."""
+    (:func:`draw_legend`) with ``legend_note`` above it."""
     import cv2
 
     if amap.shape != image_rgb.shape[:2]:
@@ -63,8 +63,13 @@ def overlay(image_rgb: np.ndarray, amap: np.ndarray, alpha: float = 0.5,
     heat = np.ascontiguousarray(heat_colours(amap, scale) if scale is not None else colourise(amap, value_range))
     out = cv2.addWeighted(np.ascontiguousarray(image_rgb), 1.0 - alpha, heat, alpha, 0.0)
     if legend:
-        draw_legend(out, scale is not None)
+        draw_legend(out, scale is not None, legend_note)
     return out
+
+
+def legend_note(threshold) -> str:
+    """What the colour bar says when no calibrated pixel threshold fixes the scale ("" when one does)."""
+    return "" if threshold is not None and threshold.pixel_scale is not None else "no thresholds"
 
 
 def colour_scale_for(threshold, choice: str = "fixed") -> tuple[float, float] | None:
@@ -76,10 +81,10 @@ def colour_scale_for(threshold, choice: str = "fixed") -> tuple[float, float] | 
     return None if choice == "frame" or threshold is None else threshold.pixel_scale
 
 
-def draw_legend(image_rgb: np.ndarray, fixed: bool = True) -> None:
+def draw_legend(image_rgb: np.ndarray, fixed: bool = True, note: str = "") -> None:
     """Draw the colour bar, in place, in the bottom-right corner: the fixed scale with its
     "normal" (left end) and "threshold" marks, or (``fixed`` False) jet from "frame min" to
-    "frame max" with "no thresholds" above it."""
+    "frame max"; ``note`` above it (e.g. "no thresholds": why the scale is the frame's own)."""
     import cv2
 
     height, width = image_rgb.shape[:2]
@@ -106,8 +111,8 @@ def draw_legend(image_rgb: np.ndarray, fixed: bool = True) -> None:
         (tw, th), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, font, thickness)
         cv2.line(image_rgb, (x0 + at, y0 - 2), (x0 + at, y0 + bar_h + 2), (255, 255, 255), 1)
         text(label, min(max(0, x0 + at - tw // 2), width - tw - 1), y0 + bar_h + th + 4)
-    if not fixed:
-        text("no thresholds", x0, y0 - 4)
+    if note:
+        text(note, x0, y0 - 4)
 
 
 def encode_png(image_rgb: np.ndarray) -> bytes:

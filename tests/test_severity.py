@@ -168,3 +168,11 @@ def test_the_annotation_shows_the_severity_against_one():
     assert one.shape == (96, 128, 3) and np.array_equal(one[40:60, 40:80], two[40:60, 40:80])
     frame_scaled = annotate(_event(0.51, CALIBRATED), colour_scale="frame")
     assert not np.array_equal(frame_scaled[40:60, 40:80], one[40:60, 40:80])
+
+
+def test_the_colour_bar_says_no_thresholds_only_when_none_fix_the_scale():
+    from anoclip.runtime.overlay import legend_note
+
+    assert legend_note(CALIBRATED) == ""  # --colour-scale frame on a calibrated class: nothing to excuse
+    assert legend_note(None) == "no thresholds"
+    assert legend_note(ClassThreshold(0.52, 0.6, "override")) == "no thresholds"

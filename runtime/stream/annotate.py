@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..overlay import colour_scale_for, draw_regions, overlay
+from ..overlay import colour_scale_for, draw_regions, legend_note, overlay
 from .events import FrameEvent
 
 ANOMALY_BGR = (0, 0, 255)
@@ -22,7 +22,8 @@ def annotate(event: FrameEvent, fps: float | None = None, alpha: float = 0.4,
     import cv2
 
     scale = colour_scale_for(event.result.threshold, colour_scale)
-    rgb = overlay(np.ascontiguousarray(event.frame[:, :, ::-1]), event.anomaly_map, alpha, scale=scale, legend=True)
+    rgb = overlay(np.ascontiguousarray(event.frame[:, :, ::-1]), event.anomaly_map, alpha, scale=scale, legend=True,
+                  legend_note=legend_note(event.result.threshold))
     if event.pixel_threshold is not None:
         rgb = draw_regions(rgb, event.anomaly_map, event.pixel_threshold, regions=event.regions,
                            regions_size=event.anomaly_map.shape[:2])

@@ -206,9 +206,7 @@ class PredictionFiles(Sink):
         self.colour_scale = colour_scale
 
     def write(self, event: FrameEvent) -> None:
-        import cv2
-
-        from ..overlay import colour_scale_for, draw_regions, encode_png, overlay
+        from ..overlay import colour_scale_for, draw_regions, encode_png, legend_note, overlay
 
         rgb = event.frame[:, :, ::-1]
         for name, one in event.result.by_class.items():
@@ -216,7 +214,8 @@ class PredictionFiles(Sink):
             stem = f"{event.key}{self.suffixes[name]}"
             overlay_path, map_path = self.folder / f"{stem}_overlay.png", self.folder / f"{stem}_map.npy"
             drawn = overlay(np.ascontiguousarray(image), amap, self.alpha,
-                            scale=colour_scale_for(one.threshold, self.colour_scale), legend=True)
+                            scale=colour_scale_for(one.threshold, self.colour_scale), legend=True,
+                            legend_note=legend_note(one.threshold))
             if one.threshold is not None and one.threshold.pixel is not None:
                 drawn = draw_regions(drawn, amap, one.threshold.pixel, regions=one.regions,
                                      regions_size=one.anomaly_map_full.shape[:2])
