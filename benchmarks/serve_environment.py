@@ -43,7 +43,10 @@ def environment_folder(python: str = sys.executable, cache: str | os.PathLike | 
     cache = Path(cache or os.environ.get("ANOCLIP_SERVE_ENV") or Path.home() / ".cache" / "anoclip" / "serve-env")
     version = subprocess.run([python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"], capture_output=True,
                              text=True, check=True).stdout.strip()
-    key = hashlib.sha256((_install_settings(root) + os.path.realpath(python)).encode()).hexdigest()[:12]
+    # the checkout is part of the key: the environment's editable install serves that checkout's code,
+    # so another checkout (a clone, a worktree) must not reuse it
+    key = hashlib.sha256((_install_settings(root) + os.path.realpath(python) + str(root.resolve())).encode()
+                         ).hexdigest()[:12]
     return cache / f"py{version}-{key}"
 
 

@@ -128,7 +128,9 @@ class RemoteDetector:
         self.check_class(cls)
         image = self.threshold_override[0] if image is None else image
         pixel = self.threshold_override[1] if pixel is None else pixel
-        return ClassThreshold.in_force(self.info["thresholds"].get(cls), image, pixel)
+        calibrated = self.info["thresholds"].get(cls)
+        return ClassThreshold.in_force(None if calibrated is None else calibrated[:2], image, pixel,
+                                       _centres(calibrated))
 
     def reset_tta(self, cls: str, state: str) -> None:
         """Start the servers' adapter state of ``cls`` for the stream ``state`` afresh: the next
@@ -239,9 +241,22 @@ class RemoteDetector:
         _, full = anomaly_maps(probs, tuple(info["grid"]), layout, (height, width), info["smoothing_sigma"])
         image, pixel = (None if np.isnan(v) else float(v) for v in out["threshold"][0])
         origin = bytes(out["threshold_origin"].reshape(-1)[0]).decode()
+        threshold = None
+        if origin:  # the decision the server took; the centres of the thresholds it took from the calibration
+            in_force = self.threshold_for(cls)
+            threshold = ClassThreshold(image, pixel, origin, *(
+                getattr(in_force, name) if in_force is not None else None for name in ("centre", "pixel_centre")))
         anomalous = int(out["anomalous"][0, 0])
         return Result(score=float(out["score"][0, 0]), anomaly_map=out["map"][0], anomaly_map_full=full,
                       patch_probabilities=probs, cls=cls, image_size=(height, width), tiles=int(out["tiles"][0, 0]),
-                      threshold=ClassThreshold(image, pixel, origin) if origin else None,
+                      threshold=threshold,
                       anomalous=None if anomalous < 0 else bool(anomalous),
                       regions=json.loads(bytes(out["regions"].reshape(-1)[0]).decode()))
+
+
+def _centres(calibrated: list | None) -> tuple[float | None, float | None] | None:
+    """The normal centres a server's info gives beside a class's (image, pixel) thresholds (older
+    servers give none)."""
+    if calibrated is None or len(calibrated) < 4:
+        return None
+    return calibrated[2], calibrated[3]

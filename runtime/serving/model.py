@@ -163,7 +163,8 @@ class AnoclipModel:
         thresholds = {}
         for cls in self.classes:
             found = detector.calibration(cls)  # calibrated, and valid for what this server runs
-            thresholds[cls] = None if found is None else [found.image, found.pixel]
+            # (image, pixel) thresholds and the normal centres their severities count from
+            thresholds[cls] = None if found is None else [found.image, found.pixel, found.centre, found.pixel_centre]
         return {"classes": self.classes, "thresholds": thresholds, "input_size": list(detector.input_size),
                 "grid": list(detector.grid), "tiling": detector.tiling, "smoothing_sigma": detector.smoothing_sigma,
                 "tta": tta_settings(detector.tta), "model": detector.model, "max_pixels": detector.max_pixels}
