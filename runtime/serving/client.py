@@ -24,7 +24,7 @@ import numpy as np
 
 from anoclip.runtime import errors
 from anoclip.runtime.decision import ClassThreshold
-from anoclip.runtime.detector import Result, anomaly_maps
+from anoclip.runtime.result import Result, anomaly_maps
 from anoclip.runtime.errors import AnoclipError
 from anoclip.runtime.preprocess import as_rgb_uint8, read_file, tile_layout
 from anoclip.runtime.thresholds import tta_settings
@@ -233,7 +233,7 @@ class RemoteDetector:
 
     def _result(self, out: dict, cls: str) -> Result:
         """The Result of a server's answer: its score, map and decision; the full-resolution map
-        made from its patch probabilities as the Detector makes it (``detector.anomaly_maps``)."""
+        made from its patch probabilities as the Detector makes it (``result.anomaly_maps``)."""
         info = self.info
         probs = out["patch_probabilities"][0]
         height, width = (int(v) for v in out["image_size"][0])

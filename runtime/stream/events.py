@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ..detector import Result
+from ..result import Result
 from ..records import make_error_record, make_record
 
 

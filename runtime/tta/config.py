@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ..errors import BackendError
+
 AdapterKind = Literal["text", "linear"]
 Array = Any  # numpy.ndarray or cupy.ndarray
 
@@ -133,3 +135,25 @@ class TTAResult:
     bias: Array  # final adapter bias
     losses: Array  # [steps] loss of each step, evaluated before its update
     state: AdamWState = field(repr=False)  # optimiser state after the image
+
+
+def as_tta_config(tta) -> TTAConfig | None:
+    """False/None -> no TTA; True -> default settings; a TTAConfig as given."""
+    if tta is False or tta is None:
+        return None
+    if tta is True:
+        return TTAConfig()
+    if isinstance(tta, TTAConfig):
+        return tta
+    raise TypeError(f"tta must be a bool or a TTAConfig, got {type(tta).__name__}")
+
+
+def array_module(tta_backend: str):
+    """numpy, or cupy for ``--tta-backend cupy`` (one line naming the install when it is missing)."""
+    if tta_backend != "cupy":
+        return np
+    try:
+        import cupy
+    except ImportError as exc:
+        raise BackendError(f"--tta-backend cupy needs CuPy and a CUDA GPU (`pip install 'anoclip[cupy]'`): {exc}") from None
+    return cupy
